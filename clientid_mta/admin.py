@@ -1,0 +1,228 @@
+"""The ``clientid-mta`` administration command: accounts and devices.
+
+Changes are written to the passwd file and the device store, which the running
+server re-reads, so they take effect without a restart. Secrets (passwords, device
+tokens) are read from standard input or a prompt, never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from clientid_mta.addresses import AddressSyntaxError, parse_path
+from clientid_mta.clientid import ClientIdSyntaxError, device_key, load_or_create_server_key, parse_clientid
+from clientid_mta.config import Config, ConfigError, load_config
+from clientid_mta.passwords import Account, PasswdFile, hash_password, normalise_address
+from clientid_mta.store import REVOKED, TRUSTED, DeviceNotFound, SQLiteDeviceStore
+
+
+class AdminError(Exception):
+    """Ends the command with its message and exit status 1."""
+
+
+def _read_secret(prompt: str, confirm: bool, stdin: TextIO) -> str:
+    if stdin.isatty():
+        first = getpass.getpass(f"{prompt}: ")
+        if confirm and getpass.getpass(f"{prompt} (again): ") != first:
+            raise AdminError("the two entries differ; nothing was changed")
+        secret = first
+    else:
+        secret = stdin.readline().rstrip("\r\n")
+    if not secret:
+        raise AdminError(f"empty {prompt.lower()}; nothing was changed")
+    return secret
+
+
+def _address(text: str) -> str:
+    try:
+        path = parse_path(f"TO:<{text}>".encode(), "TO", allow_null=False)
+    except (AddressSyntaxError, UnicodeEncodeError):
+        raise AdminError(f"{text!r} is not an e-mail address like alice@example.org") from None
+    return normalise_address(path.address)
+
+
+class Admin:
+    def __init__(self, config: Config, out: TextIO, stdin: TextIO) -> None:
+        self.config = config
+        self.out = out
+        self.stdin = stdin
+        self.passwd = PasswdFile(config.auth.passwd_file)
+
+    def _store(self) -> SQLiteDeviceStore:
+        return SQLiteDeviceStore(self.config.clientid.device_store)
+
+    def _existing(self, address: str) -> Account:
+        account = self.passwd.get(address)
+        if account is None:
+            raise AdminError(f"no account {address}; add it with: clientid-mta user add {address}")
+        return account
+
+    def _replace(self, address: str, account: Account | None) -> None:
+        others = [a for a in self.passwd.accounts() if a.address != address]
+        self.passwd.save(others + ([account] if account else []))
+
+    # --- users -------------------------------------------------------------------
+
+    def user_add(self, address: str, send_as: list[str]) -> None:
+        address = _address(address)
+        if self.passwd.get(address) is not None:
+            raise AdminError(f"{address} exists already; change its password with: user passwd")
+        password = _read_secret("Password", True, self.stdin)
+        aliases = frozenset(a if a == "*" else _address(a) for a in send_as)
+        self._replace(address, Account(address, hash_password(password), aliases))
+        print(f"added {address}", file=self.out)
+
+    def user_passwd(self, address: str) -> None:
+        account = self._existing(_address(address))
+        password = _read_secret("Password", True, self.stdin)
+        self._replace(account.address, Account(account.address, hash_password(password), account.send_as))
+        print(f"changed the password of {account.address}", file=self.out)
+
+    def user_send_as(self, address: str, send_as: list[str]) -> None:
+        account = self._existing(_address(address))
+        aliases = frozenset(a if a == "*" else _address(a) for a in send_as)
+        self._replace(account.address, Account(account.address, account.password_hash, aliases))
+        print(f"{account.address} may send as: {', '.join(sorted(aliases)) or '(itself only)'}", file=self.out)
+
+    def user_del(self, address: str) -> None:
+        account = self._existing(_address(address))
+        self._replace(account.address, None)
+        store = self._store()
+        try:
+            removed = store.delete_account(account.address)
+        finally:
+            store.close()
+        print(f"deleted {account.address} and its {removed} device record(s)", file=self.out)
+
+    def user_list(self) -> None:
+        for account in self.passwd.accounts():
+            extra = f"  send-as: {','.join(sorted(account.send_as))}" if account.send_as else ""
+            print(f"{account.address}{extra}", file=self.out)
+
+    # --- devices -----------------------------------------------------------------
+
+    def device_list(self, address: str) -> None:
+        address = _address(address)
+        store = self._store()
+        try:
+            devices = store.list(address)
+        finally:
+            store.close()
+        if not devices:
+            print(f"{address} has no devices yet", file=self.out)
+            return
+        row = "{:<17} {:<16} {:<8} {:<16} {:<17} {:<17} {}"
+        print(row.format("FINGERPRINT", "TYPE", "STATE", "LABEL", "FIRST SEEN", "LAST SEEN", "LAST NETWORK"), file=self.out)
+        for d in devices:
+            print(
+                row.format(d.fingerprint, d.type, d.state, d.label or "-", _when(d.first_seen),
+                           _when(d.last_seen), d.last_network or "-"),
+                file=self.out,
+            )
+
+    def device_add(self, address: str, client_type: str, label: str) -> None:
+        address = self._existing(_address(address)).address
+        token = _read_secret("Token", False, self.stdin)
+        try:
+            identity = parse_clientid(f"{client_type} {token}".encode("ascii"))
+        except (ClientIdSyntaxError, UnicodeEncodeError) as bad:
+            raise AdminError(f"not a valid client identity: {bad}") from None
+        key = load_or_create_server_key(self.config.clientid.key_file)
+        store = self._store()
+        try:
+            device = store.add_trusted(address, device_key(key, identity), identity.type, label)
+        finally:
+            store.close()
+        print(f"trusted device {device.fingerprint} ({device.type}) for {address}", file=self.out)
+
+    def _set_state(self, address: str, fingerprint: str, state: str, verb: str) -> None:
+        address = _address(address)
+        store = self._store()
+        try:
+            device = store.set_state(address, fingerprint, state)
+        except DeviceNotFound as missing:
+            raise AdminError(f"{missing}; see: clientid-mta device list {address}") from None
+        finally:
+            store.close()
+        print(f"{verb} device {device.fingerprint} of {address}", file=self.out)
+
+    def device_label(self, address: str, fingerprint: str, text: str) -> None:
+        address = _address(address)
+        store = self._store()
+        try:
+            device = store.set_label(address, fingerprint, text)
+        except DeviceNotFound as missing:
+            raise AdminError(str(missing)) from None
+        finally:
+            store.close()
+        print(f"labelled device {device.fingerprint} of {address}: {text}", file=self.out)
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clientid-mta", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    user = groups.add_parser("user", help="accounts").add_subparsers(dest="action", required=True)
+    add = user.add_parser("add", help="add an account; the password is read from stdin or prompted")
+    add.add_argument("address")
+    add.add_argument("--send-as", default="", help="comma-separated extra sender addresses, or *")
+    user.add_parser("passwd", help="change an account's password").add_argument("address")
+    send_as = user.add_parser("send-as", help="set the extra sender addresses of an account")
+    send_as.add_argument("address")
+    send_as.add_argument("send_as", nargs="*", help="addresses, or * for any")
+    user.add_parser("del", help="delete an account and its device records").add_argument("address")
+    user.add_parser("list", help="list accounts")
+
+    device = groups.add_parser("device", help="client identities").add_subparsers(dest="action", required=True)
+    device.add_parser("list", help="an account's devices").add_argument("address")
+    dadd = device.add_parser("add", help="trust a device; its token is read from stdin or prompted")
+    dadd.add_argument("address")
+    dadd.add_argument("type", help="the CLIENTID type, e.g. UUID")
+    dadd.add_argument("--label", default="")
+    for name, text in (("approve", "trust a pending device"), ("revoke", "refuse a device from now on")):
+        sub = device.add_parser(name, help=text)
+        sub.add_argument("address")
+        sub.add_argument("fingerprint")
+    label = device.add_parser("label", help="name a device")
+    label.add_argument("address")
+    label.add_argument("fingerprint")
+    label.add_argument("text")
+    return parser
+
+
+def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> None:
+    args = _parser().parse_args(argv)
+    admin = Admin(load_config(args.config), out, stdin)
+    actions: dict[tuple[str, str], Callable[[], None]] = {
+        ("user", "add"): lambda: admin.user_add(args.address, [a for a in args.send_as.split(",") if a]),
+        ("user", "passwd"): lambda: admin.user_passwd(args.address),
+        ("user", "send-as"): lambda: admin.user_send_as(args.address, args.send_as),
+        ("user", "del"): lambda: admin.user_del(args.address),
+        ("user", "list"): admin.user_list,
+        ("device", "list"): lambda: admin.device_list(args.address),
+        ("device", "add"): lambda: admin.device_add(args.address, args.type, args.label),
+        ("device", "approve"): lambda: admin._set_state(args.address, args.fingerprint, TRUSTED, "approved"),
+        ("device", "revoke"): lambda: admin._set_state(args.address, args.fingerprint, REVOKED, "revoked"),
+        ("device", "label"): lambda: admin.device_label(args.address, args.fingerprint, args.text),
+    }
+    actions[(args.group, args.action)]()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        run(sys.argv[1:] if argv is None else argv, sys.stdout, sys.stdin)
+    except (AdminError, ConfigError) as problem:
+        print(f"clientid-mta: {problem}", file=sys.stderr)
+        return 1
+    return 0
+

@@ -1,0 +1,366 @@
+"""Load and validate the TOML configuration.
+
+Every key has a built-in default, so the server runs with no file at all. A mistake
+in the file stops the start with one ConfigError whose message names the key and
+says how to fix it. Relative paths (and the defaults that are paths) resolve against
+the config file's folder, or the current folder when no file is given.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import socket
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+
+POLICIES = ("off", "observe", "tofu", "allowlist")
+TYPE_FLAGS = ("ignore", "debug", "syslog", "userlog", "auth", "alert-fail", "alert-success")
+DEFAULT_TYPE_FLAGS = ("syslog", "userlog", "auth")
+
+DEFAULT_SUBMISSION = "tcp:8587:interface=127.0.0.1"
+DEFAULT_SUBMISSIONS = "tcp:8465:interface=127.0.0.1"
+
+
+class ConfigError(Exception):
+    """A configuration mistake; str() is one sentence naming the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str
+    data_dir: Path
+    received_header_ip: bool = False
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    submission: str
+    submissions: str
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: Path | None
+    key: Path | None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    passwd_file: Path
+    max_failures_per_session: int = 3
+
+
+@dataclass(frozen=True)
+class ClientIdConfig:
+    enabled: bool
+    policy: str
+    allow_without_clientid: bool
+    pipelining: bool
+    key_file: Path
+    device_store: Path
+    # (pattern, flags) in file order; the first matching pattern wins.
+    types: tuple[tuple[str, frozenset[str]], ...] = ()
+    default_flags: frozenset[str] = frozenset(DEFAULT_TYPE_FLAGS)
+
+    def flags_for(self, client_type: str) -> frozenset[str]:
+        """The handling flags (draft 6.5) for a CLIENTID type, matched without case."""
+        upper = client_type.upper()
+        for pattern, flags in self.types:
+            if fnmatch.fnmatchcase(upper, pattern.upper()):
+                return flags
+        return self.default_flags
+
+    @property
+    def advertised(self) -> bool:
+        return self.enabled and self.policy != "off"
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    # None: every domain that has a user in the passwd file is local.
+    local_domains: tuple[str, ...] | None
+    maildir_root: Path
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_size: int = 26214400
+    max_line_length: int = 8192
+    max_recipients: int = 100
+    command_timeout: int = 300
+    data_timeout: int = 600
+    max_errors: int = 10
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    listen: ListenConfig
+    tls: TLSConfig
+    auth: AuthConfig
+    clientid: ClientIdConfig
+    delivery: DeliveryConfig
+    limits: LimitsConfig
+    source: Path | None = None
+
+    @property
+    def generated_tls_dir(self) -> Path:
+        return self.server.data_dir / "tls"
+
+
+# --- the schema -----------------------------------------------------------------
+# Each key: (checker, default). A checker turns the raw TOML value into the typed
+# value or raises _Bad with what was expected. Path defaults are callables of the
+# data_dir so that moving data_dir moves everything under it.
+
+
+class _Bad(Exception):
+    pass
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Bad("must be a string")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("must be true or false")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _Bad("must be a positive whole number")
+    return value
+
+
+def _hostname(value: Any) -> str:
+    text = _str(value).strip().rstrip(".")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
+    if not text or not set(text) <= allowed or ".." in text:
+        raise _Bad("must be a DNS host name such as \"mail.example.org\"")
+    return text
+
+
+def _policy(value: Any) -> str:
+    text = _str(value)
+    if text not in POLICIES:
+        raise _Bad("must be one of " + ", ".join(f'"{p}"' for p in POLICIES))
+    return text
+
+
+def _domains(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _Bad('must be a list of domain names such as ["example.org"]')
+    return tuple(_hostname(v).lower() for v in value)
+
+
+def _endpoint(value: Any) -> str:
+    text = _str(value)
+    if text == "":
+        return text  # an empty description turns that listener off
+    try:
+        serverFromString(reactor, text)
+    except Exception as error:  # strports raises many kinds; all mean "bad description"
+        raise _Bad(
+            f'is not a Twisted endpoint description ({error}); write e.g. "tcp:587" '
+            'or "tcp:587:interface=127.0.0.1", or "" to turn it off'
+        ) from None
+    return text
+
+
+Checker = Callable[[Any], Any]
+Default = Any  # a value, or a callable of data_dir for paths
+
+_PATH = object()  # marker: this key is a path, resolved against the config folder
+
+SCHEMA: dict[str, dict[str, tuple[Checker | object, Default]]] = {
+    "server": {
+        "hostname": (_hostname, lambda _d: socket.getfqdn()),
+        "data_dir": (_PATH, lambda _d: Path("clientid-mta-data")),
+        "received_header_ip": (_bool, False),
+    },
+    "listen": {
+        "submission": (_endpoint, DEFAULT_SUBMISSION),
+        "submissions": (_endpoint, DEFAULT_SUBMISSIONS),
+    },
+    "tls": {
+        "certificate": (_PATH, None),
+        "key": (_PATH, None),
+    },
+    "auth": {
+        "passwd_file": (_PATH, lambda d: d / "passwd"),
+        "max_failures_per_session": (_positive_int, 3),
+    },
+    "clientid": {
+        "enabled": (_bool, True),
+        "policy": (_policy, "tofu"),
+        "allow_without_clientid": (_bool, True),
+        "pipelining": (_bool, False),
+        "key_file": (_PATH, lambda d: d / "clientid.key"),
+        "device_store": (_PATH, lambda d: d / "devices.sqlite3"),
+    },
+    "delivery": {
+        "local_domains": (_domains, None),
+        "maildir_root": (_PATH, lambda d: d / "mail"),
+    },
+    "limits": {
+        "max_message_size": (_positive_int, LimitsConfig.max_message_size),
+        "max_line_length": (_positive_int, LimitsConfig.max_line_length),
+        "max_recipients": (_positive_int, LimitsConfig.max_recipients),
+        "command_timeout": (_positive_int, LimitsConfig.command_timeout),
+        "data_timeout": (_positive_int, LimitsConfig.data_timeout),
+        "max_errors": (_positive_int, LimitsConfig.max_errors),
+    },
+}
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(word, choices, n=1)
+    return f' (did you mean "{match[0]}"?)' if match else ""
+
+
+def _section_values(
+    name: str, raw: Any, base: Path, data_dir: Path | None
+) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: [{name}] must be a table, not a single value.")
+    schema = SCHEMA[name]
+    extra = set(raw) - set(schema) - ({"types"} if name == "clientid" else set())
+    for key in sorted(extra):
+        raise ConfigError(
+            f"config error: [{name}] has an unknown key \"{key}\"{_closest(key, list(schema))}; "
+            f"known keys are: {', '.join(schema)}."
+        )
+    values: dict[str, Any] = {}
+    for key, (checker, default) in schema.items():
+        if key in raw:
+            value = raw[key]
+            if checker is _PATH:
+                if not isinstance(value, str) or not value:
+                    raise ConfigError(f"config error: [{name}] {key} must be a file path string.")
+                path = Path(value).expanduser()
+                values[key] = path if path.is_absolute() else base / path
+                continue
+            try:
+                values[key] = checker(value)  # type: ignore[operator]
+            except _Bad as bad:
+                raise ConfigError(f"config error: [{name}] {key} {bad}.") from None
+        else:
+            if callable(default):
+                value = default(data_dir if data_dir is not None else base)
+                if isinstance(value, Path) and not value.is_absolute():
+                    value = base / value
+                values[key] = value
+            else:
+                values[key] = default
+    return values
+
+
+def _type_flags(raw: Any) -> tuple[tuple[tuple[str, frozenset[str]], ...], frozenset[str]]:
+    """Parse [clientid.types."<name or glob>"] tables; "default" covers unknown types."""
+    if not isinstance(raw, dict):
+        raise ConfigError('config error: [clientid.types] must hold tables like [clientid.types."UUID"].')
+    entries: list[tuple[str, frozenset[str]]] = []
+    default = frozenset(DEFAULT_TYPE_FLAGS)
+    for pattern, table in raw.items():
+        where = f'[clientid.types."{pattern}"]'
+        if not isinstance(table, dict) or set(table) - {"flags"}:
+            raise ConfigError(f"config error: {where} takes one key, flags = [...].")
+        flags = table.get("flags", [])
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            raise ConfigError(f"config error: {where} flags must be a list of strings.")
+        unknown = [f for f in flags if f not in TYPE_FLAGS]
+        if unknown:
+            raise ConfigError(
+                f'config error: {where} flags has unknown flag "{unknown[0]}"; '
+                f"known flags are: {', '.join(TYPE_FLAGS)}."
+            )
+        if pattern.lower() == "default":
+            default = frozenset(flags)
+        else:
+            entries.append((pattern, frozenset(flags)))
+    return tuple(entries), default
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read the TOML file at ``path`` (or use the built-in defaults when None)."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    source: Path | None = None
+    if path is not None:
+        source = Path(path).expanduser().absolute()
+        base = source.parent
+        try:
+            with open(source, "rb") as handle:
+                raw = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"config error: the config file {source} does not exist.") from None
+        except OSError as error:
+            raise ConfigError(f"config error: cannot read {source}: {error.strerror}.") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config error: {source} is not valid TOML: {error}.") from None
+    for name in sorted(set(raw) - set(SCHEMA)):
+        raise ConfigError(
+            f"config error: unknown section [{name}]{_closest(name, list(SCHEMA))}; "
+            f"known sections are: {', '.join(f'[{s}]' for s in SCHEMA)}."
+        )
+
+    server = _section_values("server", raw.get("server", {}), base, None)
+    data_dir: Path = server["data_dir"]
+    sections = {
+        name: _section_values(name, raw.get(name, {}), base, data_dir)
+        for name in SCHEMA
+        if name != "server"
+    }
+    tls = sections["tls"]
+    if (tls["certificate"] is None) != (tls["key"] is None):
+        missing = "key" if tls["key"] is None else "certificate"
+        raise ConfigError(
+            f"config error: [tls] {missing} is missing; set both certificate and key, "
+            "or neither to use a generated self-signed certificate."
+        )
+    types, default_flags = _type_flags(raw.get("clientid", {}).get("types", {}))
+    return Config(
+        server=ServerConfig(**server),
+        listen=ListenConfig(**sections["listen"]),
+        tls=TLSConfig(**tls),
+        auth=AuthConfig(**sections["auth"]),
+        clientid=ClientIdConfig(**sections["clientid"], types=types, default_flags=default_flags),
+        delivery=DeliveryConfig(**sections["delivery"]),
+        limits=LimitsConfig(**sections["limits"]),
+        source=source,
+    )
+
+
+def check_server_files(config: Config) -> None:
+    """Files the server needs that an operator named must exist (defaults are created)."""
+    named = [("tls", "certificate", config.tls.certificate), ("tls", "key", config.tls.key)]
+    if config.source is not None:
+        raw_auth = _raw_keys(config.source).get("auth", {})
+        if "passwd_file" in raw_auth:
+            named.append(("auth", "passwd_file", config.auth.passwd_file))
+    for section, key, path in named:
+        if path is not None and not path.is_file():
+            hint = (
+                f" create it with: clientid-mta --config {config.source} user add ADDRESS"
+                if key == "passwd_file"
+                else " point it at an existing PEM file"
+            )
+            raise ConfigError(f"config error: [{section}] {key}: {path} does not exist;{hint}.")
+
+
+def _raw_keys(source: Path) -> dict[str, Any]:
+    with open(source, "rb") as handle:
+        return tomllib.load(handle)
+

@@ -1,0 +1,182 @@
+"""Durable Maildir delivery (CONFORMANCE S11).
+
+A message is written to ``tmp/``, then fsynced, renamed into ``new/``, and ``new/``
+is fsynced: only then does the caller reply 250. A crash at any moment leaves either
+nothing in ``new/`` or the whole message; half-written files stay in ``tmp/``.
+
+Layout: ``<root>/<domain>/<localpart>/{tmp,new,cur}``, created on first delivery and
+never reached through a symbolic link that leaves the root.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from twisted.internet import defer, threads
+from twisted.mail.interfaces import IMessageSMTP
+from zope.interface import implementer
+
+_counter = itertools.count()
+_WRITE_BUFFER = 64 * 1024
+
+
+class UnsafeMailboxName(ValueError):
+    """A domain or local part that cannot be a folder name under the root."""
+
+
+def _safe_component(text: str) -> str:
+    if (
+        not text
+        or text.startswith(".")
+        or any(c in text for c in "/\\\0")
+        or any(ord(c) < 0x20 for c in text)
+        or len(text) > 255
+    ):
+        raise UnsafeMailboxName(f"{text!r} cannot be a mailbox folder name")
+    return text
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unique_name() -> str:
+    now = time.time()
+    host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+    return (
+        f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{next(_counter)}"
+        f"R{secrets.token_hex(8)}.{host}"
+    )
+
+
+class MaildirRoot:
+    """All the account Maildirs under one root folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def maildir(self, domain: str, localpart: str) -> Path:
+        """The account's Maildir, created (durably) if needed. Blocking."""
+        root = self.root
+        path = root / _safe_component(domain.lower()) / _safe_component(localpart.lower())
+        self._check_inside(path)
+        if not (path / "new").is_dir():
+            created: list[Path] = []
+            for folder in (root, path.parent, path, path / "tmp", path / "new", path / "cur"):
+                if not folder.exists():
+                    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    created.append(folder)
+            for folder in created:
+                _fsync_dir(folder.parent)
+            self._check_inside(path)
+        return path
+
+    def _check_inside(self, path: Path) -> None:
+        real_root = os.path.realpath(self.root)
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise UnsafeMailboxName(f"{path} leads out of the Maildir root")
+
+    def open_new(self, domain: str, localpart: str) -> MaildirFile:
+        return MaildirFile(self.maildir(domain, localpart))
+
+    def deliver_bytes(self, domain: str, localpart: str, data: bytes) -> Path:
+        """Deliver a whole message at once. Blocking: call it from a thread."""
+        handle = self.open_new(domain, localpart)
+        try:
+            handle.write(data)
+            return handle.commit()
+        except BaseException:
+            handle.abort()
+            raise
+
+
+class MaildirFile:
+    """One message being written into ``tmp/``; ``commit`` makes it durable in ``new/``."""
+
+    def __init__(self, maildir: Path) -> None:
+        self.maildir = maildir
+        self.name = _unique_name()
+        self.temp_path = maildir / "tmp" / self.name
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        fd = os.open(self.temp_path, flags, 0o600)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self.size += len(data)
+
+    def commit(self) -> Path:
+        """flush, fsync, rename into new/, fsync new/. Blocking."""
+        assert self._file is not None
+        handle, self._file = self._file, None
+        try:
+            handle.flush()
+            os.fsync(handle.fileno())
+        finally:
+            handle.close()
+        final = self.maildir / "new" / f"{self.name},S={self.size}"
+        os.rename(self.temp_path, final)
+        _fsync_dir(final.parent)
+        return final
+
+    def abort(self) -> None:
+        """Throw the partial message away (safe to call twice)."""
+        if self._file is not None:
+            handle, self._file = self._file, None
+            try:
+                handle.close()
+            except OSError:
+                pass
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+
+@implementer(IMessageSMTP)
+class MaildirMessage:
+    """Twisted's IMessage for one local recipient.
+
+    Lines arrive without their line ending and are stored with LF, the Maildir
+    convention. A write error (disk full, I/O error) is remembered and reported by
+    ``eomReceived`` so that the reply is a 451, never a lost message.
+    """
+
+    def __init__(self, maildirs: MaildirRoot, domain: str, localpart: str) -> None:
+        self._file = maildirs.open_new(domain, localpart)
+        self._error: BaseException | None = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._error is None:
+            try:
+                self._file.write(line + b"\n")
+            except OSError as error:
+                self._error = error
+
+    def eomReceived(self) -> defer.Deferred[Path]:
+        if self._error is not None:
+            self._file.abort()
+            return defer.fail(self._error)
+        return threads.deferToThread(self._commit)
+
+    def _commit(self) -> Path:
+        try:
+            return self._file.commit()
+        except BaseException:
+            self._file.abort()
+            raise
+
+    def connectionLost(self) -> None:
+        self._file.abort()

@@ -1,0 +1,20 @@
+"""Client network addresses as the server talks about them: by prefix, not by host."""
+
+from __future__ import annotations
+
+import ipaddress
+
+IPV4_PREFIX = 24
+IPV6_PREFIX = 56
+
+
+def network_prefix(host: str) -> str:
+    """The client's network: /24 for IPv4, /56 for IPv6 (IPv4-mapped IPv6 counts as IPv4)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return "unknown"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = IPV4_PREFIX if address.version == 4 else IPV6_PREFIX
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))

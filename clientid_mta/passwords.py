@@ -1,0 +1,159 @@
+"""The password file and password hash verification.
+
+Format (one account a line, Dovecot passwd-file style, ``#`` comments)::
+
+    alice@example.org:{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=4$...[:send-as]
+
+``send-as`` is optional: a comma-separated list of further addresses the account may
+use as sender, or ``*`` for any. Schemes: ``{ARGON2ID}`` (what we write) and
+``{BLF-CRYPT}``/``{BCRYPT}`` (accepted). The file is re-read when it changes, so
+``clientid-mta user ...`` takes effect on a running server.
+
+Hash verification is slow on purpose: callers run ``verify_password`` in a thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import argon2
+import bcrypt
+
+_hasher = argon2.PasswordHasher()
+
+# Verified against when the account does not exist, so an unknown user costs the
+# same time as a wrong password (C12: same timing class).
+_DUMMY_HASH = "{ARGON2ID}" + _hasher.hash("clientid-mta timing equaliser")
+
+
+class PasswdFileError(ValueError):
+    """A line of the password file cannot be understood."""
+
+
+@dataclass(frozen=True)
+class Account:
+    address: str
+    password_hash: str
+    send_as: frozenset[str] = frozenset()
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2]
+
+    @property
+    def localpart(self) -> str:
+        return self.address.rpartition("@")[0]
+
+    def may_send_as(self, address: str) -> bool:
+        address = address.lower()
+        return address == self.address or "*" in self.send_as or address in self.send_as
+
+
+def normalise_address(address: str) -> str:
+    return address.strip().lower()
+
+
+def hash_password(password: str) -> str:
+    """A new ``{ARGON2ID}`` hash (slow: call it off the reactor)."""
+    return "{ARGON2ID}" + _hasher.hash(password)
+
+
+def verify_password(stored: str | None, password: str) -> bool:
+    """True when ``password`` matches ``stored``; constant work for a missing account.
+
+    Both libraries compare digests in constant time.
+    """
+    candidate = stored if stored is not None else _DUMMY_HASH
+    scheme, _, encoded = candidate.partition("}")
+    scheme = scheme.lstrip("{").upper()
+    try:
+        if scheme in ("ARGON2ID", "ARGON2I", "ARGON2"):
+            ok = _hasher.verify(encoded, password)
+        elif scheme in ("BLF-CRYPT", "BCRYPT"):
+            ok = bcrypt.checkpw(password.encode("utf-8"), encoded.encode("ascii"))
+        else:
+            ok = False
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError, ValueError):
+        ok = False
+    return ok and stored is not None
+
+
+def parse_line(line: str, lineno: int) -> Account | None:
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    fields = text.split(":")
+    if len(fields) < 2 or "@" not in fields[0] or not fields[1].startswith("{"):
+        raise PasswdFileError(f"line {lineno}: expected address:{{SCHEME}}hash[:send-as]")
+    send_as = frozenset(
+        normalise_address(a) for a in (fields[2].split(",") if len(fields) > 2 else []) if a.strip()
+    )
+    return Account(normalise_address(fields[0]), fields[1], send_as)
+
+
+def format_line(account: Account) -> str:
+    extra = ":" + ",".join(sorted(account.send_as)) if account.send_as else ""
+    return f"{account.address}:{account.password_hash}{extra}\n"
+
+
+class PasswdFile:
+    """The accounts in a passwd file, re-read whenever the file changes on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._signature: tuple[int, int, int] | None = None
+        self._accounts: dict[str, Account] = {}
+
+    def _current(self) -> dict[str, Account]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return {}
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if signature != self._signature:
+                self._accounts = self._read()
+                self._signature = signature
+            return self._accounts
+
+    def _read(self) -> dict[str, Account]:
+        accounts: dict[str, Account] = {}
+        with open(self.path, encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                account = parse_line(line, lineno)
+                if account is not None:
+                    accounts[account.address] = account
+        return accounts
+
+    def get(self, address: str) -> Account | None:
+        return self._current().get(normalise_address(address))
+
+    def accounts(self) -> list[Account]:
+        return sorted(self._current().values(), key=lambda a: a.address)
+
+    def domains(self) -> frozenset[str]:
+        return frozenset(a.domain for a in self._current().values())
+
+    # --- writing (the admin command) -------------------------------------------
+
+    def save(self, accounts: list[Account]) -> None:
+        """Replace the file atomically: write, fsync, rename, fsync the folder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("# clientid-mta accounts: address:{SCHEME}hash[:send-as]\n")
+            for account in sorted(accounts, key=lambda a: a.address):
+                handle.write(format_line(account))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,199 @@
+"""The device registry: which client identities each account has used (CONFORMANCE C15).
+
+Kept apart from the password file, keyed by account. Tokens are never stored: a row
+holds the HMAC device key (see clientid.device_key). Calls are synchronous and short;
+the server runs them in a thread (see devices.DevicePolicy), the admin command directly.
+SQLite in WAL mode, so the admin command can change a device while the server runs.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from zope.interface import Interface, implementer
+
+TRUSTED = "trusted"
+PENDING = "pending"
+REVOKED = "revoked"
+STATES = (TRUSTED, PENDING, REVOKED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    account      TEXT NOT NULL,
+    device_key   TEXT NOT NULL,
+    type         TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    label        TEXT NOT NULL DEFAULT '',
+    first_seen   REAL NOT NULL,
+    last_seen    REAL NOT NULL,
+    last_network TEXT NOT NULL DEFAULT '',
+    logins       INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (account, device_key)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Device:
+    account: str
+    device_key: str
+    type: str
+    state: str
+    label: str
+    first_seen: float
+    last_seen: float
+    last_network: str
+    logins: int
+
+    @property
+    def fingerprint(self) -> str:
+        from clientid_mta.clientid import fingerprint
+
+        return fingerprint(self.device_key)
+
+
+class DeviceNotFound(LookupError):
+    pass
+
+
+class IDeviceStore(Interface):
+    """Where device records live; SQLite here, a shared database for a server farm later."""
+
+    def get(account: str, device_key: str) -> Device | None:
+        """The device, or None."""
+
+    def has_trusted(account: str) -> bool:
+        """Whether the account has at least one trusted device."""
+
+    def record(account: str, device_key: str, type: str, state: str, network: str) -> Device:
+        """Insert (with ``state``) or refresh last-seen; an existing state is kept."""
+
+    def login(account: str, device_key: str, network: str) -> None:
+        """Count a successful login and refresh last-seen."""
+
+    def set_state(account: str, fingerprint: str, state: str) -> Device:
+        """Change a device's state, found by fingerprint prefix."""
+
+    def set_label(account: str, fingerprint: str, label: str) -> Device:
+        """Change a device's label."""
+
+    def list(account: str) -> list[Device]:
+        """All devices of an account."""
+
+
+@implementer(IDeviceStore)
+class SQLiteDeviceStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        path.chmod(0o600)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _one(self, sql: str, args: tuple[object, ...]) -> Device | None:
+        with self._lock:
+            row = self._db.execute(sql, args).fetchone()
+        return Device(**dict(row)) if row else None
+
+    def get(self, account: str, device_key: str) -> Device | None:
+        return self._one(
+            "SELECT * FROM devices WHERE account=? AND device_key=?", (account, device_key)
+        )
+
+    def has_trusted(self, account: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM devices WHERE account=? AND state=? LIMIT 1", (account, TRUSTED)
+            ).fetchone()
+        return row is not None
+
+    def record(
+        self, account: str, device_key: str, type: str, state: str, network: str
+    ) -> Device:
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO devices (account, device_key, type, state, first_seen, last_seen,"
+                " last_network) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(account, device_key) DO UPDATE SET last_seen=excluded.last_seen,"
+                " last_network=excluded.last_network",
+                (account, device_key, type, state, now, now, network),
+            )
+        device = self.get(account, device_key)
+        assert device is not None
+        return device
+
+    def login(self, account: str, device_key: str, network: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE devices SET logins=logins+1, last_seen=?, last_network=?"
+                " WHERE account=? AND device_key=?",
+                (time.time(), network, account, device_key),
+            )
+
+    def _find(self, account: str, fingerprint: str) -> Device:
+        prefix = fingerprint.strip().lower()
+        if len(prefix) < 6 or not all(c in "0123456789abcdef" for c in prefix):
+            raise DeviceNotFound(f"{fingerprint!r} is not a device fingerprint (6+ hex digits)")
+        matches = [d for d in self.list(account) if d.device_key.startswith(prefix)]
+        if len(matches) != 1:
+            what = "no device" if not matches else f"{len(matches)} devices"
+            raise DeviceNotFound(f"{what} of {account} match fingerprint {fingerprint}")
+        return matches[0]
+
+    def set_state(self, account: str, fingerprint: str, state: str) -> Device:
+        if state not in STATES:
+            raise ValueError(f"unknown device state {state!r}")
+        device = self._find(account, fingerprint)
+        with self._lock:
+            self._db.execute(
+                "UPDATE devices SET state=? WHERE account=? AND device_key=?",
+                (state, account, device.device_key),
+            )
+        return self._find(account, fingerprint)
+
+    def set_label(self, account: str, fingerprint: str, label: str) -> Device:
+        device = self._find(account, fingerprint)
+        with self._lock:
+            self._db.execute(
+                "UPDATE devices SET label=? WHERE account=? AND device_key=?",
+                (label, account, device.device_key),
+            )
+        return self._find(account, fingerprint)
+
+    def add_trusted(self, account: str, device_key: str, type: str, label: str = "") -> Device:
+        """An operator's pre-approved device (``device add``); trusted even if seen before."""
+        self.record(account, device_key, type, TRUSTED, "")
+        with self._lock:
+            self._db.execute(
+                "UPDATE devices SET state=?, label=? WHERE account=? AND device_key=?",
+                (TRUSTED, label, account, device_key),
+            )
+        device = self.get(account, device_key)
+        assert device is not None
+        return device
+
+    def delete_account(self, account: str) -> int:
+        """Forget every device of an account; returns how many there were."""
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM devices WHERE account=?", (account,))
+        return cursor.rowcount
+
+    def list(self, account: str) -> list[Device]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM devices WHERE account=? ORDER BY first_seen", (account,)
+            ).fetchall()
+        return [Device(**dict(row)) for row in rows]

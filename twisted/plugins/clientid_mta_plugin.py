@@ -1,0 +1,10 @@
+"""The twistd dropin: makes ``twistd -n clientid-mta`` find the server."""
+
+from twisted.application.service import ServiceMaker
+
+clientidMTA = ServiceMaker(
+    "clientid-mta",
+    "clientid_mta.tap",
+    "Mail submission server with the SMTP CLIENTID extension",
+    "clientid-mta",
+)
