@@ -12,8 +12,9 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.portal import Portal
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -110,6 +111,13 @@ class SubmissionService(service.MultiService):
             listener._raiseSynchronously = True
             listener.setName(key)
             listener.setServiceParent(self)
+
+    def listening(self) -> defer.Deferred[dict[str, IListeningPort]]:
+        """Fires with {listener name: port} once both listeners are bound (port 0 works)."""
+        names = [child.name for child in self]
+        waits = [child._waitingForPort for child in self]  # set by startService
+        bound = defer.gatherResults(waits)
+        return bound.addCallback(lambda ports: dict(zip(names, ports, strict=True)))
 
     def startService(self) -> None:
         config = self.config

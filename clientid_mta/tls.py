@@ -11,13 +11,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
 from twisted.internet import ssl
 
 from clientid_mta.config import ConfigError
-
-_PEM_END = b"-----END CERTIFICATE-----"
-
 
 def generate_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     """Create ``cert.pem``/``key.pem`` under ``directory`` unless they exist (key mode 0600)."""
@@ -54,34 +50,27 @@ def generate_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _split_pem_chain(data: bytes) -> list[bytes]:
-    return [block + _PEM_END for block in data.split(_PEM_END) if b"-----BEGIN" in block]
-
-
 def server_context(certificate: Path, key: Path) -> ssl.CertificateOptions:
     """TLS 1.2+ server options serving the whole chain found in ``certificate``."""
     try:
-        blocks = _split_pem_chain(certificate.read_bytes())
-        if not blocks:
-            raise ValueError("no PEM certificate in it")
-        chain = [crypto.load_certificate(crypto.FILETYPE_PEM, block) for block in blocks]
-    except (OSError, ValueError, crypto.Error) as problem:
+        chain = x509.load_pem_x509_certificates(certificate.read_bytes())
+    except (OSError, ValueError) as problem:
         raise ConfigError(
             f"config error: [tls] certificate {certificate} cannot be loaded ({problem}); "
             "it must be a PEM file, leaf certificate first."
         ) from None
     try:
-        private_key = crypto.load_privatekey(crypto.FILETYPE_PEM, key.read_bytes())
-    except (OSError, ValueError, crypto.Error) as problem:
+        private_key = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as problem:
         raise ConfigError(
             f"config error: [tls] key {key} cannot be loaded ({problem}); "
             "it must be an unencrypted PEM private key."
         ) from None
     try:
         return ssl.CertificateOptions(
-            privateKey=private_key,
-            certificate=chain[0],
-            extraCertChain=chain[1:],
+            privateKey=private_key,  # type: ignore[arg-type]  # pyOpenSSL takes cryptography keys
+            certificate=chain[0],  # type: ignore[arg-type]
+            extraCertChain=chain[1:],  # type: ignore[arg-type]
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
     except Exception as problem:

@@ -1,0 +1,56 @@
+"""The issue's headline: a first message with a client identity lands durably in Maildir,
+and an unknown device is refused exactly like a wrong password."""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+
+from tests.conftest import THUNDERBIRD_UUID, RunningServer
+
+MESSAGE = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: first\r\n\r\nHello Bob.\r\n"
+
+
+def test_first_message_with_client_identity_lands_in_maildir(server: RunningServer) -> None:
+    client = server.smtp()
+    assert client.has_extn("clientid")
+    assert client.docmd("CLIENTID", f"UUID {THUNDERBIRD_UUID}") == (250, b"2.0.0 OK")
+    client.login("alice@example.org", "alice-password")
+    refused = client.sendmail("alice@example.org", ["bob@example.org"], MESSAGE)
+    client.quit()
+    assert refused == {}
+    [stored] = server.messages("bob@example.org")
+    assert stored["Subject"] == "first"
+    assert stored.get_payload().strip() == "Hello Bob."
+    assert "with ESMTPSA (TLSv1.3)" in stored["Received"]
+
+
+def test_unknown_device_is_refused_like_a_wrong_password(server: RunningServer) -> None:
+    first = server.smtp()
+    first.docmd("CLIENTID", f"UUID {THUNDERBIRD_UUID}")
+    first.login("alice@example.org", "alice-password")  # trusted on first use
+    first.quit()
+
+    replies = []
+    for clientid, password in (
+        ("UUID 0b6b2f7e-0000-4000-8000-000000000001", "alice-password"),  # unknown device
+        (f"UUID {THUNDERBIRD_UUID}", "wrong-password"),  # known device, wrong password
+    ):
+        client = server.smtp()
+        client.docmd("CLIENTID", clientid)
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            client.login("alice@example.org", password)
+        replies.append((refused.value.smtp_code, refused.value.smtp_error))
+        client.close()
+    assert replies[0] == replies[1] == (535, b"5.7.8 Authentication credentials invalid")
+
+
+def test_implicit_tls_port_delivers(server: RunningServer) -> None:
+    client = server.smtp(implicit=True)
+    assert not client.has_extn("starttls")
+    client.docmd("CLIENTID", f"UUID {THUNDERBIRD_UUID}")
+    client.login("alice@example.org", "alice-password")
+    client.sendmail("alice@example.org", ["alice@example.org"], MESSAGE.replace(b"bob", b"alice"))
+    client.quit()
+    assert len(server.messages("alice@example.org")) >= 1
