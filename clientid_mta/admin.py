@@ -15,7 +15,12 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from clientid_mta.addresses import AddressSyntaxError, parse_path
-from clientid_mta.clientid import ClientIdSyntaxError, device_key, load_or_create_server_key, parse_clientid
+from clientid_mta.clientid import (
+    ClientIdSyntaxError,
+    device_key,
+    load_or_create_server_key,
+    parse_clientid,
+)
 from clientid_mta.config import Config, ConfigError, load_config
 from clientid_mta.passwords import Account, PasswdFile, hash_password, normalise_address
 from clientid_mta.store import REVOKED, TRUSTED, DeviceNotFound, SQLiteDeviceStore
@@ -80,14 +85,19 @@ class Admin:
     def user_passwd(self, address: str) -> None:
         account = self._existing(_address(address))
         password = _read_secret("Password", True, self.stdin)
-        self._replace(account.address, Account(account.address, hash_password(password), account.send_as))
+        self._replace(
+            account.address, Account(account.address, hash_password(password), account.send_as)
+        )
         print(f"changed the password of {account.address}", file=self.out)
 
     def user_send_as(self, address: str, send_as: list[str]) -> None:
         account = self._existing(_address(address))
         aliases = frozenset(a if a == "*" else _address(a) for a in send_as)
         self._replace(account.address, Account(account.address, account.password_hash, aliases))
-        print(f"{account.address} may send as: {', '.join(sorted(aliases)) or '(itself only)'}", file=self.out)
+        print(
+            f"{account.address} may send as: {', '.join(sorted(aliases)) or '(itself only)'}",
+            file=self.out,
+        )
 
     def user_del(self, address: str) -> None:
         account = self._existing(_address(address))
@@ -117,11 +127,23 @@ class Admin:
             print(f"{address} has no devices yet", file=self.out)
             return
         row = "{:<17} {:<16} {:<8} {:<16} {:<17} {:<17} {}"
-        print(row.format("FINGERPRINT", "TYPE", "STATE", "LABEL", "FIRST SEEN", "LAST SEEN", "LAST NETWORK"), file=self.out)
+        print(
+            row.format(
+                "FINGERPRINT", "TYPE", "STATE", "LABEL", "FIRST SEEN", "LAST SEEN", "LAST NETWORK"
+            ),
+            file=self.out,
+        )
         for d in devices:
             print(
-                row.format(d.fingerprint, d.type, d.state, d.label or "-", _when(d.first_seen),
-                           _when(d.last_seen), d.last_network or "-"),
+                row.format(
+                    d.fingerprint,
+                    d.type,
+                    d.state,
+                    d.label or "-",
+                    _when(d.first_seen),
+                    _when(d.last_seen),
+                    d.last_network or "-",
+                ),
                 file=self.out,
             )
 
@@ -183,13 +205,18 @@ def _parser() -> argparse.ArgumentParser:
     user.add_parser("del", help="delete an account and its device records").add_argument("address")
     user.add_parser("list", help="list accounts")
 
-    device = groups.add_parser("device", help="client identities").add_subparsers(dest="action", required=True)
+    device = groups.add_parser("device", help="client identities").add_subparsers(
+        dest="action", required=True
+    )
     device.add_parser("list", help="an account's devices").add_argument("address")
     dadd = device.add_parser("add", help="trust a device; its token is read from stdin or prompted")
     dadd.add_argument("address")
     dadd.add_argument("type", help="the CLIENTID type, e.g. UUID")
     dadd.add_argument("--label", default="")
-    for name, text in (("approve", "trust a pending device"), ("revoke", "refuse a device from now on")):
+    for name, text in (
+        ("approve", "trust a pending device"),
+        ("revoke", "refuse a device from now on"),
+    ):
         sub = device.add_parser(name, help=text)
         sub.add_argument("address")
         sub.add_argument("fingerprint")
@@ -204,15 +231,21 @@ def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> None:
     args = _parser().parse_args(argv)
     admin = Admin(load_config(args.config), out, stdin)
     actions: dict[tuple[str, str], Callable[[], None]] = {
-        ("user", "add"): lambda: admin.user_add(args.address, [a for a in args.send_as.split(",") if a]),
+        ("user", "add"): lambda: admin.user_add(
+            args.address, [a for a in args.send_as.split(",") if a]
+        ),
         ("user", "passwd"): lambda: admin.user_passwd(args.address),
         ("user", "send-as"): lambda: admin.user_send_as(args.address, args.send_as),
         ("user", "del"): lambda: admin.user_del(args.address),
         ("user", "list"): admin.user_list,
         ("device", "list"): lambda: admin.device_list(args.address),
         ("device", "add"): lambda: admin.device_add(args.address, args.type, args.label),
-        ("device", "approve"): lambda: admin._set_state(args.address, args.fingerprint, TRUSTED, "approved"),
-        ("device", "revoke"): lambda: admin._set_state(args.address, args.fingerprint, REVOKED, "revoked"),
+        ("device", "approve"): lambda: admin._set_state(
+            args.address, args.fingerprint, TRUSTED, "approved"
+        ),
+        ("device", "revoke"): lambda: admin._set_state(
+            args.address, args.fingerprint, REVOKED, "revoked"
+        ),
         ("device", "label"): lambda: admin.device_label(args.address, args.fingerprint, args.text),
     }
     actions[(args.group, args.action)]()
@@ -225,4 +258,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"clientid-mta: {problem}", file=sys.stderr)
         return 1
     return 0
-

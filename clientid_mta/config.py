@@ -146,7 +146,7 @@ def _hostname(value: Any) -> str:
     text = _str(value).strip().rstrip(".")
     allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
     if not text or not set(text) <= allowed or ".." in text:
-        raise _Bad("must be a DNS host name such as \"mail.example.org\"")
+        raise _Bad('must be a DNS host name such as "mail.example.org"')
     return text
 
 
@@ -230,16 +230,14 @@ def _closest(word: str, choices: list[str]) -> str:
     return f' (did you mean "{match[0]}"?)' if match else ""
 
 
-def _section_values(
-    name: str, raw: Any, base: Path, data_dir: Path | None
-) -> dict[str, Any]:
+def _section_values(name: str, raw: Any, base: Path, data_dir: Path | None) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"config error: [{name}] must be a table, not a single value.")
     schema = SCHEMA[name]
     extra = set(raw) - set(schema) - ({"types"} if name == "clientid" else set())
     for key in sorted(extra):
         raise ConfigError(
-            f"config error: [{name}] has an unknown key \"{key}\"{_closest(key, list(schema))}; "
+            f'config error: [{name}] has an unknown key "{key}"{_closest(key, list(schema))}; '
             f"known keys are: {', '.join(schema)}."
         )
     values: dict[str, Any] = {}
@@ -270,7 +268,9 @@ def _section_values(
 def _type_flags(raw: Any) -> tuple[tuple[tuple[str, frozenset[str]], ...], frozenset[str]]:
     """Parse [clientid.types."<name or glob>"] tables; "default" covers unknown types."""
     if not isinstance(raw, dict):
-        raise ConfigError('config error: [clientid.types] must hold tables like [clientid.types."UUID"].')
+        raise ConfigError(
+            'config error: [clientid.types] must hold tables like [clientid.types."UUID"].'
+        )
     entries: list[tuple[str, frozenset[str]]] = []
     default = frozenset(DEFAULT_TYPE_FLAGS)
     for pattern, table in raw.items():
@@ -363,4 +363,3 @@ def check_server_files(config: Config) -> None:
 def _raw_keys(source: Path) -> dict[str, Any]:
     with open(source, "rb") as handle:
         return tomllib.load(handle)
-

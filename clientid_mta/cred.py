@@ -13,11 +13,12 @@ from typing import Any
 
 from twisted.cred import error, portal
 from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ICredentials
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.mail.interfaces import IMessageDelivery
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import Attribute, implementer
 
 from clientid_mta.clientid import ClientIdentity
 from clientid_mta.devices import Decision, DevicePolicy
@@ -27,7 +28,7 @@ from clientid_mta.passwords import PasswdFile, normalise_address, verify_passwor
 log = Logger()
 
 
-class IClientIdUsernamePassword(Interface):
+class IClientIdUsernamePassword(ICredentials):
     """A SASL user name and password, plus what the session knows about the client."""
 
     username = Attribute("The authentication identity as typed (str).")
@@ -88,16 +89,17 @@ class ClientIdChecker:
         if account is None:
             return AuthOutcome(None, False, Decision(False, "unknown_account"))
         if not ok:
-            return AuthOutcome(address, False, self.policy.password_failed(address, creds.clientId, network))
+            return AuthOutcome(
+                address, False, self.policy.password_failed(address, creds.clientId, network)
+            )
         return AuthOutcome(address, True, self.policy.decide(address, creds.clientId, network))
 
-    def requestAvatarId(self, credentials: Any) -> defer.Deferred[str]:
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes | tuple[()]]:
         creds = IClientIdUsernamePassword(credentials)
         checked = threads.deferToThread(self._check, creds)
-        checked.addCallback(self._conclude, creds)
-        return checked
+        return checked.addCallback(self._conclude, creds)
 
-    def _conclude(self, outcome: AuthOutcome, creds: IClientIdUsernamePassword) -> str:
+    def _conclude(self, outcome: AuthOutcome, creds: IClientIdUsernamePassword) -> bytes:
         decision = outcome.decision
         log.info(
             "auth {outcome} account={account} device={fingerprint} network={network} "
@@ -111,7 +113,7 @@ class ClientIdChecker:
         )
         if outcome.account is None or not outcome.password_ok or not decision.allowed:
             raise error.UnauthorizedLogin()
-        return outcome.account
+        return outcome.account.encode("utf-8")
 
 
 @implementer(portal.IRealm)

@@ -29,7 +29,9 @@ class LocalRouter:
         self.maildirs = maildirs
 
     def is_local(self, domain: str) -> bool:
-        domains = self._local_domains if self._local_domains is not None else self.passwords.domains()
+        domains = (
+            self._local_domains if self._local_domains is not None else self.passwords.domains()
+        )
         return domain.lower() in domains
 
     def message_factory(self, address: str) -> Callable[[], IMessageSMTP] | None:
@@ -52,9 +54,7 @@ class AccountDelivery:
 
     def validateFrom(self, helo: object, origin: Address) -> Address:
         if not self.account.may_send_as(str(origin)):
-            raise SMTPBadSender(
-                str(origin), 553, "5.7.1 Sender address rejected: not owned by you"
-            )
+            raise SMTPBadSender(str(origin), 553, "5.7.1 Sender address rejected: not owned by you")
         return origin
 
     def validateTo(self, user: User) -> Callable[[], IMessageSMTP]:
@@ -72,7 +72,9 @@ class AccountDelivery:
         return all(self.account.may_send_as(a) for a in addresses)
 
 
-def delivery_factory(passwords: PasswdFile, router: LocalRouter) -> Callable[[str], IMessageDelivery]:
+def delivery_factory(
+    passwords: PasswdFile, router: LocalRouter
+) -> Callable[[str], IMessageDelivery]:
     """What the realm calls with an authenticated account name."""
 
     def delivery_for(address: str) -> IMessageDelivery:

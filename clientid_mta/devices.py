@@ -59,7 +59,9 @@ class DevicePolicy:
         self.server_key = server_key
         self.notifier = notifier
 
-    def _presented(self, identity: ClientIdentity | None) -> tuple[ClientIdentity | None, frozenset[str]]:
+    def _presented(
+        self, identity: ClientIdentity | None
+    ) -> tuple[ClientIdentity | None, frozenset[str]]:
         if identity is None or not self.settings.advertised:
             return None, frozenset()
         flags = self.settings.flags_for(identity.type)
@@ -67,7 +69,9 @@ class DevicePolicy:
             return None, flags
         return identity, flags
 
-    def _notify(self, kind: str, account: str, fp: str, identity: ClientIdentity, network: str) -> tuple[str, ...]:
+    def _notify(
+        self, kind: str, account: str, fp: str, identity: ClientIdentity, network: str
+    ) -> tuple[str, ...]:
         if self.notifier is None:
             return ()
         sent = self.notifier.notify(kind, account, fp, identity.type, network)
@@ -83,7 +87,7 @@ class DevicePolicy:
         enforced = identity is not None and "auth" in flags and mode in ENFORCING
         if not enforced and mode in ENFORCING and not self.settings.allow_without_clientid:
             decision = Decision(False, REFUSED_WITHOUT_CLIENTID)
-        elif identity is None or not recorded and not enforced:
+        elif identity is None or (not recorded and not enforced):
             decision = Decision(True, ALLOWED_WITHOUT_CLIENTID)
         else:
             return self._decide_device(account, identity, flags, network, enforced)
@@ -129,7 +133,9 @@ class DevicePolicy:
             notices += self._notify(alerts.LOGIN_FAILED, account, fp, identity, network)
         return Decision(allowed, reason, fp, notices)
 
-    def password_failed(self, account: str, identity: ClientIdentity | None, network: str) -> Decision:
+    def password_failed(
+        self, account: str, identity: ClientIdentity | None, network: str
+    ) -> Decision:
         """A wrong password for an existing account: only the ``alert-fail`` notice. Blocking."""
         identity, flags = self._presented(identity)
         if identity is None:

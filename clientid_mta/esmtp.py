@@ -36,7 +36,13 @@ from twisted.python.failure import Failure
 
 from clientid_mta.addresses import AddressSyntaxError, Path, parse_path
 from clientid_mta.body import BodyReader
-from clientid_mta.clientid import ClientIdentity, ClientIdSyntaxError, device_key, fingerprint, parse_clientid
+from clientid_mta.clientid import (
+    ClientIdentity,
+    ClientIdSyntaxError,
+    device_key,
+    fingerprint,
+    parse_clientid,
+)
 from clientid_mta.config import ClientIdConfig, LimitsConfig
 from clientid_mta.cred import ClientIdUsernamePassword, TLSInfo
 from clientid_mta.maildir import UnsafeMailboxName
@@ -59,15 +65,29 @@ class Mode(Enum):
     COMMAND = "command"
     AUTH_PLAIN = "auth-plain"
     AUTH_LOGIN_USER = "auth-login-user"
-    AUTH_LOGIN_PASSWORD = "auth-login-password"
+    AUTH_LOGIN_PASSWORD = "auth-login-password"  # noqa: S105  (a state name)
     DATA = "data"
 
 
 # Verbs and the handler for each. Anything else is an unknown command (S12), and so
 # is CLIENTID where support must not be revealed (C3).
 VERBS = frozenset(
-    {"EHLO", "HELO", "STARTTLS", "AUTH", "CLIENTID", "MAIL", "RCPT", "DATA", "RSET", "NOOP",
-     "QUIT", "HELP", "VRFY", "EXPN"}
+    {
+        "EHLO",
+        "HELO",
+        "STARTTLS",
+        "AUTH",
+        "CLIENTID",
+        "MAIL",
+        "RCPT",
+        "DATA",
+        "RSET",
+        "NOOP",
+        "QUIT",
+        "HELP",
+        "VRFY",
+        "EXPN",
+    }
 )
 
 
@@ -92,6 +112,10 @@ def _tls_info(transport: Any) -> TLSInfo | None:
 
 class SubmissionESMTP(smtp.ESMTP):
     """One submission session. Created by ``SubmissionFactory``."""
+
+    # Twisted types these loosely; we use TCP/TLS transports (pause, resume, startTLS).
+    transport: Any
+    portal: Any  # a Portal, or None (no logins possible)
 
     def __init__(
         self,
@@ -121,7 +145,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self._paused = False
         self._in_process = False
         self._closing = False
-        self.mode = Mode.COMMAND
+        self.input_mode = Mode.COMMAND
         self.errors = 0
         self.auth_failures = 0
         self.tls = False
@@ -232,7 +256,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self._in_process = True
         try:
             while not self._waiting and not self._closing and self._inbuf:
-                if self.mode is Mode.DATA:
+                if self.input_mode is Mode.DATA:
                     if not self._process_data():
                         break
                 elif not self._process_line():
@@ -244,7 +268,7 @@ class SubmissionESMTP(smtp.ESMTP):
             self.transport.pauseProducing()
 
     def _line_limit(self) -> int:
-        if self.mode is not Mode.COMMAND or self._inbuf[:5].upper() == b"AUTH ":
+        if self.input_mode is not Mode.COMMAND or self._inbuf[:5].upper() == b"AUTH ":
             return MAX_AUTH_LINE
         return MAX_COMMAND_LINE
 
@@ -272,12 +296,12 @@ class SubmissionESMTP(smtp.ESMTP):
         return True
 
     def _line_too_long(self) -> None:
-        self.mode = Mode.COMMAND  # an over-long SASL response aborts the exchange
+        self.input_mode = Mode.COMMAND  # an over-long SASL response aborts the exchange
         self.error(500, "5.5.2 Line too long")
 
     def _run(self, line: bytes) -> None:
         try:
-            if self.mode is Mode.COMMAND:
+            if self.input_mode is Mode.COMMAND:
                 result = self._command(line)
             else:
                 result = self._auth_response(line)
@@ -308,7 +332,7 @@ class SubmissionESMTP(smtp.ESMTP):
         verb = command.decode("ascii", "replace").upper()
         if verb not in VERBS:
             return None
-        return getattr(self, "do_" + verb)  # type: ignore[no-any-return]
+        return getattr(self, "do_" + verb)
 
     def _command(self, line: bytes) -> Any:
         verb, _, rest = line.strip(b" \t").partition(b" ")
@@ -449,13 +473,13 @@ class SubmissionESMTP(smtp.ESMTP):
         initial = parts[1] if len(parts) == 2 else None
         if mechanism == b"PLAIN":
             if initial is None:
-                self.mode = Mode.AUTH_PLAIN
+                self.input_mode = Mode.AUTH_PLAIN
                 self.reply(334, "")
                 return None
             return self._auth_plain(initial)
         if mechanism == b"LOGIN":
             if initial is None:
-                self.mode = Mode.AUTH_LOGIN_USER
+                self.input_mode = Mode.AUTH_LOGIN_USER
                 self.reply(334, LOGIN_USERNAME_CHALLENGE.decode())
                 return None
             return self._auth_login_user(initial)
@@ -463,7 +487,7 @@ class SubmissionESMTP(smtp.ESMTP):
         return None
 
     def _auth_response(self, line: bytes) -> Any:
-        mode, self.mode = self.mode, Mode.COMMAND
+        mode, self.input_mode = self.input_mode, Mode.COMMAND
         if line.strip() == b"*":
             self.error(501, "5.0.0 Authentication aborted")
             return None
@@ -519,7 +543,7 @@ class SubmissionESMTP(smtp.ESMTP):
         if username is None:
             return
         self._login_user = username
-        self.mode = Mode.AUTH_LOGIN_PASSWORD
+        self.input_mode = Mode.AUTH_LOGIN_PASSWORD
         self.reply(334, LOGIN_PASSWORD_CHALLENGE.decode())
 
     def _auth_login_password(self, response: bytes) -> Any:
@@ -563,7 +587,9 @@ class SubmissionESMTP(smtp.ESMTP):
         if self._closing:
             return
         if not failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
-            log.failure("authentication error in session {session}", failure, session=self.session_id)
+            log.failure(
+                "authentication error in session {session}", failure, session=self.session_id
+            )
             self.reply(454, "4.7.0 Temporary authentication failure")
             return
         self.auth_failures += 1
@@ -628,7 +654,7 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def _address_refused(self, failure: Failure) -> None:
         if failure.check(smtp.SMTPServerError):
-            value = failure.value
+            value: Any = failure.value
             self.error(value.code, _resp_text(value.resp))
         else:
             failure.raiseException()
@@ -651,7 +677,9 @@ class SubmissionESMTP(smtp.ESMTP):
             self.error(555, f"5.5.4 Unsupported parameter {next(iter(path.params))}")
             return None
         try:
-            user = smtp.User(path.address.encode("ascii"), self._helo_pair(), self, self._sender.address)
+            user = smtp.User(
+                path.address.encode("ascii"), self._helo_pair(), self, self._sender.address
+            )
         except smtp.AddressError:
             self.error(553, "5.1.3 Recipient address not supported")
             return None
@@ -696,13 +724,13 @@ class SubmissionESMTP(smtp.ESMTP):
         self._body = BodyReader(
             self._write_line, self.limits.max_message_size, self.limits.max_line_length
         )
-        self.mode = Mode.DATA
+        self.input_mode = Mode.DATA
         self.setTimeout(self.limits.data_timeout)
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
 
     def received_header(self) -> list[bytes]:
         """S15: names this server, ESMTPSA and the TLS version; no client identity, no IP."""
-        helo = (self._helo_name or "unknown").translate({ord(c): "_" for c in "();\\\""})
+        helo = (self._helo_name or "unknown").translate({ord(c): "_" for c in '();\\"'})
         source = f"from {helo}"
         if self.received_header_ip:
             source += f" ([{self._peer_host()}])"
@@ -731,7 +759,7 @@ class SubmissionESMTP(smtp.ESMTP):
         return False
 
     def _run_end_of_data(self) -> None:
-        self.mode = Mode.COMMAND
+        self.input_mode = Mode.COMMAND
         self.setTimeout(self.limits.command_timeout)
         result = self._end_of_data()
         if result is not None:
@@ -739,7 +767,7 @@ class SubmissionESMTP(smtp.ESMTP):
             result.addErrback(self._internal_error)
             result.addBoth(self._resume)
 
-    def _end_of_data(self) -> defer.Deferred[None] | None:
+    def _end_of_data(self) -> defer.Deferred[Any] | None:
         body, messages, message_id = self._body, self._messages, self._message_id
         sender = self._sender
         recipients = len(self._recipients)
@@ -835,7 +863,7 @@ class SubmissionESMTP(smtp.ESMTP):
 class SubmissionFactory(protocol.ServerFactory):
     """Builds ``SubmissionESMTP`` sessions for one listener."""
 
-    protocol = SubmissionESMTP  # type: ignore[assignment]
+    protocol = SubmissionESMTP
     noisy = False
 
     def __init__(
@@ -860,7 +888,7 @@ class SubmissionFactory(protocol.ServerFactory):
         self.max_auth_failures = max_auth_failures
         self.received_header_ip = received_header_ip
 
-    def buildProtocol(self, addr: IAddress) -> SubmissionESMTP:
+    def buildProtocol(self, addr: IAddress | None) -> SubmissionESMTP:
         session = SubmissionESMTP(
             self.portal,
             self.hostname,

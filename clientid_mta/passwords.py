@@ -69,6 +69,7 @@ def verify_password(stored: str | None, password: str) -> bool:
     candidate = stored if stored is not None else _DUMMY_HASH
     scheme, _, encoded = candidate.partition("}")
     scheme = scheme.lstrip("{").upper()
+    ok: bool
     try:
         if scheme in ("ARGON2ID", "ARGON2I", "ARGON2"):
             ok = _hasher.verify(encoded, password)

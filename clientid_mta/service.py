@@ -14,8 +14,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.portal import Portal
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -55,7 +54,9 @@ def build_components(config: Config) -> Components:
         server_key = load_or_create_server_key(config.clientid.key_file)
         store = SQLiteDeviceStore(config.clientid.device_store)
     except (OSError, ValueError) as problem:
-        raise ConfigError(f"config error: [server] data_dir: cannot set up state: {problem}.") from None
+        raise ConfigError(
+            f"config error: [server] data_dir: cannot set up state: {problem}."
+        ) from None
     if config.tls.certificate is None or config.tls.key is None:
         certificate, key = generate_self_signed(config.generated_tls_dir, config.server.hostname)
     else:
@@ -74,7 +75,7 @@ def build_components(config: Config) -> Components:
 
 def build_factory(
     config: Config, implicit_tls: bool = False, components: Components | None = None
-) -> ServerFactory:
+) -> IProtocolFactory:
     """A factory for one listener; with ``implicit_tls`` it is wrapped in TLS (port 465)."""
     parts = components or build_components(config)
     factory = SubmissionFactory(

@@ -119,9 +119,7 @@ class SQLiteDeviceStore:
             ).fetchone()
         return row is not None
 
-    def record(
-        self, account: str, device_key: str, type: str, state: str, network: str
-    ) -> Device:
+    def record(self, account: str, device_key: str, type: str, state: str, network: str) -> Device:
         now = time.time()
         with self._lock:
             self._db.execute(

@@ -11,7 +11,12 @@ from clientid_mta.config import Config, ConfigError, load_config
 
 class Options(usage.Options):
     optParameters = [
-        ["config", "c", None, "TOML config file (default: built-in defaults, data in ./clientid-mta-data)"],
+        [
+            "config",
+            "c",
+            None,
+            "TOML config file (default: built-in defaults, data in ./clientid-mta-data)",
+        ],
     ]
 
     def postOptions(self) -> None:

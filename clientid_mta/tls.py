@@ -15,6 +15,7 @@ from twisted.internet import ssl
 
 from clientid_mta.config import ConfigError
 
+
 def generate_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     """Create ``cert.pem``/``key.pem`` under ``directory`` unless they exist (key mode 0600)."""
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
