@@ -851,7 +851,9 @@ class SubmissionESMTP(smtp.ESMTP):
         self._close()
 
     def do_HELP(self, rest: bytes) -> None:
-        self.reply(214, "2.0.0 See RFC 5321 and RFC 6409; commands: " + " ".join(sorted(VERBS)))
+        hidden = set() if self.tls and self.clientid_settings.advertised else {"CLIENTID"}  # C3
+        commands = " ".join(sorted(VERBS - hidden))
+        self.reply(214, f"2.0.0 See RFC 5321 and RFC 6409; commands: {commands}")
 
     def do_VRFY(self, rest: bytes) -> None:
         self.reply(252, "2.5.2 Cannot VRFY user, but will accept message and attempt delivery")

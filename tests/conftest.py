@@ -43,16 +43,17 @@ submissions = "tcp:0:interface=127.0.0.1"
 local_domains = ["example.org"]
 """
 
-_reactor_thread: threading.Thread | None = None
+_reactor_lock = threading.Lock()
 
 
 def _ensure_reactor() -> None:
-    global _reactor_thread
-    if _reactor_thread is None:
-        _reactor_thread = threading.Thread(
+    """Run the global reactor in a daemon thread, once per test process."""
+    with _reactor_lock:
+        if reactor.running:
+            return
+        threading.Thread(
             target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True
-        )
-        _reactor_thread.start()
+        ).start()
         while not reactor.running:
             time.sleep(0.01)
 
