@@ -112,8 +112,8 @@ class RunningServer:
         return mailbox.Maildir(self.config.delivery.maildir_root / domain / localpart, create=False)
 
     def messages(self, address: str) -> list[mailbox.MaildirMessage]:
-        path = self.config.delivery.maildir_root / address.partition("@")[2] / address.partition("@")[0]
-        if not path.exists():
+        localpart, _, domain = address.partition("@")
+        if not (self.config.delivery.maildir_root / domain / localpart).exists():
             return []
         return list(self.maildir(address))
 
@@ -258,7 +258,7 @@ class Wire:
             while True:
                 if not self._fill():
                     return True
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False
         except (ConnectionError, ssl.SSLError):
             return True
