@@ -95,7 +95,7 @@ class LimitsConfig:
     max_recipients: int = 100
     command_timeout: int = 300
     data_timeout: int = 600
-    max_errors: int = 10
+    max_errors: int = 20
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ log = Logger()
 
 MAX_COMMAND_LINE = 510  # 512 octets with CRLF (RFC 5321 4.5.3.1.4)
 MAX_AUTH_LINE = 12288  # SASL responses are exempt from the 512 limit (RFC 4954 4)
+MAX_PENDING_INPUT = 1024 * 1024  # input held while a command's Deferred is open (S9)
 
 LOGIN_USERNAME_CHALLENGE = base64.b64encode(b"Username:")
 LOGIN_PASSWORD_CHALLENGE = base64.b64encode(b"Password:")
@@ -205,6 +206,8 @@ class SubmissionESMTP(smtp.ESMTP):
         self.setTimeout(self.limits.command_timeout)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._closing = True
+        self._inbuf.clear()
         self._abort_messages()
         if self._onLogout:
             self._onLogout()
@@ -248,6 +251,11 @@ class SubmissionESMTP(smtp.ESMTP):
             return
         self.resetTimeout()
         self._inbuf += data
+        if self._waiting and len(self._inbuf) > MAX_PENDING_INPUT:
+            # Reading is paused while a command runs; only a client ignoring that can get here.
+            self.reply(421, f"4.7.0 {self.hostname} Error: too much pipelined input")
+            self._close()
+            return
         self._process()
 
     def _process(self) -> None:
@@ -808,9 +816,12 @@ class SubmissionESMTP(smtp.ESMTP):
     ) -> None:
         failures = [result for ok, result in results if not ok]
         for failure in failures:
-            log.failure("delivery of {id} failed", failure, id=message_id)
-        if self._closing:
-            return
+            if failure.check(OSError, smtp.SMTPServerError):  # expected: disk full, I/O error
+                log.error(
+                    "delivery of {id} failed: {problem}", id=message_id, problem=failure.value
+                )
+            else:
+                log.failure("delivery of {id} failed", failure, id=message_id)
         if not failures:
             log.info(
                 "accepted {id} from account={account} sender=<{sender}> recipients={recipients}"
@@ -821,6 +832,9 @@ class SubmissionESMTP(smtp.ESMTP):
                 recipients=recipients,
                 size=size,
             )
+        if self._closing:
+            return  # the client left; what was stored stays stored
+        if not failures:
             self.reply(250, f"2.0.0 Ok: queued as {message_id}")  # S11: only once durable
             return
         refused = next((f.value for f in failures if f.check(smtp.SMTPServerError)), None)
