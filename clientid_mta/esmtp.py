@@ -27,8 +27,8 @@ from typing import Any
 
 from twisted.cred import error as cred_error
 from twisted.cred.portal import Portal
-from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IAddress
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
@@ -52,6 +52,7 @@ log = Logger()
 
 MAX_COMMAND_LINE = 510  # 512 octets with CRLF (RFC 5321 4.5.3.1.4)
 MAX_AUTH_LINE = 12288  # SASL responses are exempt from the 512 limit (RFC 4954 4)
+CLOSE_GRACE = 1.0  # seconds a closing TLS session may take to say goodbye
 MAX_PENDING_INPUT = 1024 * 1024  # input held while a command's Deferred is open (S9)
 
 LOGIN_USERNAME_CHALLENGE = base64.b64encode(b"Username:")
@@ -146,6 +147,8 @@ class SubmissionESMTP(smtp.ESMTP):
         self._paused = False
         self._in_process = False
         self._closing = False
+        self._abort_later: IDelayedCall | None = None
+        self._clock: IReactorTime = reactor
         self.input_mode = Mode.COMMAND
         self.errors = 0
         self.auth_failures = 0
@@ -206,6 +209,9 @@ class SubmissionESMTP(smtp.ESMTP):
         self.setTimeout(self.limits.command_timeout)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self._abort_later is not None:
+            self._abort_later.cancel()
+            self._abort_later = None
         self._closing = True
         self._inbuf.clear()
         self._abort_messages()
@@ -222,6 +228,14 @@ class SubmissionESMTP(smtp.ESMTP):
         self._closing = True
         self._inbuf.clear()
         self.transport.loseConnection()
+        if self.tls and self._abort_later is None:
+            # Over TLS, loseConnection waits for the client's close_notify, which an idle or
+            # hostile client never sends (S13). Give the reply a moment to leave, then cut.
+            self._abort_later = self._clock.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_later = None
+        self.transport.abortConnection()
 
     # --- replies -----------------------------------------------------------------
 
