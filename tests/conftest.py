@@ -121,7 +121,10 @@ class RunningServer:
         """An smtplib client, after TLS and EHLO (server name checked against the cert)."""
         if implicit:
             client: smtplib.SMTP = smtplib.SMTP_SSL(
-                "127.0.0.1", self.tls_port, timeout=timeout, context=self.ssl_context(),
+                "127.0.0.1",
+                self.tls_port,
+                timeout=timeout,
+                context=self.ssl_context(),
                 local_hostname="client.example.net",
             )
         else:

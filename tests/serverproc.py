@@ -167,7 +167,12 @@ def cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``clientid-mta ARGV`` with ``stdin`` (secrets go there, never in ARGV)."""
     return subprocess.run(
-        [str(ADMIN), *argv], input=stdin, capture_output=True, text=True, cwd=cwd, timeout=30,
+        [str(ADMIN), *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=30,
         check=False,
     )
 

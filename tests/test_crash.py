@@ -29,7 +29,9 @@ def make_message(number: int) -> tuple[str, str, bytes]:
     message_id = f"<crash-{number}-{secrets.token_hex(4)}@example.org>"
     lines = [f"{number:06d} line {i:03d} {secrets.token_hex(32)}" for i in range(BODY_LINES)]
     headers = [
-        f"From: {SENDER}", f"To: {RECIPIENT}", f"Subject: crash test {number}",
+        f"From: {SENDER}",
+        f"To: {RECIPIENT}",
+        f"Subject: crash test {number}",
         f"Message-ID: {message_id}",
     ]
     wire = "\r\n".join([*headers, "", *lines]) + "\r\n"

@@ -59,7 +59,10 @@ def test_C9_C11_thunderbird_retries_auth_without_resending_clientid(
     expected = device_key(key, parse_clientid(f"UUID {THUNDERBIRD_UUID}".encode()))
     [device] = server.service.components.store.list(ALICE)
     assert (device.device_key, device.type, device.state, device.logins) == (
-        expected, "UUID", "trusted", 1
+        expected,
+        "UUID",
+        "trusted",
+        1,
     )
     [header, row] = server.admin("device", "list", ALICE).splitlines()
     assert row.split()[:3] == [device.fingerprint, "UUID", "trusted"], header

@@ -20,8 +20,7 @@ LICENSE_ID = f"LICENSE {LICENSE_TOKEN}"
 CANARIES = (UUID_TOKEN.encode(), LICENSE_TOKEN.encode())
 
 ALL_NOTICES = (
-    '[clientid.types."*"]\n'
-    'flags = ["syslog", "userlog", "auth", "alert-fail", "alert-success"]\n'
+    '[clientid.types."*"]\nflags = ["syslog", "userlog", "auth", "alert-fail", "alert-success"]\n'
 )
 
 ALICE, BOB = ("alice@example.org", "alice-password"), ("bob@example.org", "bob-password")

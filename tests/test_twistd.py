@@ -162,7 +162,9 @@ def test_C15_admin_cli_changes_apply_to_the_running_server(proc: ServerProcess) 
     added = proc.cli("user", "add", "carol@example.org", stdin="carol-password\n")
     assert (added.returncode, added.stdout, added.stderr) == (0, "added carol@example.org\n", "")
     assert proc.cli("user", "list").stdout.split() == [
-        "alice@example.org", "bob@example.org", "carol@example.org"
+        "alice@example.org",
+        "bob@example.org",
+        "carol@example.org",
     ]
     assert proc.cli("device", "list", "carol@example.org").stdout == (
         "carol@example.org has no devices yet\n"

@@ -144,7 +144,7 @@ def test_S10_body_reader_ends_only_at_crlf_dot_crlf() -> None:
 
 def test_S8_body_reader_overlong_line_is_bounded_and_skipped() -> None:
     chunks = [b"Subject: x\r\n\r\n"] + [b"y" * 50] * 100 + [b"\r\nMAIL FROM:<a@b>\r\n.\r\nNEXT"]
-    reader, lines, rest = read_body(chunks)
+    reader, _lines, rest = read_body(chunks)
     assert reader.line_too_long and rest == b"NEXT"
 
 
