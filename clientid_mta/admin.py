@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -126,10 +127,17 @@ class Admin:
         if not devices:
             print(f"{address} has no devices yet", file=self.out)
             return
-        row = "{:<17} {:<16} {:<8} {:<16} {:<17} {:<17} {}"
+        row = "{:<17} {:<16} {:<8} {:>6}  {:<16} {:<17} {:<17} {}"
         print(
             row.format(
-                "FINGERPRINT", "TYPE", "STATE", "LABEL", "FIRST SEEN", "LAST SEEN", "LAST NETWORK"
+                "FINGERPRINT",
+                "TYPE",
+                "STATE",
+                "LOGINS",
+                "LABEL",
+                "FIRST SEEN",
+                "LAST SEEN",
+                "LAST NETWORK",
             ),
             file=self.out,
         )
@@ -139,6 +147,7 @@ class Admin:
                     d.fingerprint,
                     d.type,
                     d.state,
+                    d.logins,
                     d.label or "-",
                     _when(d.first_seen),
                     _when(d.last_seen),
@@ -256,5 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(sys.argv[1:] if argv is None else argv, sys.stdout, sys.stdin)
     except (AdminError, ConfigError) as problem:
         print(f"clientid-mta: {problem}", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error) as problem:
+        print(f"clientid-mta: cannot read or write the server's state: {problem}", file=sys.stderr)
         return 1
     return 0

@@ -15,12 +15,14 @@ from clientid_mta.maildir import MaildirRoot
 
 NEW_DEVICE_PENDING = "pending"
 NEW_DEVICE_TRUSTED = "trusted"
+NEW_DEVICE_SEEN = "seen"
 LOGIN_SUCCEEDED = "success"
 LOGIN_FAILED = "failure"
 
 _SUBJECTS = {
     NEW_DEVICE_PENDING: "A new device was refused on your mail account",
     NEW_DEVICE_TRUSTED: "A new device can now send mail as you",
+    NEW_DEVICE_SEEN: "A new device sent mail as you",
     LOGIN_SUCCEEDED: "A device logged in to your mail account",
     LOGIN_FAILED: "A device failed to log in to your mail account",
 }
@@ -38,6 +40,11 @@ _EXPLANATIONS = {
         "trusted. Other new devices will need approval. If this was not you,\n"
         "change your password and ask your administrator to revoke the device:\n\n"
         "    clientid-mta device revoke {account} {fingerprint}"
+    ),
+    NEW_DEVICE_SEEN: (
+        "A mail program logged in to your account from a device this server has not\n"
+        "seen before. It was let in (this server only watches devices for now).\n"
+        "If it was not you, change your password and tell your mail administrator."
     ),
     LOGIN_SUCCEEDED: "A device logged in to your account.",
     LOGIN_FAILED: "A device tried to log in to your account and was refused.",

@@ -71,7 +71,7 @@ def fingerprint(key: str) -> str:
 
 def load_or_create_server_key(path: Path) -> bytes:
     """Read the HMAC key, creating it (mode 0600, never overwritten) on first start."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

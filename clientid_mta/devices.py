@@ -74,7 +74,11 @@ class DevicePolicy:
     ) -> tuple[str, ...]:
         if self.notifier is None:
             return ()
-        sent = self.notifier.notify(kind, account, fp, identity.type, network)
+        try:
+            sent = self.notifier.notify(kind, account, fp, identity.type, network)
+        except (OSError, ValueError):
+            # A notice is a courtesy: a full or broken mailbox must not change the decision.
+            return (f"{kind}-undeliverable",)
         return (kind,) if sent else ()
 
     def decide(self, account: str, identity: ClientIdentity | None, network: str) -> Decision:
@@ -105,7 +109,7 @@ class DevicePolicy:
         fp = fingerprint(key)
         existing = self.store.get(account, key)
         if existing is None:
-            first = self.settings.policy != "allowlist" and not self.store.has_trusted(account)
+            first = self.settings.policy != "allowlist" and not self.store.ever_trusted(account)
             state = TRUSTED if first else PENDING
         else:
             state = existing.state
@@ -117,7 +121,8 @@ class DevicePolicy:
             notices += self._notify(alerts.NEW_DEVICE_TRUSTED, account, fp, identity, network)
         elif existing is None:
             reason, allowed = REFUSED_NEW_DEVICE, not enforced
-            notices += self._notify(alerts.NEW_DEVICE_PENDING, account, fp, identity, network)
+            kind = alerts.NEW_DEVICE_PENDING if enforced else alerts.NEW_DEVICE_SEEN
+            notices += self._notify(kind, account, fp, identity, network)
         elif state == TRUSTED:
             reason, allowed = ALLOWED_KNOWN_DEVICE, True
         else:

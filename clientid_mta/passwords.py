@@ -143,7 +143,7 @@ class PasswdFile:
 
     def save(self, accounts: list[Account]) -> None:
         """Replace the file atomically: write, fsync, rename, fsync the folder."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

@@ -14,6 +14,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.portal import Portal
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -97,6 +98,8 @@ def build_factory(
 class SubmissionService(service.MultiService):
     """Both listeners, and a start-up report of where everything is."""
 
+    exit_on_listen_error = False  # twistd sets it: a busy port ends the start with one line
+
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
@@ -112,6 +115,21 @@ class SubmissionService(service.MultiService):
             listener._raiseSynchronously = True
             listener.setName(key)
             listener.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as problem:
+            names = {child.name: getattr(self.config.listen, child.name) for child in self}
+            where = ", ".join(f"{name} = {value!r}" for name, value in names.items())
+            message = (
+                f"config error: [listen] cannot listen on port {problem.port} "
+                f"({problem.socketError}); check that no other server uses it and that this "
+                f"user may bind it ({where})."
+            )
+            if self.exit_on_listen_error:
+                raise SystemExit(f"clientid-mta: {message}") from None
+            raise ConfigError(message) from None
 
     def listening(self) -> defer.Deferred[dict[str, IListeningPort]]:
         """Fires with {listener name: port} once both listeners are bound (port 0 works)."""

@@ -8,6 +8,7 @@ SQLite in WAL mode, so the admin command can change a device while the server ru
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -66,8 +67,8 @@ class IDeviceStore(Interface):
     def get(account: str, device_key: str) -> Device | None:
         """The device, or None."""
 
-    def has_trusted(account: str) -> bool:
-        """Whether the account has at least one trusted device."""
+    def ever_trusted(account: str) -> bool:
+        """Whether the account has a trusted or revoked device (TOFU is then over)."""
 
     def record(account: str, device_key: str, type: str, state: str, network: str) -> Device:
         """Insert (with ``state``) or refresh last-seen; an existing state is kept."""
@@ -88,15 +89,20 @@ class IDeviceStore(Interface):
 @implementer(IDeviceStore)
 class SQLiteDeviceStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        path.chmod(0o600)
+        previous_umask = os.umask(0o077)  # the database and its -wal/-shm stay private
+        try:
+            self._db = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=10
+            )
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        finally:
+            os.umask(previous_umask)
 
     def close(self) -> None:
         with self._lock:
@@ -112,10 +118,11 @@ class SQLiteDeviceStore:
             "SELECT * FROM devices WHERE account=? AND device_key=?", (account, device_key)
         )
 
-    def has_trusted(self, account: str) -> bool:
+    def ever_trusted(self, account: str) -> bool:
         with self._lock:
             row = self._db.execute(
-                "SELECT 1 FROM devices WHERE account=? AND state=? LIMIT 1", (account, TRUSTED)
+                "SELECT 1 FROM devices WHERE account=? AND state IN (?, ?) LIMIT 1",
+                (account, TRUSTED, REVOKED),
             ).fetchone()
         return row is not None
 
