@@ -4,9 +4,13 @@ and an unknown device is refused exactly like a wrong password."""
 from __future__ import annotations
 
 import smtplib
+from pathlib import Path
 
 import pytest
 
+from clientid_mta.delivery import LocalRouter
+from clientid_mta.maildir import MaildirRoot
+from clientid_mta.passwords import Account, PasswdFile
 from tests.conftest import THUNDERBIRD_UUID, RunningServer
 
 MESSAGE = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: first\r\n\r\nHello Bob.\r\n"
@@ -54,3 +58,40 @@ def test_implicit_tls_port_delivers(server: RunningServer) -> None:
     client.sendmail("alice@example.org", ["alice@example.org"], MESSAGE.replace(b"bob", b"alice"))
     client.quit()
     assert len(server.messages("alice@example.org")) >= 1
+
+
+def test_S11_each_local_recipient_gets_its_own_durable_copy(server: RunningServer) -> None:
+    client = server.smtp()
+    client.login("alice@example.org", "alice-password")
+    client.sendmail("alice@example.org", ["alice@example.org", "bob@example.org"], MESSAGE)
+    client.quit()
+    for address in ("alice@example.org", "bob@example.org"):
+        [stored] = [m for m in server.messages(address) if m["Subject"] == "first"]
+        assert stored.get_payload().strip() == "Hello Bob."
+
+
+@pytest.mark.parametrize(
+    ("recipient", "reply"),
+    [
+        ("nobody@example.org", "550 5.1.1 No such user here"),
+        ("Bob@EXAMPLE.org", "250 2.1.5 Ok"),
+        ("someone@elsewhere.example", "550 5.7.1 Relaying to other domains is not enabled here"),
+    ],
+)
+def test_recipients_are_routed_by_domain_and_user(
+    server: RunningServer, recipient: str, reply: str
+) -> None:
+    wire = server.wire().tls_session()
+    assert wire.auth_plain("alice@example.org", "alice-password") == 235
+    assert wire.code("MAIL FROM:<alice@example.org>") == 250
+    code, [text] = wire.cmd(f"RCPT TO:<{recipient}>")
+    assert f"{code} {text}" == reply
+
+
+def test_without_local_domains_the_account_domains_are_local(tmp_path: Path) -> None:
+    passwords = PasswdFile(tmp_path / "passwd")
+    passwords.save([Account("alice@example.org", "{ARGON2ID}x")])
+    router = LocalRouter(passwords, None, MaildirRoot(tmp_path / "mail"))
+    assert router.is_local("EXAMPLE.org") and not router.is_local("example.net")
+    passwords.save([Account("carol@example.net", "{ARGON2ID}x")])
+    assert router.is_local("example.net") and not router.is_local("example.org")
