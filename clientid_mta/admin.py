@@ -121,7 +121,7 @@ class Admin:
         address = _address(address)
         store = self._store()
         try:
-            devices = store.list(address)
+            devices = store.devices_of(address)
         finally:
             store.close()
         if not devices:

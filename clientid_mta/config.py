@@ -96,6 +96,55 @@ class LimitsConfig:
     command_timeout: int = 300
     data_timeout: int = 600
     max_errors: int = 20
+    max_sessions: int = 1000
+    max_sessions_per_address: int = 20
+    max_sessions_per_device: int = 5
+
+
+@dataclass(frozen=True)
+class ThrottleConfig:
+    """Token buckets for failed AUTH attempts (a burst, then one back every ``refill`` s)."""
+
+    enabled: bool = True
+    action: str = "454"  # "454": refuse the attempt; "421": refuse and close
+    device_burst: int = 10
+    device_refill: int = 60
+    account_unknown_burst: int = 20
+    account_unknown_refill: int = 30
+    account_known_burst: int = 10
+    account_known_refill: int = 60
+
+
+@dataclass(frozen=True)
+class SharedDevicesConfig:
+    max_accounts: int = 5
+    window: int = 3600
+    block: bool = False
+
+
+@dataclass(frozen=True)
+class TravelConfig:
+    window: int = 3600  # 0: never compare
+    geoip_database: Path | None = None
+    refuse: bool = False
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    postmaster: str = ""  # "": postmaster@<hostname>
+    max_per_account_per_hour: int = 10
+    unknown_failures: int = 5
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    retention_days: int = 90
+
+
+@dataclass(frozen=True)
+class ApprovalConfig:
+    localpart: str = "device-approval"
+    code_lifetime: int = 86400
 
 
 @dataclass(frozen=True)
@@ -107,7 +156,17 @@ class Config:
     clientid: ClientIdConfig
     delivery: DeliveryConfig
     limits: LimitsConfig
+    throttle: ThrottleConfig = ThrottleConfig()
+    shared_devices: SharedDevicesConfig = SharedDevicesConfig()
+    travel: TravelConfig = TravelConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    audit: AuditConfig = AuditConfig()
+    approval: ApprovalConfig = ApprovalConfig()
     source: Path | None = None
+
+    @property
+    def postmaster(self) -> str:
+        return self.alerts.postmaster or f"postmaster@{self.server.hostname}"
 
     @property
     def generated_tls_dir(self) -> Path:
@@ -140,6 +199,36 @@ def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _Bad("must be a positive whole number")
     return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Bad("must be a whole number, 0 or more")
+    return value
+
+
+def _choice(*choices: str) -> Checker:
+    def check(value: Any) -> str:
+        text = _str(value)
+        if text not in choices:
+            raise _Bad("must be one of " + ", ".join(f'"{c}"' for c in choices))
+        return text
+
+    return check
+
+
+def _address_or_empty(value: Any) -> str:
+    text = _str(value).strip().lower()
+    if text and (text.count("@") != 1 or " " in text):
+        raise _Bad('must be an e-mail address such as "postmaster@example.org", or ""')
+    return text
+
+
+def _localpart(value: Any) -> str:
+    text = _str(value).strip().lower()
+    if not text or not all(c.isalnum() or c in "-_." for c in text):
+        raise _Bad('must be a local part such as "device-approval"')
+    return text
 
 
 def _hostname(value: Any) -> str:
@@ -219,6 +308,41 @@ SCHEMA: dict[str, dict[str, tuple[Checker | object, Default]]] = {
         "command_timeout": (_positive_int, LimitsConfig.command_timeout),
         "data_timeout": (_positive_int, LimitsConfig.data_timeout),
         "max_errors": (_positive_int, LimitsConfig.max_errors),
+        "max_sessions": (_positive_int, LimitsConfig.max_sessions),
+        "max_sessions_per_address": (_positive_int, LimitsConfig.max_sessions_per_address),
+        "max_sessions_per_device": (_positive_int, LimitsConfig.max_sessions_per_device),
+    },
+    "throttle": {
+        "enabled": (_bool, ThrottleConfig.enabled),
+        "action": (_choice("454", "421"), ThrottleConfig.action),
+        "device_burst": (_positive_int, ThrottleConfig.device_burst),
+        "device_refill": (_positive_int, ThrottleConfig.device_refill),
+        "account_unknown_burst": (_positive_int, ThrottleConfig.account_unknown_burst),
+        "account_unknown_refill": (_positive_int, ThrottleConfig.account_unknown_refill),
+        "account_known_burst": (_positive_int, ThrottleConfig.account_known_burst),
+        "account_known_refill": (_positive_int, ThrottleConfig.account_known_refill),
+    },
+    "shared_devices": {
+        "max_accounts": (_positive_int, SharedDevicesConfig.max_accounts),
+        "window": (_positive_int, SharedDevicesConfig.window),
+        "block": (_bool, SharedDevicesConfig.block),
+    },
+    "travel": {
+        "window": (_count, TravelConfig.window),
+        "geoip_database": (_PATH, None),
+        "refuse": (_bool, TravelConfig.refuse),
+    },
+    "alerts": {
+        "postmaster": (_address_or_empty, AlertsConfig.postmaster),
+        "max_per_account_per_hour": (_positive_int, AlertsConfig.max_per_account_per_hour),
+        "unknown_failures": (_positive_int, AlertsConfig.unknown_failures),
+    },
+    "audit": {
+        "retention_days": (_positive_int, AuditConfig.retention_days),
+    },
+    "approval": {
+        "localpart": (_localpart, ApprovalConfig.localpart),
+        "code_lifetime": (_positive_int, ApprovalConfig.code_lifetime),
     },
 }
 
@@ -339,13 +463,23 @@ def load_config(path: str | Path | None = None) -> Config:
         clientid=ClientIdConfig(**sections["clientid"], types=types, default_flags=default_flags),
         delivery=DeliveryConfig(**sections["delivery"]),
         limits=LimitsConfig(**sections["limits"]),
+        throttle=ThrottleConfig(**sections["throttle"]),
+        shared_devices=SharedDevicesConfig(**sections["shared_devices"]),
+        travel=TravelConfig(**sections["travel"]),
+        alerts=AlertsConfig(**sections["alerts"]),
+        audit=AuditConfig(**sections["audit"]),
+        approval=ApprovalConfig(**sections["approval"]),
         source=source,
     )
 
 
 def check_server_files(config: Config) -> None:
     """Files the server needs that an operator named must exist (defaults are created)."""
-    named = [("tls", "certificate", config.tls.certificate), ("tls", "key", config.tls.key)]
+    named = [
+        ("tls", "certificate", config.tls.certificate),
+        ("tls", "key", config.tls.key),
+        ("travel", "geoip_database", config.travel.geoip_database),
+    ]
     if config.source is not None:
         raw_auth = _raw_keys(config.source).get("auth", {})
         if "passwd_file" in raw_auth:

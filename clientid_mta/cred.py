@@ -8,7 +8,7 @@ these credentials, so the device policy cannot be bypassed by configuration.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.cred import error, portal
@@ -20,10 +20,16 @@ from twisted.logger import Logger
 from twisted.mail.interfaces import IMessageDelivery
 from zope.interface import Attribute, implementer
 
-from clientid_mta.clientid import ClientIdentity
-from clientid_mta.devices import Decision, DevicePolicy
+from clientid_mta import alerts
+from clientid_mta.audit import AuditLog
+from clientid_mta.clientid import ClientIdentity, fingerprint
+from clientid_mta.devices import Decision, DevicePolicy, Where
 from clientid_mta.network import network_prefix
 from clientid_mta.passwords import PasswdFile, normalise_address, verify_password
+from clientid_mta.regions import Regions
+from clientid_mta.sharing import SharedDevices
+from clientid_mta.store import TRUSTED
+from clientid_mta.throttle import Throttle, account_key_for, device_key_for
 
 log = Logger()
 
@@ -52,67 +58,222 @@ class ClientIdUsernamePassword:
     clientId: ClientIdentity | None = field(repr=False)
     peer: IAddress | None = None
     tls: TLSInfo | None = None
+    # The checker appends its Decision here; the realm reads it (passed as the mind).
+    verdict: list[Decision] = field(default_factory=list, compare=False, repr=False)
 
 
 def peer_host(peer: IAddress | None) -> str:
     return str(getattr(peer, "host", "unknown"))
 
 
+class LoginThrottled(error.UnauthorizedLogin):
+    """Refused before any password check because a failure budget is spent (454/421)."""
+
+
+@dataclass
+class Defences:
+    """The abuse defences the checker consults; all optional for embedders."""
+
+    throttle: Throttle | None = None
+    sharing: SharedDevices | None = None
+    audit: AuditLog | None = None
+    failures: alerts.FailureCounter | None = None
+    regions: Regions | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One AUTH attempt as the defences see it (no password, no token)."""
+
+    address: str
+    identity: ClientIdentity | None  # as the policy uses it (ignored/debug types: None)
+    client_type: str
+    device: str | None  # HMAC device key, when an identity is usable
+    where: Where
+    throttle_key: str  # device:<hmac> or net:<prefix>
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.device) if self.device else ""
+
+
 @dataclass(frozen=True)
 class AuthOutcome:
-    """What the blocking half of a check found; logged on the reactor thread."""
+    """What the blocking half of a check found; logged and audited on the reactor."""
 
     account: str | None
     password_ok: bool
     decision: Decision
+    throttled: bool = False
+    flagged_accounts: int | None = None  # this attempt flagged the device as shared
 
 
 @implementer(ICredentialsChecker)
 class ClientIdChecker:
-    """Password hash AND device policy; any refusal is one ``UnauthorizedLogin``.
+    """Password hash AND device policy AND the abuse defences.
 
-    The whole check (hash verification, store look-up, notices) runs in a thread,
-    never on the reactor.
+    Order (DESIGN.md, "The path of one message", step 5): the device's failure budget
+    is checked on the reactor, at the cost of a dict look-up; the account's budget,
+    the password hash, the policy and the notices run in a thread. Any refusal is one
+    ``UnauthorizedLogin``; a spent budget is ``LoginThrottled``. The verdict is left
+    on the credentials (``creds.verdict``) for the realm.
     """
 
     credentialInterfaces = (IClientIdUsernamePassword,)
 
-    def __init__(self, passwords: PasswdFile, policy: DevicePolicy) -> None:
+    def __init__(
+        self, passwords: PasswdFile, policy: DevicePolicy, defences: Defences | None = None
+    ) -> None:
         self.passwords = passwords
         self.policy = policy
+        self.defences = defences or Defences()
+        self.throttled_count = 0  # read (and reset) by the server's housekeeping
 
-    def _check(self, creds: IClientIdUsernamePassword) -> AuthOutcome:
-        address = normalise_address(creds.username)
-        account = self.passwords.get(address)
-        network = network_prefix(peer_host(creds.peer))
-        ok = verify_password(account.password_hash if account else None, creds.password)
-        if account is None:
-            return AuthOutcome(None, False, Decision(False, "unknown_account"))
-        if not ok:
-            return AuthOutcome(
-                address, False, self.policy.password_failed(address, creds.clientId, network)
-            )
-        return AuthOutcome(address, True, self.policy.decide(address, creds.clientId, network))
+    def _attempt(self, creds: IClientIdUsernamePassword) -> Attempt:
+        host = peer_host(creds.peer)
+        network = network_prefix(host)
+        identity, _flags = self.policy.usable(creds.clientId)
+        device = self.policy.key_of(identity)
+        regions = self.defences.regions
+        where = Where(network, regions.region(host) if regions else "")
+        return Attempt(
+            normalise_address(creds.username),
+            identity,
+            identity.type if identity else "",
+            device,
+            where,
+            device_key_for(device, network),
+        )
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes | tuple[()]]:
         creds = IClientIdUsernamePassword(credentials)
-        checked = threads.deferToThread(self._check, creds)
-        return checked.addCallback(self._conclude, creds)
+        attempt = self._attempt(creds)
+        throttle = self.defences.throttle
+        if throttle is not None and not throttle.allows(attempt.throttle_key):
+            # No thread, no hash: a throttled device costs next to nothing.
+            outcome = AuthOutcome(None, False, Decision(False, "device_throttled"), throttled=True)
+            return defer.maybeDeferred(self._conclude, outcome, attempt, creds)
+        checked = threads.deferToThread(self._check, attempt, creds.password)
+        return checked.addCallback(self._conclude, attempt, creds)
 
-    def _conclude(self, outcome: AuthOutcome, creds: IClientIdUsernamePassword) -> bytes:
-        decision = outcome.decision
-        log.info(
-            "auth {outcome} account={account} device={fingerprint} network={network} "
-            "reason={reason}",
-            outcome="accepted" if decision.allowed and outcome.password_ok else "refused",
-            account=outcome.account or "(unknown)",
-            fingerprint=decision.fingerprint or "-",
-            network=network_prefix(peer_host(creds.peer)),
-            reason=decision.reason,
-            notices=list(decision.notices),
+    def _check(self, attempt: Attempt, password: str) -> AuthOutcome:
+        """The blocking half: shared-device watch, then the verification proper."""
+        sharing = self.defences.sharing
+        if sharing is None or attempt.device is None:
+            return self._verify(attempt, password)
+        flagged = sharing.saw(attempt.device, attempt.address)
+        if flagged is not None:
+            self._report_shared(attempt, flagged)
+        return replace(self._verify(attempt, password), flagged_accounts=flagged)
+
+    def _verify(self, attempt: Attempt, password: str) -> AuthOutcome:
+        """Account budget, hash, policy, notices. Blocking."""
+        defences = self.defences
+        account = self.passwords.get(attempt.address)
+        address = attempt.address
+        known = (
+            account is not None
+            and attempt.device is not None
+            and getattr(self.policy.store.get(address, attempt.device), "state", "") == TRUSTED
         )
-        if outcome.account is None or not outcome.password_ok or not decision.allowed:
+        account_key = account_key_for(address, known)
+        throttle = defences.throttle
+        if throttle is not None and not throttle.allows(account_key):
+            return AuthOutcome(None, False, Decision(False, "account_throttled"), throttled=True)
+        ok = verify_password(account.password_hash if account else None, password)
+        if account is None or not ok:
+            decision = (
+                Decision(False, "unknown_account")
+                if account is None
+                else self.policy.password_failed(address, attempt.identity, attempt.where)
+            )
+            self._failed(attempt, account_key, known and account is not None)
+            return AuthOutcome(address if account else None, False, decision)
+        if (
+            defences.sharing is not None
+            and attempt.device
+            and defences.sharing.blocked(attempt.device)
+        ):
+            self._failed(attempt, account_key, known)
+            return AuthOutcome(address, True, Decision(False, "shared_device", attempt.fingerprint))
+        decision = self.policy.decide(address, attempt.identity, attempt.where)
+        if not decision.allowed:
+            self._failed(attempt, account_key, known)
+        return AuthOutcome(address, True, decision)
+
+    def _failed(self, attempt: Attempt, account_key: str, known: bool) -> None:
+        defences = self.defences
+        if defences.throttle is not None:
+            defences.throttle.charge(attempt.throttle_key, account_key)
+        if (
+            not known
+            and defences.failures is not None
+            and defences.failures.failed(attempt.address)
+        ):
+            if self.passwords.get(attempt.address) is not None:
+                self.policy._notify(
+                    alerts.Notice(
+                        alerts.REPEATED_FAILURES,
+                        attempt.address,
+                        attempt.fingerprint,
+                        attempt.client_type,
+                        attempt.where.network,
+                    )
+                )
+
+    def _report_shared(self, attempt: Attempt, accounts: int) -> None:
+        sharing = self.defences.sharing
+        assert sharing is not None
+        action = "refused on every account" if sharing.settings.block else "only reported"
+        self.policy._notify(
+            alerts.Notice(
+                alerts.SHARED_DEVICE,
+                attempt.address,
+                attempt.fingerprint,
+                attempt.client_type,
+                attempt.where.network,
+                {"accounts": str(accounts), "action": action},
+            ),
+            postmaster=True,
+        )
+
+    def _conclude(
+        self, outcome: AuthOutcome, attempt: Attempt, creds: IClientIdUsernamePassword
+    ) -> bytes:
+        decision = outcome.decision
+        accepted = decision.allowed and outcome.password_ok and outcome.account is not None
+        result = "accepted" if accepted else "throttled" if outcome.throttled else "refused"
+        if self.defences.audit is not None:
+            self.defences.audit.record(
+                attempt.address, attempt.fingerprint, attempt.where.network, result, decision.reason
+            )
+        if outcome.flagged_accounts is not None:
+            log.warn(
+                "device {fingerprint} tried {accounts} accounts: flagged as shared",
+                fingerprint=attempt.fingerprint,
+                accounts=outcome.flagged_accounts,
+            )
+        if not outcome.throttled:  # throttled attempts are counted, not logged one by one
+            log.info(
+                "auth {outcome} account={account} device={fingerprint} network={network} "
+                "reason={reason}",
+                outcome=result,
+                account=outcome.account or "(unknown)",
+                fingerprint=attempt.fingerprint or "-",
+                network=attempt.where.network,
+                reason=decision.reason,
+                notices=list(decision.notices),
+            )
+        else:
+            self.throttled_count += 1
+        verdicts = getattr(creds, "verdict", None)
+        if isinstance(verdicts, list):
+            verdicts.append(decision)
+        if outcome.throttled:
+            raise LoginThrottled()
+        if not accepted:
             raise error.UnauthorizedLogin()
+        assert outcome.account is not None
         return outcome.account.encode("utf-8")
 
 
@@ -120,7 +281,7 @@ class ClientIdChecker:
 class SubmissionRealm:
     """Gives each authenticated account its ``IMessageDelivery``."""
 
-    def __init__(self, delivery_for: Callable[[str], IMessageDelivery]) -> None:
+    def __init__(self, delivery_for: Callable[[str, bool], IMessageDelivery]) -> None:
         self.delivery_for = delivery_for
 
     def requestAvatar(
@@ -129,13 +290,18 @@ class SubmissionRealm:
         if IMessageDelivery not in interfaces:
             raise NotImplementedError("clientid-mta only provides IMessageDelivery")
         account = avatarId.decode() if isinstance(avatarId, bytes) else str(avatarId)
-        return IMessageDelivery, self.delivery_for(account), lambda: None
+        # The mind is the credentials: the checker left its Decision there.
+        verdicts = getattr(mind, "verdict", None) or [Decision(True, "")]
+        trusted_device = bool(verdicts[-1].device_trusted)
+        return IMessageDelivery, self.delivery_for(account, trusted_device), lambda: None
 
 
 def build_portal(
     passwords: PasswdFile,
     policy: DevicePolicy,
-    delivery_for: Callable[[str], IMessageDelivery],
+    delivery_for: Callable[[str, bool], IMessageDelivery],
+    defences: Defences | None = None,
 ) -> portal.Portal:
     """The one place the portal is assembled; embedders reuse it."""
-    return portal.Portal(SubmissionRealm(delivery_for), [ClientIdChecker(passwords, policy)])
+    checker = ClientIdChecker(passwords, policy, defences)
+    return portal.Portal(SubmissionRealm(delivery_for), [checker])

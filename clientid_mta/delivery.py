@@ -22,11 +22,26 @@ class LocalRouter:
     """Knows which domains are local, which local users exist, and where they live."""
 
     def __init__(
-        self, passwords: PasswdFile, local_domains: Iterable[str] | None, maildirs: MaildirRoot
+        self,
+        passwords: PasswdFile,
+        local_domains: Iterable[str] | None,
+        maildirs: MaildirRoot,
+        approval_localpart: str = "",
+        approval_message: Callable[[str], IMessageSMTP] | None = None,
     ) -> None:
         self.passwords = passwords
         self._local_domains = frozenset(d.lower() for d in local_domains) if local_domains else None
         self.maildirs = maildirs
+        self.approval_localpart = approval_localpart
+        self.approval_message = approval_message
+
+    def is_approval_address(self, address: str) -> bool:
+        localpart, _, domain = address.rpartition("@")
+        return (
+            self.approval_message is not None
+            and localpart == self.approval_localpart
+            and self.is_local(domain)
+        )
 
     def is_local(self, domain: str) -> bool:
         domains = (
@@ -44,9 +59,10 @@ class LocalRouter:
 
 @implementer(IMessageDelivery)
 class AccountDelivery:
-    def __init__(self, account: Account, router: LocalRouter) -> None:
+    def __init__(self, account: Account, router: LocalRouter, trusted_device: bool = False) -> None:
         self.account = account
         self.router = router
+        self.trusted_device = trusted_device
 
     def receivedHeader(self, helo: object, origin: object, recipients: object) -> None:
         # The protocol writes the Received: header itself (S15): it knows the TLS state.
@@ -62,6 +78,11 @@ class AccountDelivery:
         domain = address.rpartition("@")[2]
         if not self.router.is_local(domain):
             raise SMTPBadRcpt(address, 550, "5.7.1 Relaying to other domains is not enabled here")
+        if self.router.is_approval_address(address):
+            if not self.trusted_device or self.router.approval_message is None:
+                raise SMTPBadRcpt(address, 550, "5.7.1 Only a trusted device may approve devices")
+            make_message, account = self.router.approval_message, self.account.address
+            return lambda: make_message(account)
         factory = self.router.message_factory(address)
         if factory is None:
             raise SMTPBadRcpt(address, 550, "5.1.1 No such user here")
@@ -74,13 +95,13 @@ class AccountDelivery:
 
 def delivery_factory(
     passwords: PasswdFile, router: LocalRouter
-) -> Callable[[str], IMessageDelivery]:
+) -> Callable[[str, bool], IMessageDelivery]:
     """What the realm calls with an authenticated account name."""
 
-    def delivery_for(address: str) -> IMessageDelivery:
+    def delivery_for(address: str, trusted_device: bool) -> IMessageDelivery:
         account = passwords.get(address)
         if account is None:  # deleted between the password check and now
             raise UnauthorizedLogin()
-        return AccountDelivery(account, router)
+        return AccountDelivery(account, router, trusted_device)
 
     return delivery_for

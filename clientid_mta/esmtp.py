@@ -43,10 +43,11 @@ from clientid_mta.clientid import (
     fingerprint,
     parse_clientid,
 )
-from clientid_mta.config import ClientIdConfig, LimitsConfig
-from clientid_mta.cred import ClientIdUsernamePassword, TLSInfo
+from clientid_mta.config import Config
+from clientid_mta.cred import ClientIdUsernamePassword, LoginThrottled, TLSInfo
 from clientid_mta.maildir import UnsafeMailboxName
 from clientid_mta.network import network_prefix
+from clientid_mta.sessions import SessionLimits
 
 log = Logger()
 
@@ -121,25 +122,29 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def __init__(
         self,
+        config: Config,
         portal: Portal | None,
-        hostname: str,
         tls_context: Any,
-        implicit_tls: bool,
-        clientid: ClientIdConfig,
-        limits: LimitsConfig,
-        max_auth_failures: int,
-        received_header_ip: bool = False,
+        implicit_tls: bool = False,
+        server_key: bytes | None = None,
+        sessions: SessionLimits | None = None,
     ) -> None:
         smtp.ESMTP.__init__(self, contextFactory=tls_context)
         self.portal = portal
-        self.host = hostname.encode("ascii")
-        self.hostname = hostname
+        self.hostname = config.server.hostname
+        self.host = self.hostname.encode("ascii")
         self.implicit_tls = implicit_tls
-        self.clientid_settings = clientid
-        self.limits = limits
-        self.max_auth_failures = max_auth_failures
-        self.received_header_ip = received_header_ip
-        self.server_key: bytes | None = None
+        self.clientid_settings = config.clientid
+        self.limits = config.limits
+        self.max_auth_failures = config.auth.max_failures_per_session
+        self.received_header_ip = config.server.received_header_ip
+        self.throttle_action = config.throttle.action
+        self.server_key = server_key
+        self.sessions = sessions or SessionLimits(config.limits)
+        self._counted_address: str | None = None  # this session is counted in ``sessions``
+        self._counted_device: str | None = None
+        self._device_over_cap = False
+        self._clientid: ClientIdentity | None = None
 
         self._inbuf = bytearray()
         self._skip_line = False  # inside an over-long command line (S8)
@@ -157,12 +162,20 @@ class SubmissionESMTP(smtp.ESMTP):
 
     # --- session state -----------------------------------------------------------
 
+    def _forget_device(self) -> None:
+        """Drop the client identity, and this session from its device's session count."""
+        self._clientid = None
+        self._device_over_cap = False
+        if self._counted_device is not None:
+            self.sessions.remove_device(self._counted_device)
+            self._counted_device = None
+
     def _reset_session(self) -> None:
         """Forget everything a new TLS layer must not inherit (S2)."""
+        self._forget_device()
         self._helo_name: str | None = None
         self._ehlo = False
         self._clientid_advertised = False
-        self._clientid: ClientIdentity | None = None
         self._clientid_done = False
         self._auth_seen = False
         self._login_user: str | None = None
@@ -181,7 +194,7 @@ class SubmissionESMTP(smtp.ESMTP):
     def _reset_greeting(self) -> None:
         """EHLO/HELO: a new transaction and a new client identity (C10); RSET keeps it."""
         self._reset_transaction()
-        self._clientid = None
+        self._forget_device()
         self._clientid_done = False
         if not self.authenticated:
             self._auth_seen = False
@@ -205,6 +218,12 @@ class SubmissionESMTP(smtp.ESMTP):
             network=network_prefix(self._peer_host()),
             port="submissions" if self.implicit_tls else "submission",
         )
+        refused = self.sessions.open(self._peer_host())
+        if refused is not None:
+            self.reply(421, f"4.7.0 {self.hostname} Error: {refused}, try again later")
+            self._close()
+            return
+        self._counted_address = self._peer_host()
         self.reply(220, f"{self.hostname} ESMTP")  # S14: no software name or version
         self.setTimeout(self.limits.command_timeout)
 
@@ -215,6 +234,10 @@ class SubmissionESMTP(smtp.ESMTP):
         self._closing = True
         self._inbuf.clear()
         self._abort_messages()
+        self._forget_device()
+        if self._counted_address is not None:
+            self.sessions.close(self._counted_address)
+            self._counted_address = None
         if self._onLogout:
             self._onLogout()
             self._onLogout = None
@@ -463,11 +486,16 @@ class SubmissionESMTP(smtp.ESMTP):
         if "ignore" in flags:
             return  # treated as not presented, nothing kept
         self._clientid = identity
-        if "syslog" in flags and self.server_key is not None:
+        if self.server_key is None:
+            return
+        key = device_key(self.server_key, identity)
+        self._counted_device = key
+        self._device_over_cap = not self.sessions.add_device(key)  # enforced at AUTH (C12)
+        if "syslog" in flags:
             log.info(
                 "clientid type={client_type} device={fingerprint} session={session}",
                 client_type=identity.type,
-                fingerprint=fingerprint(device_key(self.server_key, identity)),
+                fingerprint=fingerprint(key),
                 session=self.session_id,
             )
 
@@ -487,6 +515,10 @@ class SubmissionESMTP(smtp.ESMTP):
             self.error(503, "5.5.1 AUTH not allowed during a mail transaction")
             return None
         self._auth_seen = True  # C7: any AUTH command closes the CLIENTID window
+        if self._device_over_cap:
+            self.reply(421, f"4.7.0 {self.hostname} Error: too many sessions for this device")
+            self._close()
+            return None
         parts = rest.split()
         if not parts or len(parts) > 2:
             self.error(501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
@@ -590,7 +622,7 @@ class SubmissionESMTP(smtp.ESMTP):
         if proxy:
             result: defer.Deferred[Any] = defer.fail(cred_error.UnauthorizedLogin())
         else:
-            result = self.portal.login(credentials, None, IMessageDelivery)
+            result = self.portal.login(credentials, credentials, IMessageDelivery)
         result.addCallbacks(self._auth_succeeded, self._auth_failed)
         return result
 
@@ -607,6 +639,14 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def _auth_failed(self, failure: Failure) -> None:
         if self._closing:
+            return
+        if failure.check(LoginThrottled):
+            self.auth_failures += 1
+            if self.throttle_action == "421":
+                self.reply(421, f"4.7.0 {self.hostname} Error: too many failed logins, try later")
+                self._close()
+            else:
+                self.reply(454, "4.7.0 Too many failed logins, try again later")
             return
         if not failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
             log.failure(
@@ -891,44 +931,39 @@ class SubmissionESMTP(smtp.ESMTP):
 
 
 class SubmissionFactory(protocol.ServerFactory):
-    """Builds ``SubmissionESMTP`` sessions for one listener."""
+    """Builds ``SubmissionESMTP`` sessions for one listener.
+
+    Both listeners of a server share one ``SessionLimits``, so the caps count all
+    sessions of the server.
+    """
 
     protocol = SubmissionESMTP
     noisy = False
 
     def __init__(
         self,
+        config: Config,
         portal: Portal | None,
-        hostname: str,
         tls_context: Any,
-        clientid: ClientIdConfig,
-        limits: LimitsConfig,
         server_key: bytes | None = None,
         implicit_tls: bool = False,
-        max_auth_failures: int = 3,
-        received_header_ip: bool = False,
+        sessions: SessionLimits | None = None,
     ) -> None:
+        self.config = config
         self.portal = portal
-        self.hostname = hostname
         self.tls_context = tls_context
-        self.clientid = clientid
-        self.limits = limits
         self.server_key = server_key
         self.implicit_tls = implicit_tls
-        self.max_auth_failures = max_auth_failures
-        self.received_header_ip = received_header_ip
+        self.sessions = sessions or SessionLimits(config.limits)
 
     def buildProtocol(self, addr: IAddress | None) -> SubmissionESMTP:
         session = SubmissionESMTP(
+            self.config,
             self.portal,
-            self.hostname,
             self.tls_context,
             self.implicit_tls,
-            self.clientid,
-            self.limits,
-            self.max_auth_failures,
-            self.received_header_ip,
+            self.server_key,
+            self.sessions,
         )
-        session.server_key = self.server_key
         session.factory = self
         return session

@@ -12,26 +12,35 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.portal import Portal
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from clientid_mta.alerts import Notifier
-from clientid_mta.clientid import load_or_create_server_key
+from clientid_mta.alerts import DEVICE_APPROVED, FailureCounter, Notice, Notifier
+from clientid_mta.approval import ApprovalMessage, Approvals
+from clientid_mta.audit import AuditLog
+from clientid_mta.clientid import fingerprint, load_or_create_server_key
 from clientid_mta.config import Config, ConfigError, check_server_files
-from clientid_mta.cred import build_portal
+from clientid_mta.cred import ClientIdChecker, Defences, IClientIdUsernamePassword, build_portal
 from clientid_mta.delivery import LocalRouter, delivery_factory
 from clientid_mta.devices import DevicePolicy
 from clientid_mta.esmtp import SubmissionFactory
 from clientid_mta.maildir import MaildirRoot
 from clientid_mta.passwords import PasswdFile
+from clientid_mta.regions import Regions
+from clientid_mta.sessions import SessionLimits
+from clientid_mta.sharing import SharedDevices
 from clientid_mta.store import SQLiteDeviceStore
+from clientid_mta.throttle import Throttle
 from clientid_mta.tls import generate_self_signed, server_context
 
 log = Logger()
+
+HOUSEKEEPING_INTERVAL = 1.0  # seconds between audit flushes
+THROTTLE_SAVE_TICKS = 10  # save the throttle state every this many flushes
 
 
 @dataclass
@@ -45,6 +54,9 @@ class Components:
     portal: Portal
     server_key: bytes
     tls_context: Any
+    defences: Defences
+    checker: ClientIdChecker
+    sessions: SessionLimits
 
 
 def build_components(config: Config) -> Components:
@@ -62,16 +74,76 @@ def build_components(config: Config) -> Components:
         certificate, key = generate_self_signed(config.generated_tls_dir, config.server.hostname)
     else:
         certificate, key = config.tls.certificate, config.tls.key
+    tls_context = server_context(certificate, key)
     passwords = PasswdFile(config.auth.passwd_file)
     maildirs = MaildirRoot(config.delivery.maildir_root)
-    router = LocalRouter(passwords, config.delivery.local_domains, maildirs)
+    notifier = Notifier(
+        maildirs,
+        config.server.hostname,
+        config.postmaster,
+        lambda address: passwords.get(address) is not None,
+        config.alerts.max_per_account_per_hour,
+    )
+    approvals = Approvals(store, config.approval.code_lifetime)
+
+    def approved(account: str, device: str) -> None:  # in a thread, from ApprovalMessage
+        notice = Notice(DEVICE_APPROVED, account, fingerprint(device), "", "")
+        policy._notify(notice)
+
+    router = LocalRouter(
+        passwords,
+        config.delivery.local_domains,
+        maildirs,
+        config.approval.localpart,
+        lambda account: ApprovalMessage(approvals, account, approved),
+    )
     policy = DevicePolicy(
-        config.clientid, store, server_key, Notifier(maildirs, config.server.hostname)
+        config.clientid,
+        store,
+        server_key,
+        notifier,
+        config.travel,
+        approvals,
+        approval_address(config, passwords),
     )
-    portal = build_portal(passwords, policy, delivery_factory(passwords, router))
+    try:
+        regions = Regions(config.travel.geoip_database)
+    except Exception as problem:  # maxminddb raises several kinds for a bad file
+        raise ConfigError(
+            f"config error: [travel] geoip_database {config.travel.geoip_database} cannot be "
+            f"read ({problem}); point it at a MaxMind .mmdb file or remove the key."
+        ) from None
+    throttle = Throttle(config.throttle)
+    throttle.restore(store.load_throttle())
+    defences = Defences(
+        throttle=throttle,
+        sharing=SharedDevices(config.shared_devices, store),
+        audit=AuditLog(store, config.audit.retention_days),
+        failures=FailureCounter(config.alerts.unknown_failures),
+        regions=regions,
+    )
+    portal = build_portal(passwords, policy, delivery_factory(passwords, router), defences)
+    checker = portal.checkers[IClientIdUsernamePassword]
+    assert isinstance(checker, ClientIdChecker)
     return Components(
-        config, passwords, store, maildirs, portal, server_key, server_context(certificate, key)
+        config,
+        passwords,
+        store,
+        maildirs,
+        portal,
+        server_key,
+        tls_context,
+        defences,
+        checker,
+        SessionLimits(config.limits),
     )
+
+
+def approval_address(config: Config, passwords: PasswdFile) -> str:
+    """The reserved address shown in notices: at the first local domain."""
+    domains = config.delivery.local_domains or tuple(sorted(passwords.domains()))
+    domain = domains[0] if domains else config.server.hostname
+    return f"{config.approval.localpart}@{domain}"
 
 
 def build_factory(
@@ -80,15 +152,12 @@ def build_factory(
     """A factory for one listener; with ``implicit_tls`` it is wrapped in TLS (port 465)."""
     parts = components or build_components(config)
     factory = SubmissionFactory(
+        config,
         parts.portal,
-        config.server.hostname,
         parts.tls_context,
-        config.clientid,
-        config.limits,
         server_key=parts.server_key,
         implicit_tls=implicit_tls,
-        max_auth_failures=config.auth.max_failures_per_session,
-        received_header_ip=config.server.received_header_ip,
+        sessions=parts.sessions,
     )
     if implicit_tls:
         return TLSMemoryBIOFactory(parts.tls_context, False, factory)
@@ -104,6 +173,9 @@ class SubmissionService(service.MultiService):
         super().__init__()
         self.config = config
         self.components = build_components(config)
+        self._ticks = 0
+        self._housekeeping_busy = False
+        self._housekeeping = task.LoopingCall(self._tick)
         for key, implicit in (("submission", False), ("submissions", True)):
             description = getattr(config.listen, key)
             if not description:
@@ -131,6 +203,28 @@ class SubmissionService(service.MultiService):
                 raise SystemExit(f"clientid-mta: {message}") from None
             raise ConfigError(message) from None
 
+    def _housekeep(self, final: bool = False) -> None:
+        """Write the audit batch and, now and then, the throttle state. Blocking."""
+        defences = self.components.defences
+        if defences.audit is not None:
+            defences.audit.flush()
+        self._ticks += 1
+        if defences.throttle is not None and (final or self._ticks % THROTTLE_SAVE_TICKS == 0):
+            self.components.store.save_throttle(defences.throttle.snapshot())
+
+    def _tick(self) -> defer.Deferred[None] | None:
+        checker = self.components.checker
+        if checker.throttled_count:
+            log.info("throttled {count} AUTH attempts", count=checker.throttled_count)
+            checker.throttled_count = 0
+        if self._housekeeping_busy:
+            return None
+        self._housekeeping_busy = True
+        done = threads.deferToThread(self._housekeep)
+        done.addErrback(lambda failure: log.failure("housekeeping failed", failure))
+        done.addBoth(lambda _: setattr(self, "_housekeeping_busy", False))
+        return None
+
     def listening(self) -> defer.Deferred[dict[str, IListeningPort]]:
         """Fires with {listener name: port} once both listeners are bound (port 0 works)."""
         names = [child.name for child in self]
@@ -141,6 +235,7 @@ class SubmissionService(service.MultiService):
     def startService(self) -> None:
         config = self.config
         super().startService()
+        self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
         admin = "clientid-mta" + (f" --config {config.source}" if config.source else "")
         accounts = len(self.components.passwords.accounts())
         log.info(
@@ -170,9 +265,13 @@ class SubmissionService(service.MultiService):
             )
 
     def stopService(self) -> Any:
-        result = super().stopService()
-        self.components.store.close()
-        return result
+        if self._housekeeping.running:
+            self._housekeeping.stop()
+        stopped = defer.maybeDeferred(super().stopService)
+        stopped.addCallback(lambda _: threads.deferToThread(self._housekeep, True))
+        stopped.addErrback(lambda failure: log.failure("saving state at stop failed", failure))
+        stopped.addBoth(lambda _: self.components.store.close())
+        return stopped
 
 
 def build_service(config: Config) -> SubmissionService:

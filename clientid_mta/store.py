@@ -1,9 +1,10 @@
-"""The device registry: which client identities each account has used (CONFORMANCE C15).
+"""The device registry and its companions: audit log, throttle state, approval codes.
 
-Kept apart from the password file, keyed by account. Tokens are never stored: a row
-holds the HMAC device key (see clientid.device_key). Calls are synchronous and short;
-the server runs them in a thread (see devices.DevicePolicy), the admin command directly.
-SQLite in WAL mode, so the admin command can change a device while the server runs.
+Kept apart from the password file, keyed by account (CONFORMANCE C15). Tokens are
+never stored: a row holds the HMAC device key (see clientid.device_key), and approval
+codes are kept as SHA-256 hashes. Calls are synchronous and short; the server runs
+them in a thread, the admin command directly. SQLite in WAL mode, so the admin command
+can change a device while the server runs.
 """
 
 from __future__ import annotations
@@ -33,9 +34,54 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen    REAL NOT NULL,
     last_network TEXT NOT NULL DEFAULT '',
     logins       INTEGER NOT NULL DEFAULT 0,
+    last_login   REAL NOT NULL DEFAULT 0,
+    last_region  TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (account, device_key)
 );
+CREATE TABLE IF NOT EXISTS audit (
+    time        REAL NOT NULL,
+    account     TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    network     TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    reason      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
+CREATE INDEX IF NOT EXISTS audit_by_account ON audit (account, time);
+CREATE TABLE IF NOT EXISTS throttle (
+    key     TEXT PRIMARY KEY,
+    tokens  REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS approval_codes (
+    code_hash  TEXT PRIMARY KEY,
+    account    TEXT NOT NULL,
+    device_key TEXT NOT NULL,
+    expires    REAL NOT NULL,
+    used       REAL
+);
+CREATE TABLE IF NOT EXISTS shared_devices (
+    device_key TEXT PRIMARY KEY,
+    flagged_at REAL NOT NULL,
+    accounts   INTEGER NOT NULL
+);
 """
+
+# Columns added after the first release: (table, column, definition).
+_ADDED_COLUMNS = (
+    ("devices", "last_login", "REAL NOT NULL DEFAULT 0"),
+    ("devices", "last_region", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    time: float
+    account: str
+    fingerprint: str
+    network: str
+    outcome: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -49,6 +95,8 @@ class Device:
     last_seen: float
     last_network: str
     logins: int
+    last_login: float = 0.0
+    last_region: str = ""
 
     @property
     def fingerprint(self) -> str:
@@ -73,8 +121,8 @@ class IDeviceStore(Interface):
     def record(account: str, device_key: str, type: str, state: str, network: str) -> Device:
         """Insert (with ``state``) or refresh last-seen; an existing state is kept."""
 
-    def login(account: str, device_key: str, network: str) -> None:
-        """Count a successful login and refresh last-seen."""
+    def login(account: str, device_key: str, network: str, region: str) -> None:
+        """Count a successful login and refresh last-seen, network and region."""
 
     def set_state(account: str, fingerprint: str, state: str) -> Device:
         """Change a device's state, found by fingerprint prefix."""
@@ -82,7 +130,7 @@ class IDeviceStore(Interface):
     def set_label(account: str, fingerprint: str, label: str) -> Device:
         """Change a device's label."""
 
-    def list(account: str) -> list[Device]:
+    def devices_of(account: str) -> list[Device]:
         """All devices of an account."""
 
 
@@ -101,8 +149,15 @@ class SQLiteDeviceStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
         finally:
             os.umask(previous_umask)
+
+    def _add_missing_columns(self) -> None:
+        for table, column, definition in _ADDED_COLUMNS:
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -140,19 +195,20 @@ class SQLiteDeviceStore:
         assert device is not None
         return device
 
-    def login(self, account: str, device_key: str, network: str) -> None:
+    def login(self, account: str, device_key: str, network: str, region: str) -> None:
+        now = time.time()
         with self._lock:
             self._db.execute(
-                "UPDATE devices SET logins=logins+1, last_seen=?, last_network=?"
-                " WHERE account=? AND device_key=?",
-                (time.time(), network, account, device_key),
+                "UPDATE devices SET logins=logins+1, last_seen=?, last_network=?, last_login=?,"
+                " last_region=? WHERE account=? AND device_key=?",
+                (now, network, now, region, account, device_key),
             )
 
     def _find(self, account: str, fingerprint: str) -> Device:
         prefix = fingerprint.strip().lower()
         if len(prefix) < 6 or not all(c in "0123456789abcdef" for c in prefix):
             raise DeviceNotFound(f"{fingerprint!r} is not a device fingerprint (6+ hex digits)")
-        matches = [d for d in self.list(account) if d.device_key.startswith(prefix)]
+        matches = [d for d in self.devices_of(account) if d.device_key.startswith(prefix)]
         if len(matches) != 1:
             what = "no device" if not matches else f"{len(matches)} devices"
             raise DeviceNotFound(f"{what} of {account} match fingerprint {fingerprint}")
@@ -196,9 +252,108 @@ class SQLiteDeviceStore:
             cursor = self._db.execute("DELETE FROM devices WHERE account=?", (account,))
         return cursor.rowcount
 
-    def list(self, account: str) -> list[Device]:
+    def devices_of(self, account: str) -> list[Device]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM devices WHERE account=? ORDER BY first_seen", (account,)
             ).fetchall()
         return [Device(**dict(row)) for row in rows]
+
+    # --- audit log ------------------------------------------------------------------
+
+    def add_audit(self, entries: list[AuditEntry]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (e.time, e.account, e.fingerprint, e.network, e.outcome, e.reason)
+                    for e in entries
+                ],
+            )
+
+    def prune_audit(self, before: float) -> int:
+        with self._lock:
+            return self._db.execute("DELETE FROM audit WHERE time < ?", (before,)).rowcount
+
+    def audit(
+        self,
+        account: str | None = None,
+        fingerprint: str | None = None,
+        since: float | None = None,
+        limit: int = 1000,
+    ) -> list[AuditEntry]:
+        """The newest ``limit`` entries matching, oldest first."""
+        # Only fixed condition strings are joined into the SQL; values go in as parameters.
+        where: list[str] = ["1=1"]
+        args: list[object] = []
+        if account is not None:
+            where.append("account = ?")
+            args.append(account)
+        if fingerprint is not None:
+            where.append("fingerprint LIKE ?")
+            args.append(fingerprint.lower() + "%")
+        if since is not None:
+            where.append("time >= ?")
+            args.append(since)
+        sql = f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY time DESC LIMIT ?"  # noqa: S608
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [AuditEntry(**dict(row)) for row in reversed(rows)]
+
+    # --- throttle state -------------------------------------------------------------
+
+    def save_throttle(self, rows: list[tuple[str, float, float]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM throttle")
+            self._db.executemany("INSERT INTO throttle VALUES (?, ?, ?)", rows)
+            self._db.execute("COMMIT")
+
+    def load_throttle(self) -> list[tuple[str, float, float]]:
+        with self._lock:
+            return [tuple(row) for row in self._db.execute("SELECT * FROM throttle")]
+
+    # --- approval codes -------------------------------------------------------------
+
+    def add_approval_code(
+        self, code_hash: str, account: str, device_key: str, expires: float
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO approval_codes VALUES (?, ?, ?, ?, NULL)",
+                (code_hash, account, device_key, expires),
+            )
+
+    def redeem_approval_code(self, code_hash: str, account: str, now: float) -> str | None:
+        """Mark the code used and return its device key, or None if not valid (once only)."""
+        with self._lock:
+            row = self._db.execute(
+                "UPDATE approval_codes SET used=? WHERE code_hash=? AND account=? AND used IS NULL"
+                " AND expires > ? RETURNING device_key",
+                (now, code_hash, account, now),
+            ).fetchone()
+        return str(row[0]) if row else None
+
+    # --- shared devices -------------------------------------------------------------
+
+    def flag_shared(self, device_key: str, accounts: int) -> bool:
+        """Record a device seen on many accounts; False if it was flagged already."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO shared_devices VALUES (?, ?, ?)",
+                (device_key, time.time(), accounts),
+            )
+        return cursor.rowcount == 1
+
+    def is_flagged(self, device_key: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM shared_devices WHERE device_key=?", (device_key,)
+            ).fetchone()
+        return row is not None
+
+    def unflag(self, fingerprint: str) -> int:
+        with self._lock:
+            return self._db.execute(
+                "DELETE FROM shared_devices WHERE device_key LIKE ?", (fingerprint.lower() + "%",)
+            ).rowcount

@@ -13,6 +13,7 @@ from clientid_mta import admin
 from clientid_mta.alerts import NEW_DEVICE_SEEN
 from clientid_mta.clientid import parse_clientid
 from clientid_mta.config import load_config
+from clientid_mta.devices import Where
 from clientid_mta.service import build_components
 from clientid_mta.tap import hand_over_state, state_files
 from tests.serverproc import run_twistd_once
@@ -71,9 +72,9 @@ def test_admin_reports_a_broken_device_store_in_one_line(
 def test_revoking_the_last_trusted_device_does_not_reopen_tofu(tmp_path: Path) -> None:
     policy = make_policy(tmp_path, "")
     laptop, thief = parse_clientid(b"UUID 1"), parse_clientid(b"UUID 2")
-    assert policy.decide("a@x", laptop, "net").allowed  # trusted on first use
-    policy.store.set_state("a@x", policy.store.list("a@x")[0].fingerprint, "revoked")
-    refused = policy.decide("a@x", thief, "net")
+    assert policy.decide("a@x", laptop, Where("net")).allowed  # trusted on first use
+    policy.store.set_state("a@x", policy.store.devices_of("a@x")[0].fingerprint, "revoked")
+    refused = policy.decide("a@x", thief, Where("net"))
     assert not refused.allowed and refused.reason == "new_device_pending"
 
 
@@ -83,8 +84,8 @@ def test_observe_mode_notice_does_not_claim_a_refusal(tmp_path: Path) -> None:
 
     policy = make_policy(tmp_path, '[clientid]\npolicy = "observe"\n')
     policy.notifier = Notifier(MaildirRoot(tmp_path / "mail"), "mail.example.org")
-    policy.decide("a@example.org", parse_clientid(b"UUID 1"), "net")
-    second = policy.decide("a@example.org", parse_clientid(b"UUID 2"), "net")
+    policy.decide("a@example.org", parse_clientid(b"UUID 1"), Where("net"))
+    second = policy.decide("a@example.org", parse_clientid(b"UUID 2"), Where("net"))
     assert second.allowed and second.notices == (NEW_DEVICE_SEEN,)
     texts = [p.read_text() for p in (tmp_path / "mail/example.org/a/new").iterdir()]
     assert any("was let in" in text for text in texts)
@@ -99,7 +100,7 @@ def test_a_broken_mailbox_does_not_change_the_decision(tmp_path: Path) -> None:
     (tmp_path / "mail" / "example.org" / "a").write_text("a file where the Maildir should be")
     policy = make_policy(tmp_path, "")
     policy.notifier = Notifier(MaildirRoot(tmp_path / "mail"), "mail.example.org")
-    first = policy.decide("a@example.org", parse_clientid(b"UUID 1"), "net")
+    first = policy.decide("a@example.org", parse_clientid(b"UUID 1"), Where("net"))
     assert first.allowed and first.notices == ("trusted-undeliverable",)
 
 

@@ -17,7 +17,7 @@ from clientid_mta.clientid import (
     parse_clientid,
 )
 from clientid_mta.config import ConfigError, load_config
-from clientid_mta.devices import DevicePolicy
+from clientid_mta.devices import DevicePolicy, Where
 from clientid_mta.maildir import MaildirRoot, UnsafeMailboxName
 from clientid_mta.network import network_prefix
 from clientid_mta.passwords import Account, PasswdFile, hash_password, verify_password
@@ -287,13 +287,13 @@ def make_policy(tmp_path: Path, toml: str) -> DevicePolicy:
 def test_policy_tofu_trusts_first_device_then_pends(tmp_path: Path) -> None:
     policy = make_policy(tmp_path, "")
     first, second = parse_clientid(b"UUID 1"), parse_clientid(b"UUID 2")
-    assert policy.decide("a@x", first, "net").allowed
-    assert policy.decide("a@x", first, "net").allowed
-    refused = policy.decide("a@x", second, "net")
+    assert policy.decide("a@x", first, Where("net")).allowed
+    assert policy.decide("a@x", first, Where("net")).allowed
+    refused = policy.decide("a@x", second, Where("net"))
     assert not refused.allowed and refused.reason == "new_device_pending"
-    states = {d.fingerprint: d.state for d in policy.store.list("a@x")}
+    states = {d.fingerprint: d.state for d in policy.store.devices_of("a@x")}
     assert sorted(states.values()) == [PENDING, TRUSTED]
-    assert policy.decide("a@x", None, "net").allowed  # allow_without_clientid = true
+    assert policy.decide("a@x", None, Where("net")).allowed  # allow_without_clientid = true
 
 
 def test_policy_allowlist_and_revocation(tmp_path: Path) -> None:
@@ -301,20 +301,20 @@ def test_policy_allowlist_and_revocation(tmp_path: Path) -> None:
         tmp_path, '[clientid]\npolicy = "allowlist"\nallow_without_clientid = false\n'
     )
     device = parse_clientid(b"UUID 1")
-    assert not policy.decide("a@x", device, "net").allowed
-    assert not policy.decide("a@x", None, "net").allowed
-    fingerprint = policy.store.list("a@x")[0].fingerprint
+    assert not policy.decide("a@x", device, Where("net")).allowed
+    assert not policy.decide("a@x", None, Where("net")).allowed
+    fingerprint = policy.store.devices_of("a@x")[0].fingerprint
     policy.store.set_state("a@x", fingerprint, TRUSTED)
-    assert policy.decide("a@x", device, "net").allowed
+    assert policy.decide("a@x", device, Where("net")).allowed
     policy.store.set_state("a@x", fingerprint, REVOKED)
-    assert policy.decide("a@x", device, "net").reason == "device_revoked"
+    assert policy.decide("a@x", device, Where("net")).reason == "device_revoked"
 
 
 def test_policy_observe_records_but_never_refuses(tmp_path: Path) -> None:
     policy = make_policy(tmp_path, '[clientid]\npolicy = "observe"\n')
     for token in (b"UUID 1", b"UUID 2", b"UUID 3"):
-        assert policy.decide("a@x", parse_clientid(token), "net").allowed
-    assert len(policy.store.list("a@x")) == 3
+        assert policy.decide("a@x", parse_clientid(token), Where("net")).allowed
+    assert len(policy.store.devices_of("a@x")) == 3
 
 
 def test_network_prefixes() -> None:

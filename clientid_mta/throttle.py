@@ -1,0 +1,104 @@
+"""Budgets for failed AUTH attempts: token buckets keyed by device, not by address.
+
+Keys (draft 6.2, 6.3 item 6):
+- ``device:<hmac>`` for a session that presented a client identity, else
+  ``net:<prefix>`` (/24, /56), so that one attacker behind a carrier-grade NAT spends
+  only his own device's budget;
+- ``known:<account>`` and ``unknown:<account>``: failures from devices the account does
+  not trust never spend the budget of the devices it does.
+
+Only failures spend; successes never do. Checking a budget is a dict look-up and a
+little arithmetic, so a throttled attempt costs no hash and no thread. State is kept
+in memory, bounded, and saved to the store so that it survives a restart.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from clientid_mta.config import ThrottleConfig
+
+MAX_KEYS = 200_000  # beyond this the longest-untouched buckets are forgotten
+
+
+@dataclass(frozen=True)
+class Budget:
+    burst: int
+    refill_seconds: int
+
+    def level(self, tokens: float, elapsed: float) -> float:
+        return min(float(self.burst), tokens + elapsed / self.refill_seconds)
+
+
+def device_key_for(device: str | None, network: str) -> str:
+    return f"device:{device}" if device else f"net:{network}"
+
+
+def account_key_for(account: str, known_device: bool) -> str:
+    return f"{'known' if known_device else 'unknown'}:{account}"
+
+
+class Throttle:
+    """Thread-safe token buckets; ``clock`` is injectable for tests."""
+
+    def __init__(self, settings: ThrottleConfig, clock: Callable[[], float] = time.time) -> None:
+        self.enabled = settings.enabled
+        self._budgets = {
+            "device": Budget(settings.device_burst, settings.device_refill),
+            "net": Budget(settings.device_burst, settings.device_refill),
+            "known": Budget(settings.account_known_burst, settings.account_known_refill),
+            "unknown": Budget(settings.account_unknown_burst, settings.account_unknown_refill),
+        }
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _budget(self, key: str) -> Budget:
+        return self._budgets[key.partition(":")[0]]
+
+    def _tokens(self, key: str, now: float) -> float:
+        state = self._buckets.get(key)
+        budget = self._budget(key)
+        if state is None:
+            return float(budget.burst)
+        tokens, updated = state
+        return budget.level(tokens, now - updated)
+
+    def allows(self, *keys: str) -> bool:
+        """True when every key still has at least one failed attempt left."""
+        if not self.enabled:
+            return True
+        now = self._clock()
+        with self._lock:
+            return all(self._tokens(key, now) >= 1.0 for key in keys)
+
+    def charge(self, *keys: str) -> None:
+        """Spend one attempt from each key's budget (a failure)."""
+        if not self.enabled:
+            return
+        now = self._clock()
+        with self._lock:
+            for key in keys:
+                self._buckets[key] = (max(self._tokens(key, now) - 1.0, 0.0), now)
+                self._buckets.move_to_end(key)
+            while len(self._buckets) > MAX_KEYS:
+                self._buckets.popitem(last=False)
+
+    def snapshot(self) -> list[tuple[str, float, float]]:
+        """The buckets that are not full (full ones carry no information)."""
+        now = self._clock()
+        with self._lock:
+            full = [k for k in self._buckets if self._tokens(k, now) >= self._budget(k).burst]
+            for key in full:
+                del self._buckets[key]
+            return [(key, tokens, updated) for key, (tokens, updated) in self._buckets.items()]
+
+    def restore(self, rows: Iterable[tuple[str, float, float]]) -> None:
+        with self._lock:
+            for key, tokens, updated in rows:
+                if key.partition(":")[0] in self._budgets:
+                    self._buckets[key] = (tokens, updated)
