@@ -8,7 +8,7 @@ IPV4_PREFIX = 24
 IPV6_PREFIX = 56
 
 
-def network_prefix(host: str) -> str:
+def network_prefix(host: str, ipv4: int = IPV4_PREFIX, ipv6: int = IPV6_PREFIX) -> str:
     """The client's network: /24 for IPv4, /56 for IPv6 (IPv4-mapped IPv6 counts as IPv4)."""
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
@@ -16,5 +16,5 @@ def network_prefix(host: str) -> str:
         return "unknown"
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    prefix = IPV4_PREFIX if address.version == 4 else IPV6_PREFIX
+    prefix = ipv4 if address.version == 4 else ipv6
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))

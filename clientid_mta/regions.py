@@ -6,20 +6,14 @@ MaxMind-format database it is the country code, falling back to the network.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Any
 
+from clientid_mta.network import network_prefix
+
 
 def network_region(host: str) -> str:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return "unknown"
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    prefix = 16 if address.version == 4 else 32
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+    return network_prefix(host, ipv4=16, ipv6=32)
 
 
 class Regions:
