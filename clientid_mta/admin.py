@@ -8,6 +8,7 @@ tokens) are read from standard input or a prompt, never from the command line.
 from __future__ import annotations
 
 import argparse
+import datetime
 import getpass
 import sqlite3
 import sys
@@ -182,6 +183,37 @@ class Admin:
             store.close()
         print(f"{verb} device {device.fingerprint} of {address}", file=self.out)
 
+    def device_unflag(self, fingerprint: str) -> None:
+        store = self._store()
+        try:
+            removed = store.unflag(fingerprint)
+        finally:
+            store.close()
+        if not removed:
+            raise AdminError(f"no flagged device matches {fingerprint}")
+        print(f"cleared the shared-device flag of {fingerprint}", file=self.out)
+
+    def audit(self, account: str | None, device: str | None, since: str | None) -> None:
+        store = self._store()
+        try:
+            entries = store.audit(
+                account=_address(account) if account else None,
+                fingerprint=device,
+                since=parse_since(since) if since else None,
+            )
+        finally:
+            store.close()
+        row = "{:<19} {:<9} {:<30} {:<17} {:<18} {}"
+        print(
+            row.format("TIME", "OUTCOME", "ACCOUNT", "DEVICE", "NETWORK", "REASON"), file=self.out
+        )
+        for e in entries:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+            print(
+                row.format(when, e.outcome, e.account, e.fingerprint or "-", e.network, e.reason),
+                file=self.out,
+            )
+
     def device_label(self, address: str, fingerprint: str, text: str) -> None:
         address = _address(address)
         store = self._store()
@@ -192,6 +224,20 @@ class Admin:
         finally:
             store.close()
         print(f"labelled device {device.fingerprint} of {address}: {text}", file=self.out)
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``2h``, ``30m``, ``7d``, ``90s`` ago, or a local ISO date/time like ``2026-11-23T08:00``."""
+    now = time.time() if now is None else now
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return now - int(text[:-1]) * units[text[-1]]
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise AdminError(
+            f"--since {text!r}: give a duration like 2h, 30m, 7d, or a date like 2026-11-23"
+        ) from None
 
 
 def _when(timestamp: float) -> str:
@@ -229,6 +275,13 @@ def _parser() -> argparse.ArgumentParser:
         sub = device.add_parser(name, help=text)
         sub.add_argument("address")
         sub.add_argument("fingerprint")
+    device.add_parser("unflag", help="clear a device's shared-device flag").add_argument(
+        "fingerprint"
+    )
+    audit = groups.add_parser("audit", help="AUTH attempts: who, which device, outcome, why")
+    audit.add_argument("--account", help="only this account (as typed)")
+    audit.add_argument("--device", help="only this device fingerprint (or a prefix)")
+    audit.add_argument("--since", help="2h, 30m, 7d, or a date/time like 2026-11-23T08:00")
     label = device.add_parser("label", help="name a device")
     label.add_argument("address")
     label.add_argument("fingerprint")
@@ -239,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
 def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> None:
     args = _parser().parse_args(argv)
     admin = Admin(load_config(args.config), out, stdin)
-    actions: dict[tuple[str, str], Callable[[], None]] = {
+    actions: dict[tuple[str, str | None], Callable[[], None]] = {
         ("user", "add"): lambda: admin.user_add(
             args.address, [a for a in args.send_as.split(",") if a]
         ),
@@ -256,8 +309,10 @@ def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> None:
             args.address, args.fingerprint, REVOKED, "revoked"
         ),
         ("device", "label"): lambda: admin.device_label(args.address, args.fingerprint, args.text),
+        ("device", "unflag"): lambda: admin.device_unflag(args.fingerprint),
+        ("audit", None): lambda: admin.audit(args.account, args.device, args.since),
     }
-    actions[(args.group, args.action)]()
+    actions[(args.group, getattr(args, "action", None))]()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
