@@ -35,6 +35,14 @@ class LocalRouter:
         self.approval_localpart = approval_localpart
         self.approval_message = approval_message
 
+    def approval_address(self, account: str) -> str:
+        """The reserved address an account holder sends approval codes to."""
+        domain = account.rpartition("@")[2]
+        if not self.is_local(domain):
+            domains = sorted(self._local_domains or self.passwords.domains()) or [domain]
+            domain = domains[0]
+        return f"{self.approval_localpart}@{domain}"
+
     def is_approval_address(self, address: str) -> bool:
         localpart, _, domain = address.rpartition("@")
         return (

@@ -70,7 +70,7 @@ class DevicePolicy:
         notifier: alerts.Notifier | None,
         travel: TravelConfig | None = None,
         approvals: Approvals | None = None,
-        approval_address: str = "",
+        approval_address: Callable[[str], str] = lambda _account: "",
     ) -> None:
         self.settings = settings
         self.store = store
@@ -188,7 +188,7 @@ class DevicePolicy:
             alerts.NEW_DEVICE_PENDING,
             code=code,
             expires=time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(expires)),
-            approval_address=self.approval_address,
+            approval_address=self.approval_address(account),
         )
 
     def _travelled(self, device: Device, where: Where) -> str | None:

@@ -104,7 +104,7 @@ def build_components(config: Config) -> Components:
         notifier,
         config.travel,
         approvals,
-        approval_address(config, passwords),
+        router.approval_address,
     )
     try:
         regions = Regions(config.travel.geoip_database)
@@ -137,13 +137,6 @@ def build_components(config: Config) -> Components:
         checker,
         SessionLimits(config.limits),
     )
-
-
-def approval_address(config: Config, passwords: PasswdFile) -> str:
-    """The reserved address shown in notices: at the first local domain."""
-    domains = config.delivery.local_domains or tuple(sorted(passwords.domains()))
-    domain = domains[0] if domains else config.server.hostname
-    return f"{config.approval.localpart}@{domain}"
 
 
 def build_factory(
