@@ -286,7 +286,8 @@ class SubmissionESMTP(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self.resetTimeout()
+        if self.input_mode is Mode.DATA:
+            self.resetTimeout()  # a body may stream for long; commands must complete (below)
         self._inbuf += data
         if self._waiting and len(self._inbuf) > MAX_PENDING_INPUT:
             # Reading is paused while a command runs; only a client ignoring that can get here.
@@ -329,6 +330,9 @@ class SubmissionESMTP(smtp.ESMTP):
             return False
         line = bytes(self._inbuf[:end])
         del self._inbuf[: end + 1]
+        # The idle timer restarts per complete line, not per byte: a client that dribbles
+        # a command one byte at a time still has to finish it within command_timeout.
+        self.resetTimeout()
         if self._skip_line:
             self._skip_line = False
             return True

@@ -6,6 +6,8 @@ listens with the result, or adds ``build_service(config)`` to its application.
 
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +17,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorFromThreads
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -35,7 +37,7 @@ from clientid_mta.sessions import SessionLimits
 from clientid_mta.sharing import SharedDevices
 from clientid_mta.store import SQLiteDeviceStore
 from clientid_mta.throttle import Throttle
-from clientid_mta.tls import generate_self_signed, server_context
+from clientid_mta.tls import ReloadableServerTLS, generate_self_signed
 
 log = Logger()
 
@@ -53,7 +55,7 @@ class Components:
     maildirs: MaildirRoot
     portal: Portal
     server_key: bytes
-    tls_context: Any
+    tls_context: ReloadableServerTLS
     defences: Defences
     checker: ClientIdChecker
     sessions: SessionLimits
@@ -74,7 +76,7 @@ def build_components(config: Config) -> Components:
         certificate, key = generate_self_signed(config.generated_tls_dir, config.server.hostname)
     else:
         certificate, key = config.tls.certificate, config.tls.key
-    tls_context = server_context(certificate, key)
+    tls_context = ReloadableServerTLS(certificate, key)
     passwords = PasswdFile(config.auth.passwd_file)
     maildirs = MaildirRoot(config.delivery.maildir_root)
     notifier = Notifier(
@@ -225,10 +227,27 @@ class SubmissionService(service.MultiService):
         bound = defer.gatherResults(waits)
         return bound.addCallback(lambda ports: dict(zip(names, ports, strict=True)))
 
+    def reload(self) -> bool:
+        """SIGHUP: read the certificate and key again; running sessions are kept."""
+        try:
+            self.components.tls_context.reload()
+        except ConfigError as problem:
+            log.error("reload failed, keeping the old certificate: {problem}", problem=str(problem))
+            return False
+        log.info("reloaded the TLS certificate and key")
+        return True
+
+    def _install_sighup(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # embedded with the reactor in another thread: the embedder calls reload()
+        threaded: IReactorFromThreads = reactor  # type: ignore[assignment]
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: threaded.callFromThread(self.reload))
+
     def startService(self) -> None:
         config = self.config
         super().startService()
         self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
+        self._install_sighup()
         admin = "clientid-mta" + (f" --config {config.source}" if config.source else "")
         accounts = len(self.components.passwords.accounts())
         log.info(
