@@ -133,6 +133,11 @@ class SmtpSession:
             raise
         return session
 
+    @property
+    def tls_version(self) -> str:
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        return str(ssl_object.version()) if ssl_object is not None else "none"
+
     async def reply(self) -> Reply:
         """One whole (possibly multi-line) reply."""
         lines: list[str] = []
@@ -203,6 +208,13 @@ class SmtpSession:
             self.abort()
 
 
+def error_name(problem: BaseException) -> str:
+    """A short counter name for a failed session: ``error 421``, ``error TimeoutError``."""
+    if isinstance(problem, UnexpectedReply):
+        return f"error {problem.reply.code}"
+    return f"error {type(problem).__name__}"
+
+
 # --- drivers ---------------------------------------------------------------------
 
 SlotFn = Callable[[int, Tally], Awaitable[None]]
@@ -217,7 +229,7 @@ async def run_slots(
     """Run ``slot(index, tally)`` over and over in ``count`` concurrent loops.
 
     Each loop starts no new call after ``duration`` seconds (or once ``done(tally)``);
-    a call that fails with a session error is counted as ``error <Type>``.
+    a call that fails with a session error is counted under ``error_name``.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + duration
@@ -228,7 +240,7 @@ async def run_slots(
             try:
                 await slot(index, tally)
             except SESSION_ERRORS as problem:
-                tally[f"error {type(problem).__name__}"] += 1
+                tally[error_name(problem)] += 1
                 await asyncio.sleep(ERROR_PAUSE)
 
     await asyncio.gather(*(keep_going(index) for index in range(count)))

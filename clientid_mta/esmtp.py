@@ -19,7 +19,6 @@ The CONFORMANCE.md row ids are given where a rule is implemented.
 from __future__ import annotations
 
 import base64
-import binascii
 import secrets
 from collections.abc import Callable
 from enum import Enum
@@ -47,6 +46,7 @@ from clientid_mta.config import Config
 from clientid_mta.cred import ClientIdUsernamePassword, LoginThrottled, TLSInfo
 from clientid_mta.maildir import UnsafeMailboxName
 from clientid_mta.network import network_prefix
+from clientid_mta.sasl import SaslError, decode_response, decode_text, parse_plain
 from clientid_mta.sessions import SessionLimits
 
 log = Logger()
@@ -555,60 +555,34 @@ class SubmissionESMTP(smtp.ESMTP):
             return self._auth_login_user(line)
         return self._auth_login_password(line)
 
-    def _decode_b64(self, data: bytes) -> bytes | None:
-        data = data.strip()
-        if data == b"=":
-            return b""
-        try:
-            return base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            self.error(501, "5.5.2 Cannot decode response")
-            return None
-
-    def _decode_text(self, data: bytes) -> str | None:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        if not text or "\0" in text:
-            self.error(501, "5.5.2 Malformed authentication response")
-            return None
-        return text
-
     def _auth_plain(self, response: bytes) -> Any:
-        decoded = self._decode_b64(response)
-        if decoded is None:
+        try:
+            plain = parse_plain(response)
+        except SaslError as bad:
+            self.error(501, str(bad))
             return None
-        fields = decoded.split(b"\0")
-        if len(fields) != 3:
-            self.error(501, "5.5.2 Malformed PLAIN response")
-            return None
-        authzid, authcid, password = fields
-        username = self._decode_text(authcid)
-        secret = self._decode_text(password) if username is not None else None
-        if username is None or secret is None:
-            return None
-        if authzid and authzid != authcid:
+        if plain.acting_for_other:
             # Acting for another user is not offered; refuse like any wrong password.
-            return self._login(username, "", proxy=True)
-        return self._login(username, secret)
+            return self._login(plain.username, "", proxy=True)
+        return self._login(plain.username, plain.password)
 
     def _auth_login_user(self, response: bytes) -> None:
-        decoded = self._decode_b64(response)
-        if decoded is None:
+        try:
+            self._login_user = decode_text(decode_response(response))
+        except SaslError as bad:
+            self.error(501, str(bad))
             return
-        username = self._decode_text(decoded)
-        if username is None:
-            return
-        self._login_user = username
         self.input_mode = Mode.AUTH_LOGIN_PASSWORD
         self.reply(334, LOGIN_PASSWORD_CHALLENGE.decode())
 
     def _auth_login_password(self, response: bytes) -> Any:
         username, self._login_user = self._login_user, None
-        decoded = self._decode_b64(response)
-        secret = self._decode_text(decoded) if decoded is not None else None
-        if username is None or secret is None:
+        try:
+            secret = decode_text(decode_response(response))
+        except SaslError as bad:
+            self.error(501, str(bad))
+            return None
+        if username is None:
             return None
         return self._login(username, secret)
 
