@@ -78,6 +78,13 @@ def process_cpu_seconds(pid: int) -> float:
     return (utime + stime) / clock_ticks()
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs of the machine spent busy since boot, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / clock_ticks()
+
+
 @dataclass
 class BenchServer:
     root: Path
@@ -94,7 +101,7 @@ class BenchServer:
 
     @property
     def cafile(self) -> Path:
-        return self.config.generated_tls_dir / "cert.pem"
+        return Path(self.config.generated_tls_dir) / "cert.pem"
 
     @property
     def submission_port(self) -> int:

@@ -22,12 +22,17 @@ class SharedDevices:
         self.settings = settings
         self.store = store
         self._seen: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self._flagged: set[str] = set()  # flagged by this process, while it runs
         self._lock = threading.Lock()
 
     def saw(self, device_key: str, account: str) -> int | None:
         """Note an attempt; the number of accounts when this attempt flags the device."""
         now = time.time()
         with self._lock:
+            if device_key in self._flagged and not self.store.is_flagged(device_key):
+                # An operator cleared the flag (device unflag): start counting afresh.
+                self._flagged.discard(device_key)
+                self._seen.pop(device_key, None)
             accounts = self._seen.pop(device_key, {})
             accounts[account] = now
             accounts = {a: t for a, t in accounts.items() if now - t <= self.settings.window}
@@ -36,6 +41,8 @@ class SharedDevices:
                 self._seen.popitem(last=False)
             count = len(accounts)
         if count > self.settings.max_accounts and self.store.flag_shared(device_key, count):
+            with self._lock:
+                self._flagged.add(device_key)
             return count
         return None
 

@@ -21,7 +21,7 @@ import pytest
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from zope.interface import provider
 
-from clientid_mta import cred
+from clientid_mta import cred, passwords
 from clientid_mta.clientid import ClientIdentity, device_key, fingerprint
 from clientid_mta.passwords import Account, PasswdFile, hash_password
 from tests.conftest import RunningServer, Wire, start_server
@@ -50,7 +50,9 @@ RACE_SLACK = 10
 class From(Wire):
     """A ``Wire`` whose connection comes from a chosen loopback address (another /24, /16)."""
 
-    def __init__(self, server: RunningServer, source: str = "127.0.0.1", implicit: bool = True):
+    def __init__(
+        self, server: RunningServer, source: str = "127.0.0.1", implicit: bool = True
+    ) -> None:
         self.server = server
         self.timeout = 10
         raw = socket.create_connection(
@@ -158,7 +160,7 @@ def audit_rows(server: RunningServer, account: str, count: int) -> list[tuple[st
 @pytest.fixture
 def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
     """The stored hash of every password check the server makes while the test runs."""
-    real = cred.verify_password
+    real = passwords.verify_password
     calls: list[str | None] = []
 
     def counting(stored: str | None, password: str) -> bool:
