@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,8 +191,14 @@ def write_config(root: Path, extra_toml: str = "") -> Path:
 
 
 @contextlib.contextmanager
-def running_server(extra_toml: str = "", keep: bool = False) -> Iterator[BenchServer]:
-    """A started server in a fresh temporary folder; stopped (and the folder removed) after."""
+def running_server(
+    extra_toml: str = "", keep: bool = False, twistd_options: Sequence[str] = ()
+) -> Iterator[BenchServer]:
+    """A started server in a fresh temporary folder; stopped (and the folder removed) after.
+
+    ``extra_toml`` is appended to the generated config; ``twistd_options`` go before the
+    plugin name (e.g. ``--profile=FILE --profiler=cprofile --savestats``).
+    """
     root = Path(tempfile.mkdtemp(prefix="clientid-bench-"))
     server: BenchServer | None = None
     try:
@@ -204,6 +210,7 @@ def running_server(extra_toml: str = "", keep: bool = False) -> Iterator[BenchSe
                     str(VENV_BIN / "twistd"),
                     "-n",
                     "--pidfile=",
+                    *twistd_options,
                     "clientid-mta",
                     "--config",
                     str(config.source),

@@ -163,7 +163,12 @@ class Notifier:
             f"Network:     {notice.network}\n"
             f"Time:        {formatdate(localtime=True)}\n\n"
         )
-        fields = {"account": notice.account, "fingerprint": notice.fingerprint}
+        fields = {
+            "account": notice.account,
+            "fingerprint": notice.fingerprint,
+            "network": notice.network,
+            "client_type": notice.client_type,
+        }
         fields.update(notice.extra or {})
         message.set_content(details + _EXPLANATIONS[notice.kind].format(**fields) + "\n")
         localpart, _, domain = recipient.rpartition("@")

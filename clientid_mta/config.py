@@ -486,11 +486,12 @@ def check_server_files(config: Config) -> None:
             named.append(("auth", "passwd_file", config.auth.passwd_file))
     for section, key, path in named:
         if path is not None and not path.is_file():
-            hint = (
-                f" create it with: clientid-mta --config {config.source} user add ADDRESS"
-                if key == "passwd_file"
-                else " point it at an existing PEM file"
-            )
+            hints = {
+                "passwd_file": f" create it with: clientid-mta --config {config.source} user add"
+                " ADDRESS",
+                "geoip_database": " point it at a MaxMind .mmdb file, or remove the key",
+            }
+            hint = hints.get(key, " point it at an existing PEM file")
             raise ConfigError(f"config error: [{section}] {key}: {path} does not exist;{hint}.")
 
 

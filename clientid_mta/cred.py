@@ -247,6 +247,13 @@ class ClientIdChecker:
             self.defences.audit.record(
                 attempt.address, attempt.fingerprint, attempt.where.network, result, decision.reason
             )
+        undeliverable = [n for n in decision.notices if n.endswith("-undeliverable")]
+        if undeliverable:
+            log.warn(
+                "could not deliver notices {notices} to {account}",
+                notices=undeliverable,
+                account=attempt.address,
+            )
         if outcome.flagged_accounts is not None:
             log.warn(
                 "device {fingerprint} tried {accounts} accounts: flagged as shared",

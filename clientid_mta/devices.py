@@ -102,8 +102,9 @@ class DevicePolicy:
                 sent = self.notifier.notify_postmaster(notice)
             else:
                 sent = self.notifier.notify(notice)
-        except (OSError, ValueError):
-            # A notice is a courtesy: a full or broken mailbox must not change the decision.
+        except Exception:
+            # A notice is a courtesy: a full or broken mailbox, or a bug in a notice, must
+            # not change the decision. The reactor side logs the "-undeliverable" mark.
             return (f"{notice.kind}-undeliverable",)
         return (notice.kind,) if sent else ()
 
@@ -133,8 +134,11 @@ class DevicePolicy:
         fp = fingerprint(key)
         existing = self.store.get(account, key)
         if existing is None:
-            first = self.settings.policy != "allowlist" and not self.store.ever_trusted(account)
-            state = TRUSTED if first else PENDING
+            # Trust on first use, for a device the policy uses (or watches, under observe):
+            # a type that is only logged must not take the account's first-device slot.
+            eligible = enforced or self.settings.policy == "observe"
+            first = eligible and self.settings.policy != "allowlist"
+            state = TRUSTED if first and not self.store.ever_trusted(account) else PENDING
         else:
             state = existing.state
         self.store.record(account, key, identity.type, state, where.network)
