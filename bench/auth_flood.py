@@ -38,8 +38,8 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import Any
 
 from benchserver import BenchServer, machine_busy_seconds, running_server
 from smtpload import (
@@ -69,12 +69,29 @@ PROBE_INTERVAL = 0.2  # seconds between two logins of the trusted device
 PROBE_DELAY = 1.0  # seconds into a flood before the first trusted login
 ARGON2_SAMPLES = 5
 QUIET_SAMPLE = 1.0  # seconds over which the machine's load is sampled before a phase
+QUIET_STREAK = 3  # quiet samples in a row before a phase starts
 QUIET_SHARE = 0.25  # "quiet": other processes use less than this share of one CPU
 MAX_WARMUP_SESSIONS = 30  # sessions to spend one budget before giving up
 TARGET_THROTTLED_MS = 0.3
 TARGET_P99_MS = 500.0
 
 RESULTS = Path(__file__).resolve().parent / "results" / "auth_flood.md"
+
+
+BASELINE = "baseline: handshake + EHLO + QUIT"
+NEW_DEVICES = "new device per session"
+REPEATED_DEVICES = "repeated devices, budgets spent"
+ATTACKERS = (NEW_DEVICES, REPEATED_DEVICES)
+
+
+def flood(attacker: str) -> str:
+    """The name of the phase that measures CPU against ``attacker``."""
+    return f"flood, {attacker}"
+
+
+def flood_probed(attacker: str) -> str:
+    """The name of the phase that measures the trusted device's latency."""
+    return f"flood, {attacker} + trusted logins"
 
 
 def source_address(slot: int) -> str:
@@ -220,7 +237,7 @@ class Results:
 class AuthFlood:
     """The benchmark against one running server."""
 
-    def __init__(self, server: BenchServer, pool: Any, options: Options) -> None:
+    def __init__(self, server: BenchServer, pool: Pool, options: Options) -> None:
         self.server = server
         self.pool = pool
         self.options = options
@@ -233,20 +250,11 @@ class AuthFlood:
     def total_slots(self) -> int:
         return self.options.processes * self.options.concurrency
 
-    def specs(
-        self, account: str | None, tokens: tuple[str, ...] = (), duration: float | None = None
-    ) -> list[LoadSpec]:
-        n = self.options.concurrency
+    def specs(self, account: str | None, tokens: tuple[str, ...] = ()) -> list[LoadSpec]:
+        """One spec per generator process: ``account`` None is the handshake-only baseline."""
+        n, attempts = self.options.concurrency, self.results.attempts
         return [
-            LoadSpec(
-                self.target,
-                duration or self.options.duration,
-                n,
-                p * n,
-                account,
-                self.results.attempts,
-                tokens,
-            )
+            LoadSpec(self.target, self.options.duration, n, p * n, account, attempts, tokens)
             for p in range(self.options.processes)
         ]
 
@@ -292,15 +300,19 @@ class AuthFlood:
         raise RuntimeError(f"no 454 for {account} after {MAX_WARMUP_SESSIONS} sessions: {tally}")
 
     async def wait_quiet(self) -> None:
-        """Wait (up to ``quiet_wait`` s) until other processes leave the CPUs nearly idle."""
+        """Wait (up to ``quiet_wait`` s) until other processes leave the CPUs nearly idle.
+
+        Quiet means QUIET_STREAK samples in a row with less than QUIET_SHARE of a CPU busy.
+        """
         deadline = time.monotonic() + self.options.quiet_wait
-        while True:
+        streak = 0
+        while streak < QUIET_STREAK and time.monotonic() < deadline:
             busy = machine_busy_seconds()
             await asyncio.sleep(QUIET_SAMPLE)
             share = (machine_busy_seconds() - busy) / QUIET_SAMPLE
-            if share < QUIET_SHARE or time.monotonic() > deadline:
-                return
-            print(f"  other processes use {share:.0%} of a CPU; waiting", file=sys.stderr)
+            streak = streak + 1 if share < QUIET_SHARE else 0
+            if not streak:
+                print(f"  other processes use {share:.0%} of a CPU; waiting", file=sys.stderr)
 
     async def phase(self, name: str, specs: Sequence[LoadSpec], probe: bool = False) -> Phase:
         await self.wait_quiet()
@@ -377,22 +389,6 @@ async def wait_until(stop: asyncio.Event, seconds: float) -> bool:
         async with asyncio.timeout(max(seconds, 0.0)):
             await stop.wait()
     return not stop.is_set()
-
-
-BASELINE = "baseline: handshake + EHLO + QUIT"
-NEW_DEVICES = "new device per session"
-REPEATED_DEVICES = "repeated devices, budgets spent"
-ATTACKERS = (NEW_DEVICES, REPEATED_DEVICES)
-
-
-def flood(attacker: str) -> str:
-    """The name of the phase that measures CPU against ``attacker``."""
-    return f"flood, {attacker}"
-
-
-def flood_probed(attacker: str) -> str:
-    """The name of the phase that measures the trusted device's latency."""
-    return f"flood, {attacker} + trusted logins"
 
 
 # --- the report --------------------------------------------------------------------

@@ -16,11 +16,12 @@ import base64
 import functools
 import math
 import multiprocessing
+import multiprocessing.pool
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 CLOSE_TIMEOUT = 2.0  # seconds a closing TLS session may take before it is cut
 ERROR_PAUSE = 0.05  # seconds a slot waits after a failed session, so errors do not spin
@@ -248,7 +249,7 @@ async def run_slots(
 
 
 def run_in_processes(
-    pool: Any, job: Callable[[T], R], specs: Sequence[T], timeout: float
+    pool: multiprocessing.pool.Pool, job: Callable[[T], R], specs: Sequence[T], timeout: float
 ) -> list[R]:
     """``job(spec)`` for each spec on a ``multiprocessing`` pool; raises on ``timeout``.
 
@@ -257,7 +258,7 @@ def run_in_processes(
     return list(pool.map_async(job, specs, chunksize=1).get(timeout))
 
 
-def process_pool(processes: int) -> Any:
+def process_pool(processes: int) -> multiprocessing.pool.Pool:
     """A pool of fresh (spawned) processes; use it as a context manager (ends them)."""
     return multiprocessing.get_context("spawn").Pool(processes)
 
