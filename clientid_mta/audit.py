@@ -12,6 +12,7 @@ import time
 from clientid_mta.store import AuditEntry, SQLiteDeviceStore
 
 PRUNE_EVERY = 3600.0
+MAX_PENDING = 100_000  # entries kept while the store cannot be written
 
 
 class AuditLog:
@@ -34,7 +35,12 @@ class AuditLog:
         with self._lock:
             batch, self._pending = self._pending, []
         if batch:
-            self.store.add_audit(batch)
+            try:
+                self.store.add_audit(batch)
+            except Exception:
+                with self._lock:  # keep them for the next flush (the store may be locked)
+                    self._pending[:0] = batch[-MAX_PENDING:]
+                raise
         now = time.time()
         if now - self._pruned > PRUNE_EVERY:
             self._pruned = now

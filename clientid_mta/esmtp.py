@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import sqlite3
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
@@ -627,9 +628,16 @@ class SubmissionESMTP(smtp.ESMTP):
                 self.reply(454, "4.7.0 Too many failed logins, try again later")
             return
         if not failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
-            log.failure(
-                "authentication error in session {session}", failure, session=self.session_id
-            )
+            if failure.check(OSError, sqlite3.Error):  # state unavailable (locked, disk): expected
+                log.error(
+                    "authentication unavailable in session {session}: {problem}",
+                    session=self.session_id,
+                    problem=str(failure.value),
+                )
+            else:
+                log.failure(
+                    "authentication error in session {session}", failure, session=self.session_id
+                )
             self.reply(454, "4.7.0 Temporary authentication failure")
             return
         self.auth_failures += 1

@@ -7,6 +7,7 @@ listens with the result, or adds ``build_service(config)`` to its application.
 from __future__ import annotations
 
 import signal
+import sqlite3
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorFromThreads
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
 from clientid_mta.alerts import DEVICE_APPROVED, FailureCounter, Notice, Notifier
 from clientid_mta.approval import ApprovalMessage, Approvals
@@ -216,9 +218,15 @@ class SubmissionService(service.MultiService):
             return None
         self._housekeeping_busy = True
         done = threads.deferToThread(self._housekeep)
-        done.addErrback(lambda failure: log.failure("housekeeping failed", failure))
+        done.addErrback(self._housekeeping_failed)
         done.addBoth(lambda _: setattr(self, "_housekeeping_busy", False))
         return None
+
+    def _housekeeping_failed(self, failure: Failure) -> None:
+        if failure.check(OSError, sqlite3.Error):  # locked or full: retried next second
+            log.error("cannot write the audit log now: {problem}", problem=str(failure.value))
+        else:
+            log.failure("housekeeping failed", failure)
 
     def listening(self) -> defer.Deferred[dict[str, IListeningPort]]:
         """Fires with {listener name: port} once both listeners are bound (port 0 works)."""
