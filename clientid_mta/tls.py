@@ -95,13 +95,15 @@ def server_context(certificate: Path, key: Path) -> ssl.CertificateOptions:
             "it must be an unencrypted PEM private key."
         ) from None
     try:
-        return ssl.CertificateOptions(
+        options = ssl.CertificateOptions(
             privateKey=private_key,  # type: ignore[arg-type]  # pyOpenSSL takes cryptography keys
             certificate=chain[0],  # type: ignore[arg-type]
             extraCertChain=chain[1:],  # type: ignore[arg-type]
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
             acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
         )
+        options.getContext()  # builds the context now: a key of another certificate fails here
+        return options
     except Exception as problem:
         raise ConfigError(
             f"config error: [tls] certificate and key do not go together ({problem}); "
