@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 IPV4_PREFIX = 24
 IPV6_PREFIX = 56
 
 
+# Cached: every AUTH attempt asks, and the ipaddress module costs ~30 us a call, which
+# was most of the CPU of a throttled attempt (bench/auth_flood.py, profile in the notes).
+@functools.lru_cache(maxsize=65536)
 def network_prefix(host: str, ipv4: int = IPV4_PREFIX, ipv6: int = IPV6_PREFIX) -> str:
     """The client's network: /24 for IPv4, /56 for IPv6 (IPv4-mapped IPv6 counts as IPv4)."""
     try:
