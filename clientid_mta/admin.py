@@ -209,8 +209,9 @@ class Admin:
         )
         for e in entries:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+            account = _printable(e.account)  # typed by a client: never let it break a line
             print(
-                row.format(when, e.outcome, e.account, e.fingerprint or "-", e.network, e.reason),
+                row.format(when, e.outcome, account, e.fingerprint or "-", e.network, e.reason),
                 file=self.out,
             )
 
@@ -238,6 +239,10 @@ def parse_since(text: str, now: float | None = None) -> float:
         raise AdminError(
             f"--since {text!r}: give a duration like 2h, 30m, 7d, or a date like 2026-11-23"
         ) from None
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _when(timestamp: float) -> str:

@@ -47,7 +47,13 @@ from clientid_mta.config import Config
 from clientid_mta.cred import ClientIdUsernamePassword, LoginThrottled, TLSInfo
 from clientid_mta.maildir import UnsafeMailboxName
 from clientid_mta.network import network_prefix
-from clientid_mta.sasl import SaslError, decode_response, decode_text, parse_plain
+from clientid_mta.sasl import (
+    SaslError,
+    decode_response,
+    decode_text,
+    decode_username,
+    parse_plain,
+)
 from clientid_mta.sessions import SessionLimits
 
 log = Logger()
@@ -320,25 +326,30 @@ class SubmissionESMTP(smtp.ESMTP):
         return MAX_COMMAND_LINE
 
     def _process_line(self) -> bool:
-        """Take one line from the buffer and run it; False when no full line is there."""
-        end = self._inbuf.find(b"\n")
+        """Take one line from the buffer and run it; False when no full line is there.
+
+        Only CRLF ends a command line (RFC 5321 2.3.8): a bare CR or LF stays inside the
+        line, where the command's own syntax check refuses it, so nothing can be smuggled
+        in as a second command.
+        """
+        end = self._inbuf.find(b"\r\n")
         if end < 0:
-            if len(self._inbuf) > self._line_limit() + 1:
-                self._inbuf.clear()
+            if len(self._inbuf) > self._line_limit() + 2:
+                # Keep a final CR: it may be the first half of the CRLF that ends the line.
+                keep = self._inbuf[-1:] == b"\r"
+                self._inbuf[:] = b"\r" if keep else b""
                 if not self._skip_line:
                     self._skip_line = True
                     self._line_too_long()
             return False
         line = bytes(self._inbuf[:end])
-        del self._inbuf[: end + 1]
+        del self._inbuf[: end + 2]
         # The idle timer restarts per complete line, not per byte: a client that dribbles
         # a command one byte at a time still has to finish it within command_timeout.
         self.resetTimeout()
         if self._skip_line:
             self._skip_line = False
             return True
-        if line.endswith(b"\r"):
-            line = line[:-1]
         if len(line) > self._line_limit():
             self._line_too_long()
             return True
@@ -569,7 +580,7 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def _auth_login_user(self, response: bytes) -> None:
         try:
-            self._login_user = decode_text(decode_response(response))
+            self._login_user = decode_username(decode_response(response))
         except SaslError as bad:
             self.error(501, str(bad))
             return

@@ -39,6 +39,17 @@ def decode_text(data: bytes) -> str:
     return text
 
 
+def decode_username(data: bytes) -> str:
+    """A user name: like ``decode_text``, and no control or line-breaking characters.
+
+    It ends up in logs and the audit listing, so nothing in it may start a new line.
+    """
+    text = decode_text(data)
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in text):
+        raise SaslError("5.5.2 Malformed authentication response")
+    return text
+
+
 @dataclass(frozen=True)
 class PlainCredentials:
     username: str
@@ -52,6 +63,6 @@ def parse_plain(response: bytes) -> PlainCredentials:
     if len(fields) != 3:
         raise SaslError("5.5.2 Malformed PLAIN response")
     authzid, authcid, password = fields
-    username = decode_text(authcid)
+    username = decode_username(authcid)
     secret = decode_text(password)
     return PlainCredentials(username, secret, bool(authzid) and authzid != authcid)
