@@ -127,6 +127,8 @@ class ClientIdChecker:
         self.passwords = passwords
         self.policy = policy
         self.defences = defences or Defences()
+        # Where the blocking half runs; the server gives it its own pool (workers.py).
+        self.run_in_thread: Callable[..., defer.Deferred[Any]] = threads.deferToThread
         self.throttled_count = 0  # read (and reset) by the server's housekeeping
 
     def _attempt(self, creds: IClientIdUsernamePassword) -> Attempt:
@@ -153,7 +155,7 @@ class ClientIdChecker:
             # No thread, no hash: a throttled device costs next to nothing.
             outcome = AuthOutcome(None, False, Decision(False, "device_throttled"), throttled=True)
             return defer.maybeDeferred(self._conclude, outcome, attempt, creds)
-        checked = threads.deferToThread(self._check, attempt, creds.password)
+        checked = self.run_in_thread(self._check, attempt, creds.password)
         return checked.addCallback(self._conclude, attempt, creds)
 
     def _check(self, attempt: Attempt, password: str) -> AuthOutcome:

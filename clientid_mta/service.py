@@ -40,6 +40,7 @@ from clientid_mta.sharing import SharedDevices
 from clientid_mta.store import SQLiteDeviceStore
 from clientid_mta.throttle import Throttle
 from clientid_mta.tls import ReloadableServerTLS, generate_self_signed
+from clientid_mta.workers import AuthWorkers
 
 log = Logger()
 
@@ -61,6 +62,7 @@ class Components:
     defences: Defences
     checker: ClientIdChecker
     sessions: SessionLimits
+    workers: AuthWorkers
 
 
 def build_components(config: Config) -> Components:
@@ -129,6 +131,8 @@ def build_components(config: Config) -> Components:
     portal = build_portal(passwords, policy, delivery_factory(passwords, router), defences)
     checker = portal.checkers[IClientIdUsernamePassword]
     assert isinstance(checker, ClientIdChecker)
+    workers = AuthWorkers()
+    checker.run_in_thread = workers.run
     return Components(
         config,
         passwords,
@@ -140,6 +144,7 @@ def build_components(config: Config) -> Components:
         defences,
         checker,
         SessionLimits(config.limits),
+        workers,
     )
 
 
@@ -290,6 +295,7 @@ class SubmissionService(service.MultiService):
         stopped = defer.maybeDeferred(super().stopService)
         stopped.addCallback(lambda _: threads.deferToThread(self._housekeep, True))
         stopped.addErrback(lambda failure: log.failure("saving state at stop failed", failure))
+        stopped.addBoth(lambda _: self.components.workers.stop())
         stopped.addBoth(lambda _: self.components.store.close())
         return stopped
 

@@ -9,14 +9,18 @@ can change a device while the server runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from zope.interface import Interface, implementer
+
+BUSY_TIMEOUT = 5.0  # seconds to wait for the database (locked by another process)
 
 TRUSTED = "trusted"
 PENDING = "pending"
@@ -143,7 +147,7 @@ class SQLiteDeviceStore:
         previous_umask = os.umask(0o077)  # the database and its -wal/-shm stay private
         try:
             self._db = sqlite3.connect(
-                path, check_same_thread=False, isolation_level=None, timeout=10
+                path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT
             )
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -153,6 +157,20 @@ class SQLiteDeviceStore:
         finally:
             os.umask(previous_umask)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's turn at the database, waited for at most BUSY_TIMEOUT.
+
+        Without the bound, calls queue behind one that waits on another process's lock,
+        and a login would wait as long as that lock lasts instead of failing (454).
+        """
+        if not self._lock.acquire(timeout=BUSY_TIMEOUT):
+            raise sqlite3.OperationalError("the device store is busy")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def _add_missing_columns(self) -> None:
         for table, column, definition in _ADDED_COLUMNS:
             present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
@@ -160,11 +178,11 @@ class SQLiteDeviceStore:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
-        with self._lock:
+        with self._locked():
             self._db.close()
 
     def _one(self, sql: str, args: tuple[object, ...]) -> Device | None:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(sql, args).fetchone()
         return Device(**dict(row)) if row else None
 
@@ -174,7 +192,7 @@ class SQLiteDeviceStore:
         )
 
     def ever_trusted(self, account: str) -> bool:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT 1 FROM devices WHERE account=? AND state IN (?, ?) LIMIT 1",
                 (account, TRUSTED, REVOKED),
@@ -183,7 +201,7 @@ class SQLiteDeviceStore:
 
     def record(self, account: str, device_key: str, type: str, state: str, network: str) -> Device:
         now = time.time()
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 "INSERT INTO devices (account, device_key, type, state, first_seen, last_seen,"
                 " last_network) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -197,7 +215,7 @@ class SQLiteDeviceStore:
 
     def login(self, account: str, device_key: str, network: str, region: str) -> None:
         now = time.time()
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 "UPDATE devices SET logins=logins+1, last_seen=?, last_network=?, last_login=?,"
                 " last_region=? WHERE account=? AND device_key=?",
@@ -218,7 +236,7 @@ class SQLiteDeviceStore:
         if state not in STATES:
             raise ValueError(f"unknown device state {state!r}")
         device = self._find(account, fingerprint)
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 "UPDATE devices SET state=? WHERE account=? AND device_key=?",
                 (state, account, device.device_key),
@@ -227,7 +245,7 @@ class SQLiteDeviceStore:
 
     def set_label(self, account: str, fingerprint: str, label: str) -> Device:
         device = self._find(account, fingerprint)
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 "UPDATE devices SET label=? WHERE account=? AND device_key=?",
                 (label, account, device.device_key),
@@ -237,7 +255,7 @@ class SQLiteDeviceStore:
     def add_trusted(self, account: str, device_key: str, type: str, label: str = "") -> Device:
         """An operator's pre-approved device (``device add``); trusted even if seen before."""
         self.record(account, device_key, type, TRUSTED, "")
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 "UPDATE devices SET state=?, label=? WHERE account=? AND device_key=?",
                 (TRUSTED, label, account, device_key),
@@ -248,12 +266,12 @@ class SQLiteDeviceStore:
 
     def delete_account(self, account: str) -> int:
         """Forget every device of an account; returns how many there were."""
-        with self._lock:
+        with self._locked():
             cursor = self._db.execute("DELETE FROM devices WHERE account=?", (account,))
         return cursor.rowcount
 
     def devices_of(self, account: str) -> list[Device]:
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(
                 "SELECT * FROM devices WHERE account=? ORDER BY first_seen", (account,)
             ).fetchall()
@@ -262,7 +280,7 @@ class SQLiteDeviceStore:
     # --- audit log ------------------------------------------------------------------
 
     def add_audit(self, entries: list[AuditEntry]) -> None:
-        with self._lock:
+        with self._locked():
             self._db.executemany(
                 "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)",
                 [
@@ -272,7 +290,7 @@ class SQLiteDeviceStore:
             )
 
     def prune_audit(self, before: float) -> int:
-        with self._lock:
+        with self._locked():
             return self._db.execute("DELETE FROM audit WHERE time < ?", (before,)).rowcount
 
     def audit(
@@ -296,21 +314,21 @@ class SQLiteDeviceStore:
             where.append("time >= ?")
             args.append(since)
         sql = f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY time DESC LIMIT ?"  # noqa: S608
-        with self._lock:
+        with self._locked():
             rows = self._db.execute(sql, (*args, limit)).fetchall()
         return [AuditEntry(**dict(row)) for row in reversed(rows)]
 
     # --- throttle state -------------------------------------------------------------
 
     def save_throttle(self, rows: list[tuple[str, float, float]]) -> None:
-        with self._lock:
+        with self._locked():
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM throttle")
             self._db.executemany("INSERT INTO throttle VALUES (?, ?, ?)", rows)
             self._db.execute("COMMIT")
 
     def load_throttle(self) -> list[tuple[str, float, float]]:
-        with self._lock:
+        with self._locked():
             return [tuple(row) for row in self._db.execute("SELECT * FROM throttle")]
 
     # --- approval codes -------------------------------------------------------------
@@ -318,7 +336,7 @@ class SQLiteDeviceStore:
     def add_approval_code(
         self, code_hash: str, account: str, device_key: str, expires: float
     ) -> None:
-        with self._lock:
+        with self._locked():
             self._db.execute(
                 "INSERT INTO approval_codes VALUES (?, ?, ?, ?, NULL)",
                 (code_hash, account, device_key, expires),
@@ -326,7 +344,7 @@ class SQLiteDeviceStore:
 
     def redeem_approval_code(self, code_hash: str, account: str, now: float) -> str | None:
         """Mark the code used and return its device key, or None if not valid (once only)."""
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "UPDATE approval_codes SET used=? WHERE code_hash=? AND account=? AND used IS NULL"
                 " AND expires > ? RETURNING device_key",
@@ -338,7 +356,7 @@ class SQLiteDeviceStore:
 
     def flag_shared(self, device_key: str, accounts: int) -> bool:
         """Record a device seen on many accounts; False if it was flagged already."""
-        with self._lock:
+        with self._locked():
             cursor = self._db.execute(
                 "INSERT OR IGNORE INTO shared_devices VALUES (?, ?, ?)",
                 (device_key, time.time(), accounts),
@@ -346,14 +364,14 @@ class SQLiteDeviceStore:
         return cursor.rowcount == 1
 
     def is_flagged(self, device_key: str) -> bool:
-        with self._lock:
+        with self._locked():
             row = self._db.execute(
                 "SELECT 1 FROM shared_devices WHERE device_key=?", (device_key,)
             ).fetchone()
         return row is not None
 
     def unflag(self, fingerprint: str) -> int:
-        with self._lock:
+        with self._locked():
             return self._db.execute(
                 "DELETE FROM shared_devices WHERE device_key LIKE ?", (fingerprint.lower() + "%",)
             ).rowcount
