@@ -90,7 +90,9 @@ class BodyReader:
         while True:
             idx = buf.find(b"\r\n", pos)
             if idx < 0:
-                if end - pos > self.max_line:
+                # A final CR may be the first half of the CRLF: it does not count.
+                pending = end - pos - (1 if buf[end - 1 : end] == b"\r" else 0)
+                if pending > self.max_line:
                     # A line longer than the cap with no end in sight: drop what we have,
                     # keeping a final CR that may be the start of the CRLF.
                     self.line_too_long = True

@@ -371,7 +371,13 @@ def _section_values(name: str, raw: Any, base: Path, data_dir: Path | None) -> d
             if checker is _PATH:
                 if not isinstance(value, str) or not value:
                     raise ConfigError(f"config error: [{name}] {key} must be a file path string.")
-                path = Path(value).expanduser()
+                try:
+                    path = Path(value).expanduser()
+                except RuntimeError:  # ~user for a user that does not exist
+                    raise ConfigError(
+                        f"config error: [{name}] {key}: {value!r} names a home folder that "
+                        "does not exist; write the full path."
+                    ) from None
                 values[key] = path if path.is_absolute() else base / path
                 continue
             try:
@@ -434,6 +440,12 @@ def load_config(path: str | Path | None = None) -> Config:
             raise ConfigError(f"config error: cannot read {source}: {error.strerror}.") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"config error: {source} is not valid TOML: {error}.") from None
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"config error: {source} is not UTF-8 text; save it as UTF-8."
+            ) from None
+        except RecursionError:
+            raise ConfigError(f"config error: {source} nests tables or lists too deeply.") from None
     for name in sorted(set(raw) - set(SCHEMA)):
         raise ConfigError(
             f"config error: unknown section [{name}]{_closest(name, list(SCHEMA))}; "

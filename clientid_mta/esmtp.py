@@ -320,8 +320,9 @@ class SubmissionESMTP(smtp.ESMTP):
             self._paused = True
             self.transport.pauseProducing()
 
-    def _line_limit(self) -> int:
-        if self.input_mode is not Mode.COMMAND or self._inbuf[:5].upper() == b"AUTH ":
+    def _line_limit(self, line: bytes | bytearray) -> int:
+        """512 octets for a command; SASL lines (AUTH and its responses) may be longer."""
+        if self.input_mode is not Mode.COMMAND or line[:5].upper() == b"AUTH ":
             return MAX_AUTH_LINE
         return MAX_COMMAND_LINE
 
@@ -334,7 +335,7 @@ class SubmissionESMTP(smtp.ESMTP):
         """
         end = self._inbuf.find(b"\r\n")
         if end < 0:
-            if len(self._inbuf) > self._line_limit() + 2:
+            if len(self._inbuf) > self._line_limit(self._inbuf) + 1:
                 # Keep a final CR: it may be the first half of the CRLF that ends the line.
                 keep = self._inbuf[-1:] == b"\r"
                 self._inbuf[:] = b"\r" if keep else b""
@@ -350,7 +351,7 @@ class SubmissionESMTP(smtp.ESMTP):
         if self._skip_line:
             self._skip_line = False
             return True
-        if len(line) > self._line_limit():
+        if len(line) > self._line_limit(line):
             self._line_too_long()
             return True
         self._run(line)
