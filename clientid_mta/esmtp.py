@@ -225,7 +225,7 @@ class SubmissionESMTP(smtp.ESMTP):
             network=network_prefix(self._peer_host()),
             port="submissions" if self.implicit_tls else "submission",
         )
-        refused = self.sessions.open(self._peer_host())
+        refused = self.sessions.open(self._peer_host(), self, self._pushed_out)
         if refused is not None:
             self.reply(421, f"4.7.0 {self.hostname} Error: {refused}, try again later")
             self._close()
@@ -242,13 +242,23 @@ class SubmissionESMTP(smtp.ESMTP):
         self._inbuf.clear()
         self._abort_messages()
         self._forget_device()
-        if self._counted_address is not None:
-            self.sessions.close(self._counted_address)
-            self._counted_address = None
+        self._release_session()
         if self._onLogout:
             self._onLogout()
             self._onLogout = None
         self.setTimeout(None)
+
+    def _release_session(self) -> None:
+        if self._counted_address is not None:
+            self.sessions.close(self._counted_address, self)
+            self._counted_address = None
+
+    def _pushed_out(self) -> None:
+        """The server is full and this session has not logged in: make room."""
+        self._release_session()
+        if not self._closing:
+            self.reply(421, f"4.7.0 {self.hostname} Error: server busy, try again later")
+            self._close()
 
     def timeoutConnection(self) -> None:
         self.reply(421, f"4.4.2 {self.hostname} Error: timeout exceeded")
@@ -625,6 +635,7 @@ class SubmissionESMTP(smtp.ESMTP):
         self.delivery = avatar
         self._onLogout = logout
         self.authenticated = True
+        self.sessions.logged_in(self)
         self.account = getattr(getattr(avatar, "account", None), "address", None)
         self.reply(235, "2.7.0 Authentication successful")
 

@@ -230,26 +230,40 @@ def test_S13_idle_flood_over_the_address_cap_is_421_4_7_0_and_the_rest_times_out
     assert first_line(connect(server))[:4] == b"220 "
 
 
-def test_S13_overall_cap_is_421_4_7_0_for_every_address_until_a_slot_is_free(
+def test_S13_full_server_pushes_out_the_oldest_session_not_logged_in(
     start: Callable[[str], RunningServer],
 ) -> None:
     server = start("[limits]\nmax_sessions = 30\nmax_sessions_per_address = 20")
     first = [connect(server, "127.0.0.1") for _ in range(20)]
+    greetings = [first_line(sock) for sock in first]
     second = [connect(server, "127.0.0.3") for _ in range(20)]
-    greetings = [first_line(sock) for sock in first + second]
-    assert [line[:4] for line in greetings] == [b"220 "] * 30 + [b"421 "] * 10
-    assert set(greetings[30:]) == {
-        f"421 4.7.0 {HOSTNAME} Error: too many sessions, try again later\r\n".encode()
-    }
-    with pytest.raises(smtplib.SMTPConnectError) as refused:
-        good_session(server)  # the overall cap counts every address
-    assert refused.value.smtp_code == 421
-    assert refused.value.smtp_error.startswith(b"4.7.0 ")
-    for sock in first[:5]:
-        sock.close()
-    assert wait_for(lambda: sessions_open(server) == 25)
-    good_session(server)
+    greetings += [first_line(sock) for sock in second]
+    assert [line[:4] for line in greetings] == [b"220 "] * 40  # idle ones make room
+    busy = f"421 4.7.0 {HOSTNAME} Error: server busy, try again later\r\n".encode()
+    assert [first_line(sock) for sock in first[:10]] == [busy] * 10  # the oldest ten
+    good_session(server)  # a client that logs in is served even when the server is full
+    assert sessions_open(server) <= 30
     assert_each_good_message_stored_once(server, 1)
+
+
+def test_S13_logged_in_sessions_are_never_pushed_out(
+    start: Callable[[str], RunningServer],
+) -> None:
+    server = start("[limits]\nmax_sessions = 3")
+    clients = []
+    for _ in range(3):
+        client = smtplib.SMTP_SSL(
+            "127.0.0.1", server.tls_port, timeout=10, context=server.ssl_context()
+        )
+        client.login(ALICE, PASSWORDS[ALICE])
+        clients.append(client)
+    refused = connect(server, "127.0.0.3")
+    assert first_line(refused).startswith(b"421 4.7.0 ")
+    for client in clients:
+        assert client.noop()[0] == 250  # none of them was pushed out
+    clients.pop().quit()
+    assert wait_for(lambda: sessions_open(server) == 2)
+    good_session(server)
 
 
 # --- S13: slowloris ----------------------------------------------------------------------------
