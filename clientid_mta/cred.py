@@ -25,7 +25,7 @@ from clientid_mta.audit import AuditLog
 from clientid_mta.clientid import ClientIdentity, fingerprint
 from clientid_mta.devices import Decision, DevicePolicy, Where
 from clientid_mta.network import network_prefix
-from clientid_mta.passwords import PasswdFile, normalise_address, verify_password
+from clientid_mta.passwords import Account, PasswdFile, normalise_address, verify_password
 from clientid_mta.regions import Regions
 from clientid_mta.sharing import SharedDevices
 from clientid_mta.store import TRUSTED
@@ -151,7 +151,7 @@ class ClientIdChecker:
         creds = IClientIdUsernamePassword(credentials)
         attempt = self._attempt(creds)
         throttle = self.defences.throttle
-        if throttle is not None and not throttle.allows(attempt.throttle_key):
+        if throttle is not None and not throttle.take(attempt.throttle_key):
             # No thread, no hash: a throttled device costs next to nothing.
             outcome = AuthOutcome(None, False, Decision(False, "device_throttled"), throttled=True)
             return defer.maybeDeferred(self._conclude, outcome, attempt, creds)
@@ -180,8 +180,25 @@ class ClientIdChecker:
         )
         account_key = account_key_for(address, known)
         throttle = defences.throttle
-        if throttle is not None and not throttle.allows(account_key):
+        if throttle is not None and not throttle.take(account_key):
+            throttle.refund(attempt.throttle_key)  # not a failure of this device's
             return AuthOutcome(None, False, Decision(False, "account_throttled"), throttled=True)
+        outcome = self._verify_and_decide(attempt, password, account, account_key, known)
+        if throttle is not None and outcome.password_ok and outcome.decision.allowed:
+            throttle.refund(attempt.throttle_key, account_key)  # successes never spend
+        return outcome
+
+    def _verify_and_decide(
+        self,
+        attempt: Attempt,
+        password: str,
+        account: Account | None,
+        account_key: str,
+        known: bool,
+    ) -> AuthOutcome:
+        """The hash, then the policy; both budgets are already spent. Blocking."""
+        defences = self.defences
+        address = attempt.address
         ok = verify_password(account.password_hash if account else None, password)
         if account is None or not ok:
             decision = (
@@ -204,9 +221,8 @@ class ClientIdChecker:
         return AuthOutcome(address, True, decision)
 
     def _failed(self, attempt: Attempt, account_key: str, known: bool) -> None:
+        """A failed attempt (its budget was spent by ``take``): maybe tell the holder."""
         defences = self.defences
-        if defences.throttle is not None:
-            defences.throttle.charge(attempt.throttle_key, account_key)
         if (
             not known
             and defences.failures is not None

@@ -644,7 +644,7 @@ class SubmissionESMTP(smtp.ESMTP):
             return
         if failure.check(LoginThrottled):
             self.auth_failures += 1
-            if self.throttle_action == "421":
+            if self.throttle_action == "421" or self.auth_failures >= self.max_auth_failures:
                 self.reply(421, f"4.7.0 {self.hostname} Error: too many failed logins, try later")
                 self._close()
             else:

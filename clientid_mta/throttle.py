@@ -76,6 +76,37 @@ class Throttle:
         with self._lock:
             return all(self._tokens(key, now) >= 1.0 for key in keys)
 
+    def take(self, *keys: str) -> bool:
+        """Spend one attempt from every key at once, if every key has one left.
+
+        Taken before the password check and given back (``refund``) when the attempt
+        succeeds: checking first and charging after would let every concurrent attempt
+        through on one remaining token.
+        """
+        if not self.enabled:
+            return True
+        now = self._clock()
+        with self._lock:
+            levels = [self._tokens(key, now) for key in keys]
+            if any(level < 1.0 for level in levels):
+                return False
+            for key, level in zip(keys, levels, strict=True):
+                self._buckets[key] = (level - 1.0, now)
+                self._buckets.move_to_end(key)
+            while len(self._buckets) > MAX_KEYS:
+                self._buckets.popitem(last=False)
+            return True
+
+    def refund(self, *keys: str) -> None:
+        """Give back what ``take`` spent (the attempt was not a failure)."""
+        if not self.enabled:
+            return
+        now = self._clock()
+        with self._lock:
+            for key in keys:
+                level = min(self._tokens(key, now) + 1.0, float(self._budget(key).burst))
+                self._buckets[key] = (level, now)
+
     def charge(self, *keys: str) -> None:
         """Spend one attempt from each key's budget (a failure)."""
         if not self.enabled:

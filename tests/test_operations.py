@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from clientid_mta.config import load_config
 from clientid_mta.devices import Where
 from clientid_mta.service import build_components
 from clientid_mta.tap import hand_over_state, state_files
+from tests.conftest import RunningServer
 from tests.serverproc import run_twistd_once
 from tests.test_units import make_policy
 
@@ -117,3 +120,33 @@ def test_admin_run_prompts_nothing_when_stdin_is_a_pipe(tmp_path: Path) -> None:
     assert out.getvalue() == "added x@example.org\n"
     with pytest.raises(admin.AdminError):
         admin.run(["--config", str(config), "user", "add", "y@example.org"], out, io.StringIO(""))
+
+
+def test_throttle_take_lets_one_of_many_concurrent_attempts_through() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clientid_mta.config import ThrottleConfig
+    from clientid_mta.throttle import Throttle
+
+    throttle = Throttle(ThrottleConfig(device_burst=1, account_unknown_burst=1))
+    with ThreadPoolExecutor(8) as pool:
+        taken = list(pool.map(lambda _: throttle.take("device:x", "unknown:a"), range(40)))
+    assert taken.count(True) == 1
+    throttle.refund("device:x", "unknown:a")  # a success gives it back
+    assert throttle.take("device:x", "unknown:a")
+
+
+def test_S13_throttled_attempts_count_towards_the_session_limit(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    server = make_server("[throttle]\ndevice_burst = 1\n[auth]\nmax_failures_per_session = 3")
+    server.add_user("alice@example.org", "alice-password")
+    wire = server.wire().tls_session()
+    assert wire.code("CLIENTID UUID 0b6b2f7e-0000-4000-8000-0000000000aa") == 250
+    assert wire.auth_plain("alice@example.org", "wrong") == 535  # spends the device's budget
+    assert wire.auth_plain("alice@example.org", "wrong") == 454
+    code, [text] = wire.cmd(
+        "AUTH PLAIN " + base64.b64encode(b"\0alice@example.org\0wrong").decode()
+    )
+    assert code == 421 and text.startswith("4.7.0 ")
+    assert wire.is_closed()
