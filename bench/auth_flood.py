@@ -32,12 +32,13 @@ import os
 import platform
 import ssl
 import statistics
+import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from multiprocessing.pool import Pool
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from benchserver import BenchServer, machine_busy_seconds, running_server
 from smtpload import (
     SESSION_ERRORS,
     Latencies,
+    Reply,
     SmtpSession,
     Tally,
     Target,
@@ -60,6 +62,8 @@ ALICE = "alice@example.org"
 ALICE_PASSWORD = "alice-password"
 WRONG_PASSWORD = "wrong-password"
 CLIENT_TYPE = "UUID"
+THROTTLED_TEXT = "4.7.0 Too many failed logins"  # the 454 of a spent budget
+COUNTED = ("sessions", "attempts", "235", "454", "535", "421")  # columns of the phase table
 
 SLOTS_PER_SOURCE = 8  # concurrent sessions per source address (the server allows 20)
 SESSIONS_PER_DEVICE = 3  # concurrent sessions per repeated device (the server allows 5)
@@ -71,7 +75,9 @@ ARGON2_SAMPLES = 5
 QUIET_SAMPLE = 1.0  # seconds over which the machine's load is sampled before a phase
 QUIET_STREAK = 3  # quiet samples in a row before a phase starts
 QUIET_SHARE = 0.25  # "quiet": other processes use less than this share of one CPU
+DISTURBED_SHARE = 0.10  # a phase during which other processes used more gets a warning
 MAX_WARMUP_SESSIONS = 30  # sessions to spend one budget before giving up
+PASSWORD_CHECKS_TIMEOUT = 120.0  # seconds for a reply while budgets are being spent
 TARGET_THROTTLED_MS = 0.3
 TARGET_P99_MS = 500.0
 
@@ -99,9 +105,9 @@ def source_address(slot: int) -> str:
     return f"127.0.0.{10 + slot // SLOTS_PER_SOURCE}"
 
 
-def ghost_account(index: int) -> str:
+def ghost_account(index: int, round_: int) -> str:
     """A made-up account on which a repeated device spends its own budget."""
-    return f"nobody-{index}@example.org"
+    return f"nobody-{index}-{round_}@example.org"
 
 
 def new_token() -> str:
@@ -127,9 +133,16 @@ async def attempt_session(
         for _ in range(attempts):
             reply = await session.auth_plain(account, password)
             tally["attempts"] += 1
-            tally[str(reply.code)] += 1
+            tally[reply_key(reply)] += 1
             if session.closed or reply.code == 235:
                 break
+
+
+def reply_key(reply: Reply) -> str:
+    """The tally key of an AUTH reply: its code; a 454 that is not throttling is apart."""
+    if reply.code == 454 and not reply.text.startswith(THROTTLED_TEXT):
+        return "454 " + reply.text
+    return str(reply.code)
 
 
 async def handshake_session(target: Target, tally: Tally, source: str | None = None) -> None:
@@ -190,7 +203,7 @@ class Phase:
     wall: float
     server_cpu: float  # net of the idle server's CPU
     generator_cpu: float
-    others_cpu: float  # processes that are not part of the benchmark
+    others_share: float  # of one CPU, by processes that are not part of the benchmark
     tally: Tally
     latencies: Latencies | None = None
 
@@ -202,12 +215,10 @@ class Phase:
     def generator_share(self) -> float:
         return self.generator_cpu / self.wall
 
-    @property
-    def others_share(self) -> float:
-        return self.others_cpu / self.wall
-
-    def error_text(self) -> str:
-        return ", ".join(f"{n} {k[6:]}" for k, n in sorted(self.tally.items()) if k[:5] == "error")
+    def others_text(self) -> str:
+        """Counts that have no column: other replies, and failed sessions (``error ...``)."""
+        others = sorted((k, n) for k, n in self.tally.items() if k not in COUNTED)
+        return ", ".join(f"{n} x {key}" for key, n in others) or "0"
 
 
 @dataclass
@@ -218,6 +229,7 @@ class Options:
     implicit_tls: bool
     attempts: int | None
     quiet_wait: float
+    nice: int
     output: Path
     keep: bool
 
@@ -226,6 +238,7 @@ class Options:
 class Results:
     options: Options
     attempts: int
+    code: str = ""  # the server's code version, taken at the start
     tls_version: str = ""
     argon2_cpu: float = math.nan
     argon2_wall: float = math.nan
@@ -242,9 +255,12 @@ class AuthFlood:
         self.pool = pool
         self.options = options
         self.target = server.target(options.implicit_tls)
+        # Spending budgets queues many password checks: give their replies more time.
+        self.slow_target = replace(self.target, timeout=PASSWORD_CHECKS_TIMEOUT)
         attempts = options.attempts or server.config.auth.max_failures_per_session
-        self.results = Results(options, attempts)
+        self.results = Results(options, attempts, code_version())
         self.trusted_token = new_token()
+        self.spent = 0  # rounds of spend_budgets
 
     @property
     def total_slots(self) -> int:
@@ -262,7 +278,7 @@ class AuthFlood:
         """alice, her trusted device (TOFU: the first login trusts it), the reference costs."""
         self.server.add_user(ALICE, ALICE_PASSWORD)
         tally: Tally = Counter()
-        await attempt_session(self.target, self.trusted_token, ALICE, ALICE_PASSWORD, 1, tally)
+        await attempt_session(self.slow_target, self.trusted_token, ALICE, ALICE_PASSWORD, 1, tally)
         if tally["235"] != 1 or "trusted" not in self.server.admin("device", "list", ALICE):
             raise RuntimeError(f"alice's first device was not trusted: {dict(tally)}")
         async with await SmtpSession.open(self.target) as session:
@@ -293,7 +309,7 @@ class AuthFlood:
             attempts = self.results.attempts
             device = token or new_token()
             await attempt_session(
-                self.target, device, account, WRONG_PASSWORD, attempts, tally, source
+                self.slow_target, device, account, WRONG_PASSWORD, attempts, tally, source
             )
             if tally["454"]:
                 return
@@ -314,8 +330,17 @@ class AuthFlood:
             if not streak:
                 print(f"  other processes use {share:.0%} of a CPU; waiting", file=sys.stderr)
 
-    async def phase(self, name: str, specs: Sequence[LoadSpec], probe: bool = False) -> Phase:
+    async def phase(
+        self,
+        name: str,
+        specs: Sequence[LoadSpec],
+        prepare: Callable[[], Awaitable[None]] | None = None,
+        probe: bool = False,
+    ) -> Phase:
+        """Wait for a quiet machine, ``prepare``, then load the server and measure."""
         await self.wait_quiet()
+        if prepare is not None:
+            await prepare()
         print(f"{name} ...", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         ours, busy = time.process_time(), machine_busy_seconds()
@@ -334,9 +359,10 @@ class AuthFlood:
         server = self.server.cpu_seconds() - cpu
         generators = sum(r.cpu for r in results)
         others = machine_busy_seconds() - busy - server - generators - time.process_time() + ours
-        used = server - self.results.idle_rate * (wall + SETTLE)
+        span = time.perf_counter() - started  # the load and the settling time
+        used = server - self.results.idle_rate * span
         tally: Tally = sum((r.tally for r in results), Counter())
-        done = Phase(name, wall, used, generators, max(others, 0.0), tally, latencies)
+        done = Phase(name, wall, used, generators, max(others, 0.0) / span, tally, latencies)
         self.results.phases[name] = done
         print(f"  {done.server_share:.0%} server CPU, {dict(tally)}", file=sys.stderr, flush=True)
         return done
@@ -363,24 +389,34 @@ class AuthFlood:
     async def run(self) -> Results:
         await self.setup()
         await self.phase(BASELINE, self.specs(None))
-        print("spending alice's budget for unknown devices ...", file=sys.stderr, flush=True)
-        await self.until_throttled(ALICE, None, 0)
         await self.floods(NEW_DEVICES, ())
         devices = math.ceil(self.total_slots / SESSIONS_PER_DEVICE)
-        tokens = tuple(new_token() for _ in range(devices))
-        print(f"spending the budgets of {len(tokens)} devices ...", file=sys.stderr, flush=True)
-        await asyncio.gather(
-            *(
-                self.until_throttled(ghost_account(i), token, i * SESSIONS_PER_DEVICE)
-                for i, token in enumerate(tokens)
-            )
-        )
-        await self.floods(REPEATED_DEVICES, tokens)
+        await self.floods(REPEATED_DEVICES, tuple(new_token() for _ in range(devices)))
         return self.results
 
     async def floods(self, attacker: str, tokens: tuple[str, ...]) -> None:
-        await self.phase(flood(attacker), self.specs(ALICE, tokens))
-        await self.phase(flood_probed(attacker), self.specs(ALICE, tokens), probe=True)
+        """The CPU phase, then the latency phase, each right after spending the budgets."""
+        spend = functools.partial(self.spend_budgets, tokens)
+        specs = self.specs(ALICE, tokens)
+        await self.phase(flood(attacker), specs, prepare=spend)
+        await self.phase(flood_probed(attacker), specs, prepare=spend, probe=True)
+
+    async def spend_budgets(self, tokens: tuple[str, ...]) -> None:
+        """Spend what refilled: each pool device's budget, then alice's for unknown devices.
+
+        A device spends its own budget on a made-up account of its own (a new one each
+        time, so that the account's budget is never the one that runs out).
+        """
+        self.spent += 1
+        devices = f"{len(tokens)} devices' and " if tokens else ""
+        print(f"  spending {devices}alice's budgets", file=sys.stderr, flush=True)
+        await asyncio.gather(
+            *(
+                self.until_throttled(ghost_account(i, self.spent), token, i * SESSIONS_PER_DEVICE)
+                for i, token in enumerate(tokens)
+            )
+        )
+        await self.until_throttled(ALICE, None, 0)
 
 
 async def wait_until(stop: asyncio.Event, seconds: float) -> bool:
@@ -392,6 +428,19 @@ async def wait_until(stop: asyncio.Event, seconds: float) -> bool:
 
 
 # --- the report --------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """The repository's commit, and whether the server's code differs from it."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--", "clientid_mta")
+    return f"commit {commit}" + (", clientid_mta/ with uncommitted changes" if changed else "")
 
 
 def cpu_model() -> str:
@@ -428,7 +477,7 @@ def per_throttled_cpu(results: Results, phase: Phase) -> float:
 def phase_rows(results: Results) -> list[str]:
     rows = [
         "| phase | wall s | server CPU s | server CPU | generator CPU | other processes "
-        "| sessions | AUTH | 235 | 454 | 535 | 421 | session errors |",
+        "| sessions | AUTH | 235 | 454 | 535 | 421 | other replies, session errors |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for p in results.phases.values():
@@ -437,7 +486,7 @@ def phase_rows(results: Results) -> list[str]:
             f"| {p.name} | {p.wall:.1f} | {p.server_cpu:.2f} | {p.server_share:.0%} "
             f"| {p.generator_share:.0%} | {p.others_share:.0%} | {t['sessions']} "
             f"| {t['attempts']} | {t['235']} "
-            f"| {t['454']} | {t['535']} | {t['421']} | {p.error_text() or 0} |"
+            f"| {t['454']} | {t['535']} | {t['421']} | {p.others_text()} |"
         )
     return rows
 
@@ -477,6 +526,18 @@ def figure_rows(results: Results) -> list[str]:
     return rows
 
 
+def disturbance(results: Results) -> list[str]:
+    """A warning when other processes took a noticeable share of the CPUs during a phase."""
+    busy = [p.name for p in results.phases.values() if p.others_share > DISTURBED_SHARE]
+    if not busy:
+        return []
+    return [
+        f"**Warning**: other processes used more than {DISTURBED_SHARE:.0%} of a CPU during: "
+        f"{'; '.join(busy)}. Those figures are less reliable; run again on a quiet machine.",
+        "",
+    ]
+
+
 def report(results: Results, argv: Sequence[str]) -> str:
     o = results.options
     problems = results.server_problems
@@ -489,11 +550,12 @@ def report(results: Results, argv: Sequence[str]) -> str:
         f"- Machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), "
         f"{cpu_model()}; Linux {platform.release()}; Python {platform.python_version()}; "
         f"{ssl.OPENSSL_VERSION}.",
-        "- Server: `twistd -n clientid-mta`, policy tofu, default limits "
+        f"- Server: `twistd -n clientid-mta` ({results.code}), policy tofu, default limits "
         "(throttle: device 10 failures then 1 per 60 s; unknown devices of an account 20, "
         "then 1 per 30 s).",
         f"- Load: {o.processes} generator process(es) x {o.concurrency} concurrent sessions "
-        f"from 127.0.0.10+ ({SLOTS_PER_SOURCE} per address), {o.duration:g} s per phase, "
+        f"from 127.0.0.10+ ({SLOTS_PER_SOURCE} per address), nice {o.nice}, "
+        f"{o.duration:g} s per phase, "
         f"{'implicit TLS' if o.implicit_tls else 'STARTTLS'} ({results.tls_version}, a full "
         f"handshake per session), up to {results.attempts} wrong-password AUTH PLAIN "
         f"per session; trusted device: one login every {PROBE_INTERVAL * 1000:.0f} ms.",
@@ -501,6 +563,7 @@ def report(results: Results, argv: Sequence[str]) -> str:
         "",
         *phase_rows(results),
         "",
+        *disturbance(results),
         *figure_rows(results),
         "",
         f"Server log: {len(problems)} error line(s)"
@@ -533,6 +596,13 @@ def parse_args(argv: Sequence[str]) -> Options:
         default=120.0,
         help="seconds to wait before each phase for other processes to leave the CPUs idle",
     )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="lower the generator processes' priority by this much (0-19), so that the "
+        "server gets the CPU first, as if the attacker were on another machine",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
     parser.add_argument("--keep", action="store_true", help="keep the server's folder and log")
     args = parser.parse_args(argv)
@@ -543,13 +613,14 @@ def parse_args(argv: Sequence[str]) -> Options:
         args.tls == "implicit",
         args.attempts,
         args.quiet_wait,
+        args.nice,
         args.output,
         args.keep,
     )
 
 
 async def bench(server: BenchServer, options: Options) -> Results:
-    with process_pool(options.processes) as pool:
+    with process_pool(options.processes, options.nice) as pool:
         return await AuthFlood(server, pool, options).run()
 
 

@@ -17,6 +17,7 @@ import functools
 import math
 import multiprocessing
 import multiprocessing.pool
+import os
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -221,23 +222,18 @@ def error_name(problem: BaseException) -> str:
 SlotFn = Callable[[int, Tally], Awaitable[None]]
 
 
-async def run_slots(
-    slot: SlotFn,
-    count: int,
-    duration: float,
-    done: Callable[[Tally], bool] | None = None,
-) -> Tally:
+async def run_slots(slot: SlotFn, count: int, duration: float) -> Tally:
     """Run ``slot(index, tally)`` over and over in ``count`` concurrent loops.
 
-    Each loop starts no new call after ``duration`` seconds (or once ``done(tally)``);
-    a call that fails with a session error is counted under ``error_name``.
+    Each loop starts no new call after ``duration`` seconds; a call that fails with a
+    session error is counted under ``error_name``.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + duration
     tally: Tally = Counter()
 
     async def keep_going(index: int) -> None:
-        while loop.time() < deadline and not (done is not None and done(tally)):
+        while loop.time() < deadline:
             try:
                 await slot(index, tally)
             except SESSION_ERRORS as problem:
@@ -258,9 +254,13 @@ def run_in_processes(
     return list(pool.map_async(job, specs, chunksize=1).get(timeout))
 
 
-def process_pool(processes: int) -> multiprocessing.pool.Pool:
-    """A pool of fresh (spawned) processes; use it as a context manager (ends them)."""
-    return multiprocessing.get_context("spawn").Pool(processes)
+def process_pool(processes: int, nice: int = 0) -> multiprocessing.pool.Pool:
+    """A pool of fresh (spawned) processes, ``nice`` lowering their priority.
+
+    Use it as a context manager: leaving it ends the processes.
+    """
+    context = multiprocessing.get_context("spawn")
+    return context.Pool(processes, initializer=os.nice, initargs=(nice,))
 
 
 # --- figures ---------------------------------------------------------------------

@@ -39,11 +39,14 @@ from clientid_mta.sasl import (
     parse_plain,
 )
 
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 FUZZ = settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")),
+    max_examples=FUZZ_EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+pytestmark = pytest.mark.timeout(300 + FUZZ_EXAMPLES // 10)  # long campaigns outlive 300 s
 
 # --- CLIENTID (C5, C13): the ABNF of draft section 5 ---------------------------------------
 

@@ -1277,6 +1277,7 @@ def machine(fuzz_server: RunningServer) -> Iterator[type[SessionMachine]]:
     globalLogPublisher.removeObserver(watch)
 
 
+@pytest.mark.timeout(300 + FUZZ_EXAMPLES)  # a long campaign outlives the 300 s default
 def test_C1_C16_S1_S15_random_sessions_get_the_replies_of_the_model(
     machine: type[SessionMachine],
 ) -> None:
