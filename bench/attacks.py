@@ -51,7 +51,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from benchserver import BenchServer, running_server
+from benchserver import BenchServer, log_summary, running_server
 from smtpload import (
     SESSION_ERRORS,
     Latencies,
@@ -584,8 +584,7 @@ def report(phases: Sequence[Phase], options: Options, argv: Sequence[str], log: 
         "",
         *notes(phases, options),
         "",
-        f"Server log: {len(log)} error line(s)"
-        + (":\n\n```\n" + "\n".join(log[:20]) + "\n```" if log else "."),
+        log_summary(log),
         "",
     ]
     return "\n".join(lines)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.pool import Pool
 from pathlib import Path
 
-from benchserver import BenchServer, machine_busy_seconds, running_server
+from benchserver import BenchServer, log_summary, machine_busy_seconds, running_server
 from smtpload import (
     SESSION_ERRORS,
     Latencies,
@@ -566,8 +566,7 @@ def report(results: Results, argv: Sequence[str]) -> str:
         *disturbance(results),
         *figure_rows(results),
         "",
-        f"Server log: {len(problems)} error line(s)"
-        + (":\n\n```\n" + "\n".join(problems[:20]) + "\n```" if problems else "."),
+        log_summary(problems),
         "",
     ]
     return "\n".join(lines)

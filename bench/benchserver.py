@@ -231,3 +231,9 @@ def running_server(
             print(f"kept the server folder: {root}", file=sys.stderr)
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def log_summary(problems: list[str]) -> str:
+    """The report's line about the server log: the count, and the first 20 lines if any."""
+    shown = ":\n\n```\n" + "\n".join(problems[:20]) + "\n```" if problems else "."
+    return f"Server log: {len(problems)} error line(s){shown}"
