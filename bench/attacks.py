@@ -94,6 +94,16 @@ class GreetingTimeout(SmtpError):
     """Connected, but no greeting within READ_TIMEOUT."""
 
 
+async def start_message(session: SmtpSession) -> None:
+    """Log in as alice and open a message to bob, up to the 354 after DATA."""
+    reply = await session.auth_plain(ALICE, ALICE_PASSWORD)
+    if reply.code != 235:
+        raise UnexpectedReply("AUTH", reply)
+    await session.expect(f"MAIL FROM:<{ALICE}>", 250)
+    await session.expect(f"RCPT TO:<{BOB}>", 250)
+    await session.expect("DATA", 354)
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     """One attack, handed to the attacker process (plain data: picklable)."""
@@ -279,12 +289,7 @@ class Attacker:
 
     async def slot_endless_body(self, index: int) -> None:
         async with await self.session(index) as session:
-            reply = await session.auth_plain(ALICE, ALICE_PASSWORD)
-            if reply.code != 235:
-                raise UnexpectedReply("AUTH", reply)
-            await session.expect(f"MAIL FROM:<{ALICE}>", 250)
-            await session.expect(f"RCPT TO:<{BOB}>", 250)
-            await session.expect("DATA", 354)
+            await start_message(session)
             self.hold(1)
             try:
                 if (
@@ -348,12 +353,7 @@ async def good_client(target: Target, duration: float, interval: float) -> Laten
         started = time.perf_counter()
         try:
             async with await SmtpSession.open(target, GOOD_SOURCE) as session:
-                reply = await session.auth_plain(ALICE, ALICE_PASSWORD)
-                if reply.code != 235:
-                    raise UnexpectedReply("AUTH", reply)
-                await session.expect(f"MAIL FROM:<{ALICE}>", 250)
-                await session.expect(f"RCPT TO:<{BOB}>", 250)
-                await session.expect("DATA", 354)
+                await start_message(session)
                 await session.expect(MESSAGE, 250)
             latencies.add(time.perf_counter() - started)
         except SESSION_ERRORS as problem:

@@ -172,7 +172,7 @@ class Admin:
             store.close()
         print(f"trusted device {device.fingerprint} ({device.type}) for {address}", file=self.out)
 
-    def _set_state(self, address: str, fingerprint: str, state: str, verb: str) -> None:
+    def set_device_state(self, address: str, fingerprint: str, state: str, verb: str) -> None:
         address = _address(address)
         store = self._store()
         try:
@@ -307,10 +307,10 @@ def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> None:
         ("user", "list"): admin.user_list,
         ("device", "list"): lambda: admin.device_list(args.address),
         ("device", "add"): lambda: admin.device_add(args.address, args.type, args.label),
-        ("device", "approve"): lambda: admin._set_state(
+        ("device", "approve"): lambda: admin.set_device_state(
             args.address, args.fingerprint, TRUSTED, "approved"
         ),
-        ("device", "revoke"): lambda: admin._set_state(
+        ("device", "revoke"): lambda: admin.set_device_state(
             args.address, args.fingerprint, REVOKED, "revoked"
         ),
         ("device", "label"): lambda: admin.device_label(args.address, args.fingerprint, args.text),

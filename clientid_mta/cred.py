@@ -229,7 +229,7 @@ class ClientIdChecker:
             and defences.failures.failed(attempt.address)
         ):
             if self.passwords.get(attempt.address) is not None:
-                self.policy._notify(
+                self.policy.notify(
                     alerts.Notice(
                         alerts.REPEATED_FAILURES,
                         attempt.address,
@@ -243,7 +243,7 @@ class ClientIdChecker:
         sharing = self.defences.sharing
         assert sharing is not None
         action = "refused on every account" if sharing.settings.block else "only reported"
-        self.policy._notify(
+        self.policy.notify(
             alerts.Notice(
                 alerts.SHARED_DEVICE,
                 attempt.address,

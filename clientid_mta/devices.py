@@ -94,7 +94,8 @@ class DevicePolicy:
     def key_of(self, identity: ClientIdentity | None) -> str | None:
         return device_key(self.server_key, identity) if identity is not None else None
 
-    def _notify(self, notice: alerts.Notice, postmaster: bool = False) -> tuple[str, ...]:
+    def notify(self, notice: alerts.Notice, postmaster: bool = False) -> tuple[str, ...]:
+        """Deliver a notice as a courtesy; the kinds sent (or "<kind>-undeliverable"). Blocking."""
         if self.notifier is None:
             return ()
         try:
@@ -149,19 +150,19 @@ class DevicePolicy:
         notices: tuple[str, ...] = ()
         if existing is None and state == TRUSTED:
             reason, allowed = ALLOWED_FIRST_DEVICE, True
-            notices += self._notify(notice(alerts.NEW_DEVICE_TRUSTED))
+            notices += self.notify(notice(alerts.NEW_DEVICE_TRUSTED))
         elif existing is None:
             reason, allowed = REFUSED_NEW_DEVICE, not enforced
             if enforced:
-                notices += self._notify(self._pending_notice(account, key, notice))
+                notices += self.notify(self._pending_notice(account, key, notice))
             else:
-                notices += self._notify(notice(alerts.NEW_DEVICE_SEEN))
+                notices += self.notify(notice(alerts.NEW_DEVICE_SEEN))
         elif state == TRUSTED:
             reason, allowed = ALLOWED_KNOWN_DEVICE, True
             travelled = self._travelled(existing, where)
             if travelled is not None:
                 travel = notice(alerts.IMPOSSIBLE_TRAVEL, region=where.region, previous=travelled)
-                notices += self._notify(travel) + self._notify(travel, postmaster=True)
+                notices += self.notify(travel) + self.notify(travel, postmaster=True)
                 if self.travel.refuse and enforced:
                     reason, allowed = REFUSED_TRAVEL, False
         else:
@@ -172,9 +173,9 @@ class DevicePolicy:
         if allowed:
             self.store.login(account, key, where.network, where.region)
             if "alert-success" in flags:
-                notices += self._notify(notice(alerts.LOGIN_SUCCEEDED))
+                notices += self.notify(notice(alerts.LOGIN_SUCCEEDED))
         elif "alert-fail" in flags:
-            notices += self._notify(notice(alerts.LOGIN_FAILED))
+            notices += self.notify(notice(alerts.LOGIN_FAILED))
         return Decision(allowed, reason, fp, notices, device_trusted=state == TRUSTED)
 
     def _pending_notice(
@@ -216,5 +217,5 @@ class DevicePolicy:
         notices: tuple[str, ...] = ()
         if "alert-fail" in flags:
             failed = alerts.Notice(alerts.LOGIN_FAILED, account, fp, identity.type, where.network)
-            notices = self._notify(failed)
+            notices = self.notify(failed)
         return Decision(False, "bad_password", fp, notices)

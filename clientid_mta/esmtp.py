@@ -605,7 +605,8 @@ class SubmissionESMTP(smtp.ESMTP):
         except SaslError as bad:
             self.error(501, str(bad))
             return None
-        if username is None:
+        if username is None:  # not reachable: the mode is set only after a user name
+            self.error(501, "5.5.2 Malformed authentication response")
             return None
         return self._login(username, secret)
 

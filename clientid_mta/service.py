@@ -94,7 +94,7 @@ def build_components(config: Config) -> Components:
 
     def approved(account: str, device: str) -> None:  # in a thread, from ApprovalMessage
         notice = Notice(DEVICE_APPROVED, account, fingerprint(device), "", "")
-        policy._notify(notice)
+        policy.notify(notice)
 
     router = LocalRouter(
         passwords,

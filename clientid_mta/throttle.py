@@ -68,14 +68,6 @@ class Throttle:
         tokens, updated = state
         return budget.level(tokens, now - updated)
 
-    def allows(self, *keys: str) -> bool:
-        """True when every key still has at least one failed attempt left."""
-        if not self.enabled:
-            return True
-        now = self._clock()
-        with self._lock:
-            return all(self._tokens(key, now) >= 1.0 for key in keys)
-
     def take(self, *keys: str) -> bool:
         """Spend one attempt from every key at once, if every key has one left.
 
@@ -106,18 +98,6 @@ class Throttle:
             for key in keys:
                 level = min(self._tokens(key, now) + 1.0, float(self._budget(key).burst))
                 self._buckets[key] = (level, now)
-
-    def charge(self, *keys: str) -> None:
-        """Spend one attempt from each key's budget (a failure)."""
-        if not self.enabled:
-            return
-        now = self._clock()
-        with self._lock:
-            for key in keys:
-                self._buckets[key] = (max(self._tokens(key, now) - 1.0, 0.0), now)
-                self._buckets.move_to_end(key)
-            while len(self._buckets) > MAX_KEYS:
-                self._buckets.popitem(last=False)
 
     def snapshot(self) -> list[tuple[str, float, float]]:
         """The buckets that are not full (full ones carry no information)."""
