@@ -36,6 +36,7 @@ class ServerConfig:
     hostname: str
     data_dir: Path
     received_header_ip: bool = False
+    workers: int = 1  # 0 in the file means "one per CPU"
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class TLSConfig:
 class AuthConfig:
     passwd_file: Path
     max_failures_per_session: int = 3
+    cache_ttl: int = 3600  # seconds a verified (account, password) pair is remembered; 0: off
+    cache_size: int = 10000
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,48 @@ class ApprovalConfig:
 
 
 @dataclass(frozen=True)
+class RelayConfig:
+    """How mail for other domains leaves: a smarthost, or the recipient domain's MX."""
+
+    smarthost: str = ""  # "host:port"; "": deliver to the MX of each recipient domain
+    tls: str = "required"  # required (verified certificate) | opportunistic
+    username: str = ""
+    password_file: Path | None = None
+    client_id: str = ""  # the token sent as our own CLIENTID upstream, when advertised
+    client_id_type: str = "UUID"
+    ca_file: Path | None = None  # trust roots; None: the system's
+    helo_name: str = ""  # "": [server] hostname
+    mx_port: int = 25
+    nameservers: tuple[str, ...] = ()  # "host:port"; (): /etc/resolv.conf
+    max_connections: int = 20
+    max_per_destination: int = 4
+    connect_timeout: int = 30
+    command_timeout: int = 300
+
+    @property
+    def smarthost_address(self) -> tuple[str, int] | None:
+        if not self.smarthost:
+            return None
+        host, _, port = self.smarthost.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    directory: Path
+    retry_schedule: tuple[int, ...] = (60, 300, 900, 3600, 7200)  # the last one repeats
+    max_queue_time: int = 5 * 86400
+    delay_notice_after: int = 0  # 0: no delay notices
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    key: Path
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     listen: ListenConfig
@@ -162,7 +207,17 @@ class Config:
     alerts: AlertsConfig = AlertsConfig()
     audit: AuditConfig = AuditConfig()
     approval: ApprovalConfig = ApprovalConfig()
+    relay: RelayConfig = RelayConfig()
+    queue: QueueConfig | None = None
+    dkim: tuple[DkimKey, ...] = ()
     source: Path | None = None
+
+    @property
+    def queue_config(self) -> QueueConfig:
+        return self.queue or QueueConfig(directory=self.server.data_dir / "queue")
+
+    def dkim_key(self, domain: str) -> DkimKey | None:
+        return next((k for k in self.dkim if k.domain == domain.lower()), None)
 
     @property
     def postmaster(self) -> str:
@@ -205,6 +260,34 @@ def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _Bad("must be a whole number, 0 or more")
     return value
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise _Bad("must be a port number from 1 to 65535")
+    return value
+
+
+def _host_port(value: Any) -> str:
+    text = _str(value)
+    if text == "":
+        return text
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _Bad(f'must be "host:port", e.g. "smtp.provider.example:587", not {text!r}')
+    return text
+
+
+def _host_ports(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Bad('must be a list like ["127.0.0.1:53"]')
+    return tuple(_host_port(v) for v in value if v)
+
+
+def _retry_schedule(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Bad("must be a non-empty list of seconds, e.g. [60, 300, 900, 3600, 7200]")
+    return tuple(_positive_int(v) for v in value)
 
 
 def _choice(*choices: str) -> Checker:
@@ -276,6 +359,7 @@ SCHEMA: dict[str, dict[str, tuple[Checker | object, Default]]] = {
         "hostname": (_hostname, lambda _d: socket.getfqdn()),
         "data_dir": (_PATH, lambda _d: Path("clientid-mta-data")),
         "received_header_ip": (_bool, False),
+        "workers": (_count, ServerConfig.workers),
     },
     "listen": {
         "submission": (_endpoint, DEFAULT_SUBMISSION),
@@ -288,6 +372,8 @@ SCHEMA: dict[str, dict[str, tuple[Checker | object, Default]]] = {
     "auth": {
         "passwd_file": (_PATH, lambda d: d / "passwd"),
         "max_failures_per_session": (_positive_int, 3),
+        "cache_ttl": (_count, AuthConfig.cache_ttl),
+        "cache_size": (_positive_int, AuthConfig.cache_size),
     },
     "clientid": {
         "enabled": (_bool, True),
@@ -344,6 +430,30 @@ SCHEMA: dict[str, dict[str, tuple[Checker | object, Default]]] = {
         "localpart": (_localpart, ApprovalConfig.localpart),
         "code_lifetime": (_positive_int, ApprovalConfig.code_lifetime),
     },
+    "relay": {
+        "smarthost": (_host_port, RelayConfig.smarthost),
+        "tls": (_choice("required", "opportunistic"), RelayConfig.tls),
+        "username": (_str, RelayConfig.username),
+        "password_file": (_PATH, None),
+        "client_id": (_str, RelayConfig.client_id),
+        "client_id_type": (_str, RelayConfig.client_id_type),
+        "ca_file": (_PATH, None),
+        "helo_name": (_str, RelayConfig.helo_name),
+        "mx_port": (_port, RelayConfig.mx_port),
+        "nameservers": (_host_ports, RelayConfig.nameservers),
+        "max_connections": (_positive_int, RelayConfig.max_connections),
+        "max_per_destination": (_positive_int, RelayConfig.max_per_destination),
+        "connect_timeout": (_positive_int, RelayConfig.connect_timeout),
+        "command_timeout": (_positive_int, RelayConfig.command_timeout),
+    },
+    "queue": {
+        "directory": (_PATH, lambda d: d / "queue"),
+        "retry_schedule": (_retry_schedule, QueueConfig.retry_schedule),
+        "max_queue_time": (_positive_int, QueueConfig.max_queue_time),
+        "delay_notice_after": (_count, QueueConfig.delay_notice_after),
+    },
+    # [dkim."example.org"] tables, parsed by _dkim_keys; no plain keys.
+    "dkim": {},
 }
 
 
@@ -358,7 +468,8 @@ def _section_values(name: str, raw: Any, base: Path, data_dir: Path | None) -> d
     if not isinstance(raw, dict):
         raise ConfigError(f"config error: [{name}] must be a table, not a single value.")
     schema = SCHEMA[name]
-    extra = set(raw) - set(schema) - ({"types"} if name == "clientid" else set())
+    nested = {"clientid": set(raw) & {"types"}, "dkim": set(raw)}.get(name, set())
+    extra = set(raw) - set(schema) - nested
     for key in sorted(extra):
         raise ConfigError(
             f'config error: [{name}] has an unknown key "{key}"{_closest(key, list(schema))}; '
@@ -423,6 +534,26 @@ def _type_flags(raw: Any) -> tuple[tuple[tuple[str, frozenset[str]], ...], froze
     return tuple(entries), default
 
 
+def _dkim_keys(raw: Any, base: Path) -> tuple[DkimKey, ...]:
+    """Parse [dkim."<domain>"] tables: selector = "...", key = "path/to/private.pem"."""
+    if not isinstance(raw, dict):
+        raise ConfigError('config error: [dkim] must hold tables like [dkim."example.org"].')
+    keys = []
+    for domain, table in raw.items():
+        where = f'[dkim."{domain}"]'
+        if not isinstance(table, dict) or set(table) != {"selector", "key"}:
+            raise ConfigError(
+                f'config error: {where} needs exactly two keys, selector = "..." and '
+                'key = "path to the private key" (make one with: clientid-mta dkim keygen).'
+            )
+        selector, key = table["selector"], table["key"]
+        if not isinstance(selector, str) or not selector or not isinstance(key, str) or not key:
+            raise ConfigError(f"config error: {where} selector and key must be non-empty strings.")
+        path = Path(key).expanduser()
+        keys.append(DkimKey(domain.lower(), selector, path if path.is_absolute() else base / path))
+    return tuple(keys)
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Read the TOML file at ``path`` (or use the built-in defaults when None)."""
     raw: dict[str, Any] = {}
@@ -481,8 +612,25 @@ def load_config(path: str | Path | None = None) -> Config:
         alerts=AlertsConfig(**sections["alerts"]),
         audit=AuditConfig(**sections["audit"]),
         approval=ApprovalConfig(**sections["approval"]),
+        relay=_relay(sections["relay"]),
+        queue=QueueConfig(**sections["queue"]),
+        dkim=_dkim_keys(raw.get("dkim", {}), base),
         source=source,
     )
+
+
+def _relay(values: dict[str, Any]) -> RelayConfig:
+    relay = RelayConfig(**values)
+    if relay.username and relay.password_file is None:
+        raise ConfigError(
+            "config error: [relay] username is set but password_file is not; put the "
+            "smarthost password in a file readable only by the server and name it there."
+        )
+    if relay.client_id and not relay.smarthost:
+        raise ConfigError(
+            "config error: [relay] client_id needs a smarthost; set smarthost, or remove client_id."
+        )
+    return relay
 
 
 def check_server_files(config: Config) -> None:
@@ -491,6 +639,9 @@ def check_server_files(config: Config) -> None:
         ("tls", "certificate", config.tls.certificate),
         ("tls", "key", config.tls.key),
         ("travel", "geoip_database", config.travel.geoip_database),
+        ("relay", "password_file", config.relay.password_file),
+        ("relay", "ca_file", config.relay.ca_file),
+        *(("dkim", f'"{k.domain}" key', k.key) for k in config.dkim),
     ]
     if config.source is not None:
         raw_auth = _raw_keys(config.source).get("auth", {})
