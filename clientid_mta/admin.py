@@ -1,4 +1,5 @@
-"""The ``clientid-mta`` administration command: accounts and devices.
+"""The ``clientid-mta`` administration command: accounts, devices, the queue, DKIM keys,
+and ``send`` for scripts.
 
 Changes are written to the passwd file and the device store, which the running
 server re-reads, so they take effect without a restart. Secrets (passwords, device
@@ -25,6 +26,8 @@ from clientid_mta.clientid import (
 )
 from clientid_mta.config import Config, ConfigError, load_config
 from clientid_mta.passwords import Account, PasswdFile, hash_password, normalise_address
+from clientid_mta.queue import QueueDir
+from clientid_mta.queueadmin import QueueAdmin, QueueAdminError
 from clientid_mta.store import REVOKED, TRUSTED, DeviceNotFound, SQLiteDeviceStore
 
 
@@ -291,12 +294,41 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("address")
     label.add_argument("fingerprint")
     label.add_argument("text")
+
+    queue = groups.add_parser("queue", help="the outbound queue").add_subparsers(
+        dest="action", required=True
+    )
+    queue.add_parser("list", help="entries: id, age, sender, each recipient's state and error")
+    queue.add_parser("flush", help="retry now (one entry, or all)").add_argument("id", nargs="?")
+    queue.add_parser("delete", help="drop an entry without a bounce").add_argument("id")
+    queue.add_parser("bounce", help="give up on an entry and bounce it").add_argument("id")
+    dkim = groups.add_parser("dkim", help="DKIM keys").add_subparsers(dest="action", required=True)
+    dkim.add_parser("keygen", help="write a key and print its DNS record", add_help=False)
+    groups.add_parser("send", help="send a message from stdin (for scripts)", add_help=False)
     return parser
 
 
-def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> None:
-    args = _parser().parse_args(argv)
-    admin = Admin(load_config(args.config), out, stdin)
+def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    if args.group == "send":  # needs no config: it talks to any submission server
+        from clientid_mta.client import send_command
+
+        return send_command(rest)
+    if rest:
+        _parser().parse_args(argv)  # reports the unknown arguments and exits 2
+    config = load_config(args.config)
+    if args.group == "dkim":
+        from clientid_mta.dkim import keygen_command
+
+        return keygen_command(rest, config.server.data_dir)
+    if args.group == "queue":
+        queue_admin = QueueAdmin(QueueDir(config.queue_config.directory), out)
+        if args.action == "list":
+            queue_admin.list()
+        else:
+            queue_admin.change(args.action, args.id or "")
+        return 0
+    admin = Admin(config, out, stdin)
     actions: dict[tuple[str, str | None], Callable[[], None]] = {
         ("user", "add"): lambda: admin.user_add(
             args.address, [a for a in args.send_as.split(",") if a]
@@ -318,15 +350,15 @@ def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> None:
         ("audit", None): lambda: admin.audit(args.account, args.device, args.since),
     }
     actions[(args.group, getattr(args, "action", None))]()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        run(sys.argv[1:] if argv is None else argv, sys.stdout, sys.stdin)
-    except (AdminError, ConfigError) as problem:
+        return run(sys.argv[1:] if argv is None else argv, sys.stdout, sys.stdin)
+    except (AdminError, ConfigError, QueueAdminError) as problem:
         print(f"clientid-mta: {problem}", file=sys.stderr)
         return 1
     except (OSError, sqlite3.Error) as problem:
         print(f"clientid-mta: cannot read or write the server's state: {problem}", file=sys.stderr)
         return 1
-    return 0

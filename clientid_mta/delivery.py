@@ -1,8 +1,8 @@
 """Where an authenticated account's mail goes: its ``IMessageDelivery``.
 
-``validateFrom`` enforces the sender (S6); ``validateTo`` routes each recipient to a
-local Maildir or refuses it. Remote recipients are refused with 550 5.7.1 until the
-outbound queue exists.
+``validateFrom`` enforces the sender (S6) and opens the transaction; ``validateTo``
+routes each recipient to a local Maildir or to the outbound queue, where all remote
+recipients of the transaction share one queued copy.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from twisted.mail.smtp import Address, SMTPBadRcpt, SMTPBadSender, User
 from zope.interface import implementer
 
 from clientid_mta.maildir import MaildirMessage, MaildirRoot
+from clientid_mta.outbound import Outbound, OutboundTransaction
 from clientid_mta.passwords import Account, PasswdFile, normalise_address
 
 
@@ -67,10 +68,18 @@ class LocalRouter:
 
 @implementer(IMessageDelivery)
 class AccountDelivery:
-    def __init__(self, account: Account, router: LocalRouter, trusted_device: bool = False) -> None:
+    def __init__(
+        self,
+        account: Account,
+        router: LocalRouter,
+        trusted_device: bool = False,
+        outbound: Outbound | None = None,
+    ) -> None:
         self.account = account
         self.router = router
         self.trusted_device = trusted_device
+        self.outbound = outbound
+        self._transaction: OutboundTransaction | None = None
 
     def receivedHeader(self, helo: object, origin: object, recipients: object) -> None:
         # The protocol writes the Received: header itself (S15): it knows the TLS state.
@@ -79,13 +88,19 @@ class AccountDelivery:
     def validateFrom(self, helo: object, origin: Address) -> Address:
         if not self.account.may_send_as(str(origin)):
             raise SMTPBadSender(str(origin), 553, "5.7.1 Sender address rejected: not owned by you")
+        if self.outbound is not None:
+            self._transaction = self.outbound.transaction(str(origin), self.account.address)
         return origin
 
     def validateTo(self, user: User) -> Callable[[], IMessageSMTP]:
         address = normalise_address(str(user.dest))
         domain = address.rpartition("@")[2]
         if not self.router.is_local(domain):
-            raise SMTPBadRcpt(address, 550, "5.7.1 Relaying to other domains is not enabled here")
+            if self._transaction is None:
+                raise SMTPBadRcpt(
+                    address, 550, "5.7.1 Relaying to other domains is not enabled here"
+                )
+            return self._transaction.recipient(address)
         if self.router.is_approval_address(address):
             if not self.trusted_device or self.router.approval_message is None:
                 raise SMTPBadRcpt(address, 550, "5.7.1 Only a trusted device may approve devices")
@@ -102,7 +117,7 @@ class AccountDelivery:
 
 
 def delivery_factory(
-    passwords: PasswdFile, router: LocalRouter
+    passwords: PasswdFile, router: LocalRouter, outbound: Outbound | None = None
 ) -> Callable[[str, bool], IMessageDelivery]:
     """What the realm calls with an authenticated account name."""
 
@@ -110,6 +125,6 @@ def delivery_factory(
         account = passwords.get(address)
         if account is None:  # deleted between the password check and now
             raise UnauthorizedLogin()
-        return AccountDelivery(account, router, trusted_device)
+        return AccountDelivery(account, router, trusted_device, outbound)
 
     return delivery_for

@@ -777,7 +777,10 @@ class SubmissionESMTP(smtp.ESMTP):
             self.error(503, "5.5.1 Need RCPT command")
             return
         try:
-            self._messages = [factory() for _user, factory in self._recipients]
+            # Recipients that share one stored copy (the outbound queue) return the
+            # same message object: it must see each line once.
+            opened = [factory() for _user, factory in self._recipients]
+            self._messages = list({id(m): m for m in opened}.values())
         except smtp.SMTPServerError as refused:
             self._abort_messages()
             self.reply(refused.code, _resp_text(refused.resp))

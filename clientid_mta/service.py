@@ -33,8 +33,11 @@ from clientid_mta.delivery import LocalRouter, delivery_factory
 from clientid_mta.devices import DevicePolicy
 from clientid_mta.esmtp import SubmissionFactory
 from clientid_mta.maildir import MaildirRoot
+from clientid_mta.outbound import Outbound
 from clientid_mta.passwords import PasswdFile
+from clientid_mta.queue import QueueDir
 from clientid_mta.regions import Regions
+from clientid_mta.relay import LocalBounceTarget, QueueRunner
 from clientid_mta.sessions import SessionLimits
 from clientid_mta.sharing import SharedDevices
 from clientid_mta.store import SQLiteDeviceStore
@@ -63,6 +66,18 @@ class Components:
     checker: ClientIdChecker
     sessions: SessionLimits
     workers: AuthWorkers
+    queue_runner: QueueRunner
+
+
+def _dkim_signer(config: Config) -> Any:
+    if not config.dkim:
+        return None
+    from clientid_mta.dkim import DkimKeyError, DkimSigner
+
+    try:
+        return DkimSigner(config.dkim)
+    except DkimKeyError as problem:
+        raise ConfigError(f"config error: {problem}") from None
 
 
 def build_components(config: Config) -> Components:
@@ -72,6 +87,8 @@ def build_components(config: Config) -> Components:
         config.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         server_key = load_or_create_server_key(config.clientid.key_file)
         store = SQLiteDeviceStore(config.clientid.device_store)
+        queue = QueueDir(config.queue_config.directory)
+        queue.create()
     except (OSError, ValueError) as problem:
         raise ConfigError(
             f"config error: [server] data_dir: cannot set up state: {problem}."
@@ -128,7 +145,19 @@ def build_components(config: Config) -> Components:
         failures=FailureCounter(config.alerts.unknown_failures),
         regions=regions,
     )
-    portal = build_portal(passwords, policy, delivery_factory(passwords, router), defences)
+
+    def deliver_notice(address: str, data: bytes) -> bool:  # in a thread, from the runner
+        account = passwords.get(address)
+        if account is None:
+            return False
+        maildirs.deliver_bytes(account.domain, account.localpart, data)
+        return True
+
+    runner = QueueRunner(config, queue, LocalBounceTarget(router.is_local, deliver_notice))
+    outbound = Outbound(queue, _dkim_signer(config), runner.add)
+    portal = build_portal(
+        passwords, policy, delivery_factory(passwords, router, outbound), defences, config.auth
+    )
     checker = portal.checkers[IClientIdUsernamePassword]
     assert isinstance(checker, ClientIdChecker)
     workers = AuthWorkers()
@@ -145,6 +174,7 @@ def build_components(config: Config) -> Components:
         checker,
         SessionLimits(config.limits),
         workers,
+        runner,
     )
 
 
@@ -259,6 +289,7 @@ class SubmissionService(service.MultiService):
     def startService(self) -> None:
         config = self.config
         super().startService()
+        self.components.queue_runner.startService()
         self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
         self._install_sighup()
         admin = "clientid-mta" + (f" --config {config.source}" if config.source else "")
@@ -292,6 +323,7 @@ class SubmissionService(service.MultiService):
     def stopService(self) -> Any:
         if self._housekeeping.running:
             self._housekeeping.stop()
+        self.components.queue_runner.stopService()
         stopped = defer.maybeDeferred(super().stopService)
         stopped.addCallback(lambda _: threads.deferToThread(self._housekeep, True))
         stopped.addErrback(lambda failure: log.failure("saving state at stop failed", failure))

@@ -1,0 +1,142 @@
+"""The outbound queue on disk (issue 4 points 1 and 4): commit order, recovery, corruption."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from clientid_mta.queue import (
+    DELIVERED,
+    FAILED,
+    PENDING,
+    Envelope,
+    QueueDir,
+    Recipient,
+)
+
+
+def make_queue(tmp_path: Path) -> QueueDir:
+    queue = QueueDir(tmp_path / "queue")
+    queue.create()
+    return queue
+
+
+def commit(queue: QueueDir, data: bytes = b"Subject: x\n\nbody\n", *rcpts: str) -> Envelope:
+    writer = queue.new_message()
+    writer.write(data)
+    envelope = Envelope(
+        writer.id, "alice@example.org", 1.0, [Recipient(r) for r in rcpts or ("bob@example.net",)]
+    )
+    writer.commit(envelope)
+    return envelope
+
+
+def test_queue_commit_writes_message_then_envelope(tmp_path: Path) -> None:
+    queue = make_queue(tmp_path)
+    envelope = commit(queue, b"hello\n", "a@example.net", "b@example.net")
+    assert queue.ids() == [envelope.id]
+    loaded = queue.load(envelope.id)
+    assert loaded == envelope
+    assert [r.state for r in loaded.recipients] == [PENDING, PENDING]
+    assert queue.message_path(envelope.id).read_bytes() == b"hello\n"
+    assert os.listdir(queue.tmp) == []
+    assert oct(queue.message_path(envelope.id).stat().st_mode & 0o777) == "0o600"
+
+
+def test_queue_restart_removes_half_written_entries(tmp_path: Path) -> None:
+    """Point 4: a crash's leftovers (tmp files, a message without envelope) are deleted."""
+    queue = make_queue(tmp_path)
+    kept = commit(queue)
+    half = queue.new_message()
+    half.write(b"half a message")  # killed while receiving DATA: stays in tmp/
+    orphan = queue.new_message()
+    orphan.write(b"whole but no envelope")
+    orphan.finish()
+    os.rename(orphan.temp_path, queue.message_path(orphan.id))  # killed between the renames
+    assert queue.recover() == 2
+    assert queue.ids() == [kept.id]
+    assert sorted(os.listdir(queue.msg)) == [kept.id]
+    assert os.listdir(queue.tmp) == []
+
+
+def test_queue_unreadable_envelope_is_set_aside_never_delivered(tmp_path: Path) -> None:
+    queue = make_queue(tmp_path)
+    good = commit(queue)
+    bad = commit(queue)
+    queue.envelope_path(bad.id).write_bytes(b'{"id": "')
+    envelopes, corrupt = queue.load_all()
+    assert [e.id for e in envelopes] == [good.id]
+    assert corrupt == [bad.id]
+    assert sorted(p.name for p in queue.corrupt.iterdir()) == sorted([bad.id, f"{bad.id}.json"])
+
+
+def test_queue_save_replaces_atomically_and_remove_deletes_both(tmp_path: Path) -> None:
+    queue = make_queue(tmp_path)
+    envelope = commit(queue, b"x\n", "a@example.net", "b@example.net")
+    envelope.recipients[0].state = DELIVERED
+    envelope.recipients[1].state = FAILED
+    queue.save(envelope)
+    assert [r.state for r in queue.load(envelope.id).recipients] == [DELIVERED, FAILED]
+    assert os.listdir(queue.tmp) == []
+    queue.remove(envelope.id)
+    assert queue.ids() == [] and os.listdir(queue.msg) == []
+
+
+def test_queue_retry_schedule_backs_off_then_repeats_the_last_step() -> None:
+    recipient = Recipient("bob@example.net")
+    waits = []
+    for _ in range(7):
+        recipient.defer(1000.0, "451 try later", "4.0.0", (60, 300, 900, 3600, 7200))
+        waits.append(recipient.next_attempt - 1000.0)
+    assert waits == [60, 300, 900, 3600, 7200, 7200, 7200]
+    assert recipient.attempts == 7 and recipient.last_error == "451 try later"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"id": "../../etc", "sender": "", "arrival": 1, "recipients": [{"address": "x"}]}',
+        '{"id": "A1", "sender": "", "arrival": 1, "recipients": []}',
+    ],
+)
+def test_queue_envelope_with_bad_id_or_no_recipients_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        Envelope.from_json(text.encode())
+
+
+def test_queue_requests_are_taken_once_in_order(tmp_path: Path) -> None:
+    queue = make_queue(tmp_path)
+    queue.request("flush")
+    queue.request("delete", "ABC")
+    assert queue.take_requests() == [("flush", ""), ("delete", "ABC")]
+    assert queue.take_requests() == []
+
+
+def test_queue_lock_is_exclusive_between_holders(tmp_path: Path) -> None:
+    queue = make_queue(tmp_path)
+    fd = queue.lock_forever()
+    assert fd is not None
+    try:
+        assert queue.lock_forever() is None  # flock is per open file: a second open is refused
+        with queue.try_lock() as ours:
+            assert not ours
+    finally:
+        os.close(fd)
+    with queue.try_lock() as ours:
+        assert ours
+
+
+def test_queue_header_then_file_reads_in_any_chunk_size() -> None:
+    from clientid_mta.relay import HeaderThenFile
+
+    for size in (1, 3, 7, 64, -1):
+        reader = HeaderThenFile(b"DKIM-Signature: x\r\n", io.BytesIO(b"Subject: y\n\nz\n"))
+        chunks = []
+        while chunk := reader.read(size):
+            chunks.append(chunk)
+            if size < 0:
+                break
+        assert b"".join(chunks) == b"DKIM-Signature: x\r\nSubject: y\n\nz\n"
