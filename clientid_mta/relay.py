@@ -36,6 +36,7 @@ from clientid_mta.queue import (
     BOUNCED,
     DELIVERED,
     FAILED,
+    AdminBounce,
     Envelope,
     QueueDir,
     Recipient,
