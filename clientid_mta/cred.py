@@ -22,7 +22,9 @@ from zope.interface import Attribute, implementer
 
 from clientid_mta import alerts
 from clientid_mta.audit import AuditLog
+from clientid_mta.authcache import AuthCache
 from clientid_mta.clientid import ClientIdentity, fingerprint
+from clientid_mta.config import AuthConfig
 from clientid_mta.devices import Decision, DevicePolicy, Where
 from clientid_mta.network import network_prefix
 from clientid_mta.passwords import Account, PasswdFile, normalise_address, verify_password
@@ -117,16 +119,24 @@ class ClientIdChecker:
     the password hash, the policy and the notices run in a thread. Any refusal is one
     ``UnauthorizedLogin``; a spent budget is ``LoginThrottled``. The verdict is left
     on the credentials (``creds.verdict``) for the realm.
+
+    ``cache`` (authcache.py) may answer the password question instead of the hash;
+    everything else runs the same on a hit. Without one, every login is hashed.
     """
 
     credentialInterfaces = (IClientIdUsernamePassword,)
 
     def __init__(
-        self, passwords: PasswdFile, policy: DevicePolicy, defences: Defences | None = None
+        self,
+        passwords: PasswdFile,
+        policy: DevicePolicy,
+        defences: Defences | None = None,
+        cache: AuthCache | None = None,
     ) -> None:
         self.passwords = passwords
         self.policy = policy
         self.defences = defences or Defences()
+        self.cache = cache if cache is not None else AuthCache(ttl=0, size=1)  # off
         # Where the blocking half runs; the server gives it its own pool (workers.py).
         self.run_in_thread: Callable[..., defer.Deferred[Any]] = threads.deferToThread
         self.throttled_count = 0  # read (and reset) by the server's housekeeping
@@ -196,10 +206,18 @@ class ClientIdChecker:
         account_key: str,
         known: bool,
     ) -> AuthOutcome:
-        """The hash, then the policy; both budgets are already spent. Blocking."""
-        defences = self.defences
+        """The hash (or the cache), then the policy; both budgets are already spent. Blocking.
+
+        Only a right password is cached, so a wrong one always costs the full hash. A
+        refusal after a cache hit also costs one (its result is not needed): a policy
+        refusal must keep the timing class of a wrong password (C12), or a stolen
+        password could be confirmed from an unknown device by the speed of the 535.
+        """
         address = attempt.address
-        ok = verify_password(account.password_hash if account else None, password)
+        cached = account is not None and self.cache.check(
+            account.address, account.password_hash, password
+        )
+        ok = cached or verify_password(account.password_hash if account else None, password)
         if account is None or not ok:
             decision = (
                 Decision(False, "unknown_account")
@@ -208,6 +226,17 @@ class ClientIdChecker:
             )
             self._failed(attempt, account_key, known and account is not None)
             return AuthOutcome(address if account else None, False, decision)
+        if not cached:
+            self.cache.remember(account.address, account.password_hash, password)
+        outcome = self._decide(attempt, account_key, known)
+        if cached and not outcome.decision.allowed:
+            verify_password(account.password_hash, password)  # C12: the timing equaliser
+        return outcome
+
+    def _decide(self, attempt: Attempt, account_key: str, known: bool) -> AuthOutcome:
+        """The password was right: the shared-device block, then the policy. Blocking."""
+        defences = self.defences
+        address = attempt.address
         if (
             defences.sharing is not None
             and attempt.device
@@ -326,7 +355,13 @@ def build_portal(
     policy: DevicePolicy,
     delivery_for: Callable[[str, bool], IMessageDelivery],
     defences: Defences | None = None,
+    auth: AuthConfig | None = None,
 ) -> portal.Portal:
-    """The one place the portal is assembled; embedders reuse it."""
-    checker = ClientIdChecker(passwords, policy, defences)
+    """The one place the portal is assembled; embedders reuse it.
+
+    ``auth`` sizes the authentication cache (``cache_ttl``, ``cache_size``); without
+    it there is no cache and every login is hashed.
+    """
+    cache = AuthCache(auth.cache_ttl, auth.cache_size) if auth is not None else None
+    checker = ClientIdChecker(passwords, policy, defences, cache)
     return portal.Portal(SubmissionRealm(delivery_for), [checker])

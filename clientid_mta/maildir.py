@@ -42,7 +42,7 @@ def _safe_component(text: str) -> str:
     return text
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -77,7 +77,7 @@ class MaildirRoot:
                     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
                     created.append(folder)
             for folder in created:
-                _fsync_dir(folder.parent)
+                fsync_dir(folder.parent)
             self._check_inside(path)
         return path
 
@@ -128,7 +128,7 @@ class MaildirFile:
             handle.close()
         final = self.maildir / "new" / f"{self.name},S={self.size}"
         os.rename(self.temp_path, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return final
 
     def abort(self) -> None:

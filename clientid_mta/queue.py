@@ -30,7 +30,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
+
+from clientid_mta.maildir import fsync_dir
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -39,14 +41,6 @@ BOUNCED = "bounced"
 DONE_STATES = (DELIVERED, BOUNCED)
 
 _WRITE_BUFFER = 64 * 1024
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def new_queue_id() -> str:
@@ -191,7 +185,7 @@ class QueueDir:
             raise ValueError("envelope does not match its message file")
         return envelope
 
-    def open_message(self, queue_id: str) -> IO[bytes]:
+    def open_message(self, queue_id: str) -> BinaryIO:
         return open(self.message_path(queue_id), "rb")
 
     def load_all(self) -> tuple[list[Envelope], list[str]]:

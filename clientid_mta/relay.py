@@ -120,9 +120,11 @@ class QueueRunner(service.Service):
         self.queue = queue
         self.local = local
         self.router = router or Router(config.relay)
-        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.clock: IReactorTime = clock or reactor
         if send is None:
-            from clientid_mta.client import send_message as send
+            from clientid_mta.client import send_message
+
+            send = send_message
         self.send: Send = send
         self.tick_interval = tick_interval
         self.entries: dict[str, Entry] = {}

@@ -41,6 +41,12 @@ submissions = "tcp:0:interface=127.0.0.1"
 
 [delivery]
 local_domains = ["example.org"]
+
+[relay]
+# Nothing listens on port 1: mail for other domains stays queued unless a test
+# points the relay at its own peer.
+smarthost = "127.0.0.1:1"
+tls = "opportunistic"
 """
 
 _reactor_lock = threading.Lock()
@@ -179,6 +185,23 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The stored hash of every full password check the server makes while the test runs
+    (None: the dummy check for an unknown account)."""
+    from clientid_mta import cred
+
+    real = cred.verify_password
+    calls: list[str | None] = []
+
+    def counting(stored: str | None, password: str) -> bool:
+        calls.append(stored)
+        return real(stored, password)
+
+    monkeypatch.setattr(cred, "verify_password", counting)
+    return calls
 
 
 @pytest.fixture
