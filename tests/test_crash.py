@@ -24,13 +24,13 @@ PER_SESSION = 25
 BODY_LINES = 40  # about 3 KB a message
 
 
-def make_message(number: int) -> tuple[str, str, bytes]:
+def make_message(number: int, recipient: str = RECIPIENT) -> tuple[str, str, bytes]:
     """(Message-ID, body as Maildir stores it, the message as sent with CRLF)."""
     message_id = f"<crash-{number}-{secrets.token_hex(4)}@example.org>"
     lines = [f"{number:06d} line {i:03d} {secrets.token_hex(32)}" for i in range(BODY_LINES)]
     headers = [
         f"From: {SENDER}",
-        f"To: {RECIPIENT}",
+        f"To: {recipient}",
         f"Subject: crash test {number}",
         f"Message-ID: {message_id}",
     ]
@@ -41,9 +41,10 @@ def make_message(number: int) -> tuple[str, str, bytes]:
 class Sender(threading.Thread):
     """Submits messages until stopped; knows exactly which ones got 250 after DATA."""
 
-    def __init__(self, server: ServerProcess) -> None:
+    def __init__(self, server: ServerProcess, recipient: str = RECIPIENT) -> None:
         super().__init__(daemon=True)
         self.server = server
+        self.recipient = recipient
         self.stopping = threading.Event()
         self.numbers = itertools.count()
         self.bodies: dict[str, str] = {}  # every message ever started
@@ -78,10 +79,10 @@ class Sender(threading.Thread):
         for _ in range(PER_SESSION):
             if self.stopping.is_set():
                 return
-            message_id, body, data = make_message(next(self.numbers))
+            message_id, body, data = make_message(next(self.numbers), self.recipient)
             self.bodies[message_id] = body
             try:
-                client.sendmail(SENDER, [RECIPIENT], data)  # raises unless DATA got 250
+                client.sendmail(SENDER, [self.recipient], data)  # raises unless DATA got 250
             except smtplib.SMTPResponseException as refused:
                 self.refused.append((message_id, refused.smtp_code, refused.smtp_error))
                 return
