@@ -277,7 +277,7 @@ class _SubmissionClient(ESMTPClient):
         resp, self._lines = b"\n".join(self._lines), []
         self.resetTimeout()  # the timeout is per reply, not per line
         number = int(code)
-        if False and self.step not in ("message data", "QUIT"):
+        if number == 421 and self.step not in ("message data", "QUIT"):
             self.fail(f"the server is closing the session ({self.step}): 421 {self.text(resp)}")
         elif number in self._expected:
             self._okresponse(number, resp)
@@ -452,7 +452,7 @@ class _SubmissionClient(ESMTPClient):
         if len(self.rcpt_replies) < len(self.job.recipients):
             self.next_rcpt()
         elif any(c in SUCCESS for c, _ in self.rcpt_replies):
-            self.command("DATA", b"DATA", [354], self.send_data, self.data_reply)
+            self.command("DATA", b"DATA", [354], self.send_data, self.data_refused)
         else:
             self.finish(self.rcpt_replies)
 
@@ -465,6 +465,12 @@ class _SubmissionClient(ESMTPClient):
 
     def body_failed(self, problem: Exception) -> None:
         self.fail(problem)  # the message could not be read: the caller's problem, as is
+
+    def data_refused(self, code: int, resp: bytes) -> None:
+        if code in SUCCESS:  # "sent" without the message: the server is broken
+            self.fail(f"DATA failed: the server answered {code} instead of 354", polite=True)
+        else:
+            self.data_reply(code, resp)
 
     def data_reply(self, code: int, resp: bytes) -> None:
         """The reply to DATA (when refused) or to the end of data: it settles the rest."""
