@@ -36,7 +36,13 @@ class ServerConfig:
     hostname: str
     data_dir: Path
     received_header_ip: bool = False
-    workers: int = 1  # 0 in the file means "one per CPU"
+    workers: int = 0  # processes serving the ports; 0: one per CPU
+
+    @property
+    def worker_count(self) -> int:
+        import os
+
+        return self.workers or len(os.sched_getaffinity(0)) or 1
 
 
 @dataclass(frozen=True)

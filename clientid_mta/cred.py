@@ -161,7 +161,7 @@ class ClientIdChecker:
         creds = IClientIdUsernamePassword(credentials)
         attempt = self._attempt(creds)
         throttle = self.defences.throttle
-        if throttle is not None and not throttle.take(attempt.throttle_key):
+        if throttle is not None and not throttle.admit(attempt.throttle_key):
             # No thread, no hash: a throttled device costs next to nothing.
             outcome = AuthOutcome(None, False, Decision(False, "device_throttled"), throttled=True)
             return defer.maybeDeferred(self._conclude, outcome, attempt, creds)
@@ -190,6 +190,9 @@ class ClientIdChecker:
         )
         account_key = account_key_for(address, known)
         throttle = defences.throttle
+        if throttle is not None and throttle.shared and not throttle.take(attempt.throttle_key):
+            # Shared between workers, the device's attempt is taken here, not on the reactor.
+            return AuthOutcome(None, False, Decision(False, "device_throttled"), throttled=True)
         if throttle is not None and not throttle.take(account_key):
             throttle.refund(attempt.throttle_key)  # not a failure of this device's
             return AuthOutcome(None, False, Decision(False, "account_throttled"), throttled=True)

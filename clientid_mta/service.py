@@ -6,9 +6,12 @@ listens with the result, or adds ``build_service(config)`` to its application.
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +21,12 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorFromThreads
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorFromThreads,
+    IReactorSocket,
+)
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -26,6 +34,7 @@ from twisted.python.failure import Failure
 from clientid_mta.alerts import DEVICE_APPROVED, FailureCounter, Notice, Notifier
 from clientid_mta.approval import ApprovalMessage, Approvals
 from clientid_mta.audit import AuditLog
+from clientid_mta.buckets import SharedBuckets
 from clientid_mta.clientid import fingerprint, load_or_create_server_key
 from clientid_mta.config import Config, ConfigError, check_server_files
 from clientid_mta.cred import ClientIdChecker, Defences, IClientIdUsernamePassword, build_portal
@@ -196,35 +205,77 @@ def build_factory(
     return factory
 
 
+class AdoptedPort(service.Service):
+    """A listener on a socket another process bound (a worker's share of a port)."""
+
+    def __init__(self, fd: int, factory: IProtocolFactory) -> None:
+        self.fd = fd
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self._waitingForPort: defer.Deferred[IListeningPort] = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        probe = socket.socket(fileno=self.fd)
+        family = probe.family
+        probe.detach()
+        adopter: IReactorSocket = reactor  # type: ignore[assignment]
+        self.port = adopter.adoptStreamPort(self.fd, family, self.factory)  # type: ignore[arg-type]
+        os.close(self.fd)  # adoptStreamPort made its own copy
+        self._waitingForPort.callback(self.port)
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        return self.port.stopListening() if self.port else None
+
+
 class SubmissionService(service.MultiService):
-    """Both listeners, and a start-up report of where everything is."""
+    """Both listeners, and a start-up report of where everything is.
+
+    ``inherited`` maps listener names to sockets a parent process bound: a worker
+    process serves those instead of binding its own (see ``workerpool``).
+    """
 
     exit_on_listen_error = False  # twistd sets it: a busy port ends the start with one line
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, inherited: dict[str, int] | None = None) -> None:
         super().__init__()
         self.config = config
         self.components = build_components(config)
+        self.reload_hooks: list[Callable[[], object]] = []
         self._ticks = 0
         self._housekeeping_busy = False
         self._housekeeping = task.LoopingCall(self._tick)
+        self.listeners: list[service.Service] = []
         for key, implicit in (("submission", False), ("submissions", True)):
             description = getattr(config.listen, key)
-            if not description:
+            if not description or (inherited is not None and key not in inherited):
                 continue
-            endpoint = serverFromString(reactor, description)
-            listener = StreamServerEndpointService(
-                endpoint, build_factory(config, implicit, self.components)
-            )
-            listener._raiseSynchronously = True
+            factory = build_factory(config, implicit, self.components)
+            listener: service.Service
+            if inherited is not None:
+                listener = AdoptedPort(inherited[key], factory)
+            else:
+                endpoint = StreamServerEndpointService(
+                    serverFromString(reactor, description), factory
+                )
+                endpoint._raiseSynchronously = True
+                listener = endpoint
             listener.setName(key)
             listener.setServiceParent(self)
+            self.listeners.append(listener)
+
+    def share_state(self) -> None:
+        """Several processes serve this config: keep the failure budgets in the store."""
+        throttle = self.components.defences.throttle
+        if throttle is not None and not throttle.shared:
+            throttle.share(SharedBuckets(self.config.clientid.device_store))
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except CannotListenError as problem:
-            names = {child.name: getattr(self.config.listen, child.name) for child in self}
+            names = {s.name: getattr(self.config.listen, str(s.name)) for s in self.listeners}
             where = ", ".join(f"{name} = {value!r}" for name, value in names.items())
             message = (
                 f"config error: [listen] cannot listen on port {problem.port} "
@@ -241,8 +292,12 @@ class SubmissionService(service.MultiService):
         if defences.audit is not None:
             defences.audit.flush()
         self._ticks += 1
-        if defences.throttle is not None and (final or self._ticks % THROTTLE_SAVE_TICKS == 0):
-            self.components.store.save_throttle(defences.throttle.snapshot())
+        throttle = defences.throttle
+        if throttle is not None and (final or self._ticks % THROTTLE_SAVE_TICKS == 0):
+            if throttle.shared:
+                SharedBuckets(self.config.clientid.device_store).prune(throttle.is_full)
+            else:
+                self.components.store.save_throttle(throttle.snapshot())
 
     def _tick(self) -> defer.Deferred[None] | None:
         checker = self.components.checker
@@ -265,8 +320,8 @@ class SubmissionService(service.MultiService):
 
     def listening(self) -> defer.Deferred[dict[str, IListeningPort]]:
         """Fires with {listener name: port} once both listeners are bound (port 0 works)."""
-        names = [child.name for child in self]
-        waits = [child._waitingForPort for child in self]  # set by startService
+        names = [str(listener.name) for listener in self.listeners]
+        waits = [listener._waitingForPort for listener in self.listeners]  # type: ignore[attr-defined]
         bound = defer.gatherResults(waits)
         return bound.addCallback(lambda ports: dict(zip(names, ports, strict=True)))
 
@@ -278,6 +333,8 @@ class SubmissionService(service.MultiService):
             log.error("reload failed, keeping the old certificate: {problem}", problem=str(problem))
             return False
         log.info("reloaded the TLS certificate and key")
+        for hook in self.reload_hooks:
+            hook()
         return True
 
     def _install_sighup(self) -> None:

@@ -33,6 +33,7 @@ def state_files(config: Config) -> list[Path]:
     """What the server creates under its data folder on first start."""
     store = config.clientid.device_store
     tls = config.generated_tls_dir
+    queue = config.queue_config.directory
     return [
         config.server.data_dir,
         config.clientid.key_file,
@@ -42,6 +43,8 @@ def state_files(config: Config) -> list[Path]:
         tls,
         tls / "cert.pem",
         tls / "key.pem",
+        queue,
+        *(queue / name for name in ("tmp", "msg", "env", "corrupt", "control", "lock")),
     ]
 
 
@@ -66,6 +69,14 @@ def makeService(options: Options) -> Any:
     except ConfigError as problem:
         raise SystemExit(f"clientid-mta: {problem}") from None
     service.exit_on_listen_error = True
+    count = options.loaded.server.worker_count
+    if count > 1:
+        from clientid_mta.workerpool import WorkerPool
+
+        service.share_state()
+        pool = WorkerPool(options.loaded, service.listening, count)
+        pool.setServiceParent(service)
+        service.reload_hooks.append(pool.reload)
     parent = getattr(options, "parent", None) or {}
     hand_over_state(options.loaded, parent.get("uid"), parent.get("gid"))
     return service

@@ -10,6 +10,11 @@ Keys (draft 6.2, 6.3 item 6):
 Only failures spend; successes never do. Checking a budget is a dict look-up and a
 little arithmetic, so a throttled attempt costs no hash and no thread. State is kept
 in memory, bounded, and saved to the store so that it survives a restart.
+
+With several worker processes the buckets are shared (``share``): the rows in SQLite
+are the truth and are changed in the auth threads; the memory copy is then only the
+last level this process saw, which lets the reactor refuse a device it already knows
+to be spent without a thread.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from clientid_mta.buckets import Row, SharedBuckets
 from clientid_mta.config import ThrottleConfig
 
 MAX_KEYS = 200_000  # beyond this the longest-untouched buckets are forgotten
@@ -56,6 +62,32 @@ class Throttle:
         self._clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
+        self._shared: SharedBuckets | None = None
+
+    def share(self, buckets: SharedBuckets) -> None:
+        """From now on the buckets live in ``buckets``, shared with other processes."""
+        self._shared = buckets
+
+    @property
+    def shared(self) -> bool:
+        return self._shared is not None
+
+    def admit(self, key: str) -> bool:
+        """The reactor's check of a device budget, before any thread is used.
+
+        Alone, it takes the attempt at once. Shared, it only refuses a device last seen
+        spent: the take itself is a database write, done in the auth thread.
+        """
+        if not self.enabled:
+            return True
+        if self._shared is None:
+            return self.take(key)
+        with self._lock:
+            return self._tokens(key, self._clock()) >= 1.0
+
+    def is_full(self, key: str, tokens: float, updated: float) -> bool:
+        budget = self._budgets.get(key.partition(":")[0])
+        return budget is None or budget.level(tokens, self._clock() - updated) >= budget.burst
 
     def _budget(self, key: str) -> Budget:
         return self._budgets[key.partition(":")[0]]
@@ -77,6 +109,8 @@ class Throttle:
         """
         if not self.enabled:
             return True
+        if self._shared is not None:
+            return self._shared_change(keys, -1.0)
         now = self._clock()
         with self._lock:
             levels = [self._tokens(key, now) for key in keys]
@@ -93,11 +127,38 @@ class Throttle:
         """Give back what ``take`` spent (the attempt was not a failure)."""
         if not self.enabled:
             return
+        if self._shared is not None:
+            self._shared_change(keys, +1.0)
+            return
         now = self._clock()
         with self._lock:
             for key in keys:
                 level = min(self._tokens(key, now) + 1.0, float(self._budget(key).burst))
                 self._buckets[key] = (level, now)
+
+    def _shared_change(self, keys: tuple[str, ...], change: float) -> bool:
+        """Take (-1) or give back (+1) one attempt on every key, in one transaction."""
+        assert self._shared is not None
+        now = self._clock()
+        seen: dict[str, Row] = {}
+
+        def decide(current: dict[str, Row | None]) -> dict[str, Row] | None:
+            for key, row in current.items():
+                budget = self._budget(key)
+                seen[key] = (budget.level(row[0], now - row[1]) if row else budget.burst, now)
+            if change < 0 and any(level < 1.0 for level, _ in seen.values()):
+                return None
+            return {
+                key: (min(level + change, float(self._budget(key).burst)), now)
+                for key, (level, _) in seen.items()
+            }
+
+        new = self._shared.update(keys, decide)
+        with self._lock:
+            self._buckets.update(new or seen)
+            while len(self._buckets) > MAX_KEYS:
+                self._buckets.popitem(last=False)
+        return new is not None
 
     def snapshot(self) -> list[tuple[str, float, float]]:
         """The buckets that are not full (full ones carry no information)."""

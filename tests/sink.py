@@ -108,6 +108,7 @@ class Message:
     clientid: tuple[str, str] | None  # (TYPE upper-cased, token)
     helo: str
     quit: bool = False  # the session later ended with QUIT
+    at: float = field(default_factory=time.time)  # when it was accepted (before the 250)
 
     def parsed(self) -> email.message.EmailMessage:
         parsed = email.message_from_bytes(self.data, policy=email.policy.default)

@@ -1,0 +1,128 @@
+"""Issue 5 point 4: ``[server] workers = N`` processes share the ports and the state.
+
+Real twistd servers (tests/serverproc.py) with two processes: connections reach both,
+failure budgets are one budget whatever process a session lands on, mail a worker
+accepts for another domain is relayed by the process that owns the queue, and a
+SIGKILLed server leaves no worker behind holding its ports.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from clientid_mta.config import ConfigError, load_config
+from tests.serverproc import ServerProcess, port_is_free, running
+from tests.sink import running_sink, wait_until
+
+WORKERS = "[server]\nworkers = 2\n"
+DEVICE = "9f1c2b3a-4d5e-4f60-8a7b-1c2d3e4f5a6b"
+
+
+def sessions_served(server: ServerProcess, count: int) -> None:
+    for n in range(count):
+        client = server.smtp()
+        client.login("alice@example.org", "alice-password")
+        client.sendmail(
+            "alice@example.org", ["bob@example.org"], f"Subject: w{n}\r\n\r\nhi\r\n".encode()
+        )
+        client.quit()
+
+
+def accepted_by(output: str) -> tuple[int, int]:
+    """(messages accepted by the twistd process, by worker 1)."""
+    worker = len(re.findall(r"worker 1: accepted [0-9A-F]{16} ", output))
+    main = len(re.findall(r"\[clientid_mta\.esmtp#info\] accepted [0-9A-F]{16} ", output))
+    return main, worker
+
+
+def test_workers_both_processes_serve_the_ports(tmp_path: Path) -> None:
+    with running(tmp_path / "server", WORKERS) as server:
+        server.wait_for_output(r"2 processes serve the ports", timeout=10)
+        wait_until(lambda: "worker 1: clientid-mta" in server.output() or None, 10, "worker 1")
+        deadline = time.monotonic() + 30
+        while min(accepted_by(server.output())) == 0 and time.monotonic() < deadline:
+            sessions_served(server, 5)
+        main, worker = accepted_by(server.output())
+        stored = len(server.messages("bob@example.org"))
+    assert main > 0 and worker > 0, (main, worker)
+    assert stored == main + worker
+
+
+def wrong_password(server: ServerProcess) -> int:
+    """One fresh connection (the kernel picks the process), CLIENTID, a wrong AUTH."""
+    client = server.smtp()
+    assert client.docmd("CLIENTID", f"UUID {DEVICE}")[0] == 250
+    code = client.docmd("AUTH", "PLAIN AGFsaWNlQGV4YW1wbGUub3JnAHdyb25n")[0]
+    client.close()
+    return code
+
+
+def test_workers_share_one_failure_budget_per_device(tmp_path: Path) -> None:
+    """A device with a burst of 3 gets 3 refusals in all, not 3 per process."""
+    config = WORKERS + "[throttle]\ndevice_burst = 3\ndevice_refill = 3600\n"
+    with running(tmp_path / "server", config) as server:
+        wait_until(lambda: "worker 1: clientid-mta" in server.output() or None, 10, "worker 1")
+        codes = [wrong_password(server) for _ in range(12)]
+        output = server.output()
+    assert codes[:3] == [535, 535, 535], codes
+    assert set(codes[3:]) == {454}, codes
+    main_refusals = len(re.findall(r"\[clientid_mta\.cred#info\] auth refused", output))
+    worker_refusals = len(re.findall(r"worker 1: auth refused", output))
+    assert main_refusals + worker_refusals == 3
+
+
+def test_workers_sigkill_leaves_no_worker_holding_the_ports(tmp_path: Path) -> None:
+    with running(tmp_path / "server", WORKERS) as server:
+        wait_until(lambda: "worker 1: clientid-mta" in server.output() or None, 10, "worker 1")
+        server.kill()
+        wait_until(
+            lambda: (port_is_free(server.port) and port_is_free(server.tls_port)) or None,
+            10,
+            "the ports to be released by every process",
+        )
+        server.start()
+        sessions_served(server, 2)
+        assert len(server.messages("bob@example.org")) == 2
+
+
+def test_workers_mail_for_other_domains_is_relayed_once_by_the_queue_owner(
+    tmp_path: Path,
+) -> None:
+    with running_sink(tmp_path, tls="none") as sink:
+        relay = f'[relay]\nsmarthost = "127.0.0.1:{sink.port}"\ntls = "opportunistic"\n'
+        with running(tmp_path / "server", WORKERS + relay) as server:
+            wait_until(lambda: "worker 1: clientid-mta" in server.output() or None, 10, "w1")
+            for n in range(10):
+                client = server.smtp()
+                client.login("alice@example.org", "alice-password")
+                message = f"Subject: r{n}\r\nMessage-ID: <r{n}@example.org>\r\n\r\nhi\r\n"
+                client.sendmail("alice@example.org", [f"carol{n}@example.net"], message.encode())
+                client.quit()
+            messages = sink.wait_for(10, timeout=20)
+            time.sleep(1.5)
+            assert len(sink.messages()) == 10
+            output = server.output()
+    assert sorted(m.rcpt_to[0] for m in messages) == sorted(
+        f"carol{n}@example.net" for n in range(10)
+    )
+    assert "worker 1: queue resumed" not in output  # the worker never ran the queue
+    assert "queue resumed" in output
+
+
+def test_workers_one_means_a_single_process(tmp_path: Path) -> None:
+    with running(tmp_path / "server", "[server]\nworkers = 1\n") as server:
+        sessions_served(server, 1)
+        time.sleep(0.5)
+        assert "worker 1" not in server.output()
+        assert "processes serve the ports" not in server.output()
+
+
+def test_workers_reject_a_negative_count(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nworkers = -1\n")
+    with pytest.raises(ConfigError, match=r"\[server\] workers"):
+        load_config(path)
