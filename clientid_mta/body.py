@@ -4,6 +4,13 @@ The only end of data is ``CRLF . CRLF``. Lines are split on CRLF alone: a bare C
 LF stays inside its line, where it is detected and the message refused, so no
 "smuggled" end of data is ever seen. Over-long lines and over-size messages are read
 to the end without being kept, so memory stays bounded whatever the client sends.
+
+After the header section, whole runs of complete lines are handled at once with
+bytes operations (find the end marker, count CR and LF, undo dot-stuffing, turn CRLF
+into LF) instead of one Python call per line: the per-line path cost about a third of
+the server's CPU per message in a profile of 4 KB messages. The per-line path stays
+for the header section and for any run that may hold an over-long line, and the
+parser fuzz tests hold both paths to the same reference framer.
 """
 
 from __future__ import annotations
@@ -68,8 +75,15 @@ class BodyReader:
     and it never leaves more than ``max_line`` bytes there.
     """
 
-    def __init__(self, write_line: Callable[[bytes], None], max_size: int, max_line: int) -> None:
+    def __init__(
+        self,
+        write_line: Callable[[bytes], None],
+        max_size: int,
+        max_line: int,
+        write_block: Callable[[bytes], None] | None = None,
+    ) -> None:
         self._write_line = write_line
+        self._write_block = write_block
         self.max_size = max_size
         self.max_line = max_line
         self.size = 0
@@ -88,6 +102,18 @@ class BodyReader:
         pos = 0
         end = len(buf)
         while True:
+            if self._write_block is not None and not (self.headers.in_headers or self._skipping):
+                last = buf.rfind(b"\r\n", pos)
+                if last >= pos:
+                    region = bytes(buf[pos : last + 2])
+                    if region.startswith(b".\r\n"):
+                        return pos + 3, True
+                    found = region.find(b"\r\n.\r\n")
+                    if found >= 0:
+                        self._block(region[: found + 2])
+                        return pos + found + 5, True
+                    self._block(region)
+                    pos = last + 2
             idx = buf.find(b"\r\n", pos)
             if idx < 0:
                 # A final CR may be the first half of the CRLF: it does not count.
@@ -112,6 +138,28 @@ class BodyReader:
             if line[:1] == b".":
                 line = line[1:]
             self._line(line)
+
+    def _block(self, block: bytes) -> None:
+        """Complete lines (each ending in CRLF, none the end marker), past the headers."""
+        if not block:
+            return
+        if len(block) > self.max_line + 2 and max(map(len, block.split(b"\r\n"))) > self.max_line:
+            for line in block[:-2].split(b"\r\n"):  # rare: keep the exact per-line rules
+                if len(line) > self.max_line:
+                    self.line_too_long = True
+                    continue
+                self._line(line[1:] if line[:1] == b"." else line)
+            return
+        lines = block.count(b"\r\n")
+        if block.count(b"\r") != lines or block.count(b"\n") != lines:
+            self.bare_newline = True
+        unstuffed = (b"\r\n" + block).replace(b"\r\n.", b"\r\n")[2:]
+        self.size += len(unstuffed)
+        if self.size > self.max_size:
+            self.too_big = True
+        if not self.failed:
+            assert self._write_block is not None
+            self._write_block(unstuffed.replace(b"\r\n", b"\n"))
 
     def _line(self, line: bytes) -> None:
         self.size += len(line) + 2

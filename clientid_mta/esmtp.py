@@ -797,7 +797,10 @@ class SubmissionESMTP(smtp.ESMTP):
             for line in header:
                 message.lineReceived(line)
         self._body = BodyReader(
-            self._write_line, self.limits.max_message_size, self.limits.max_line_length
+            self._write_line,
+            self.limits.max_message_size,
+            self.limits.max_line_length,
+            self._write_block,
         )
         self.input_mode = Mode.DATA
         self.setTimeout(self.limits.data_timeout)
@@ -823,6 +826,17 @@ class SubmissionESMTP(smtp.ESMTP):
     def _write_line(self, line: bytes) -> None:
         for message in self._messages:
             message.lineReceived(line)
+
+    def _write_block(self, data: bytes) -> None:
+        """Many body lines at once, LF-terminated; messages without ``write_block``
+        (Twisted's plain IMessage) get them line by line."""
+        for message in self._messages:
+            write_block = getattr(message, "write_block", None)
+            if write_block is not None:
+                write_block(data)
+            else:
+                for line in data.split(b"\n")[:-1]:
+                    message.lineReceived(line)
 
     def _process_data(self) -> bool:
         assert self._body is not None
@@ -883,7 +897,7 @@ class SubmissionESMTP(smtp.ESMTP):
     ) -> None:
         failures = [result for ok, result in results if not ok]
         for failure in failures:
-            if failure.check(OSError, smtp.SMTPServerError):  # expected: disk full, I/O error
+            if failure.check(OSError, smtp.SMTPServerError, UnsafeMailboxName):  # disk full...
                 log.error(
                     "delivery of {id} failed: {problem}", id=message_id, problem=failure.value
                 )

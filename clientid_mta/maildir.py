@@ -22,6 +22,8 @@ from twisted.internet import defer, threads
 from twisted.mail.interfaces import IMessageSMTP
 from zope.interface import implementer
 
+from clientid_mta.spool import LateFile
+
 _counter = itertools.count()
 _WRITE_BUFFER = 64 * 1024
 
@@ -64,11 +66,14 @@ class MaildirRoot:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._checked: set[Path] = set()  # Maildirs already created and found inside root
 
     def maildir(self, domain: str, localpart: str) -> Path:
         """The account's Maildir, created (durably) if needed. Blocking."""
         root = self.root
         path = root / _safe_component(domain.lower()) / _safe_component(localpart.lower())
+        if path in self._checked:
+            return path  # the realpath checks cost two lstat chains per message
         self._check_inside(path)
         if not (path / "new").is_dir():
             created: list[Path] = []
@@ -79,6 +84,8 @@ class MaildirRoot:
             for folder in created:
                 fsync_dir(folder.parent)
             self._check_inside(path)
+        if all((path / sub).is_dir() for sub in ("tmp", "new", "cur")):
+            self._checked.add(path)
         return path
 
     def _check_inside(self, path: Path) -> None:
@@ -150,33 +157,33 @@ class MaildirMessage:
     """Twisted's IMessage for one local recipient.
 
     Lines arrive without their line ending and are stored with LF, the Maildir
-    convention. A write error (disk full, I/O error) is remembered and reported by
-    ``eomReceived`` so that the reply is a 451, never a lost message.
+    convention. The data waits in memory (``spool.LateFile``) and is written, fsynced
+    and renamed in a thread at the end. A write error (disk full, I/O error) is kept
+    and reported by ``eomReceived``, so that the reply is a 451, never a lost message.
     """
 
     def __init__(self, maildirs: MaildirRoot, domain: str, localpart: str) -> None:
-        self._file = maildirs.open_new(domain, localpart)
-        self._error: BaseException | None = None
+        self._data = LateFile(lambda: maildirs.open_new(domain, localpart))
 
     def lineReceived(self, line: bytes) -> None:
-        if self._error is None:
-            try:
-                self._file.write(line + b"\n")
-            except OSError as error:
-                self._error = error
+        self._data.write(line + b"\n")
+
+    def write_block(self, data: bytes) -> None:
+        """Many lines at once, already with LF endings (the fast DATA path)."""
+        self._data.write(data)
 
     def eomReceived(self) -> defer.Deferred[Path]:
-        if self._error is not None:
-            self._file.abort()
-            return defer.fail(self._error)
+        if self._data.error is not None:
+            self._data.abort()
+            return defer.fail(self._data.error)
         return threads.deferToThread(self._commit)
 
     def _commit(self) -> Path:
         try:
-            return self._file.commit()
+            return self._data.written().commit()
         except BaseException:
-            self._file.abort()
+            self._data.abort()
             raise
 
     def connectionLost(self) -> None:
-        self._file.abort()
+        self._data.abort()

@@ -20,6 +20,7 @@ from twisted.mail.interfaces import IMessageSMTP
 from zope.interface import implementer
 
 from clientid_mta.queue import Envelope, MessageWriter, QueueDir, Recipient
+from clientid_mta.spool import LateFile
 
 if TYPE_CHECKING:
     from clientid_mta.dkim import DkimSigner
@@ -80,43 +81,42 @@ class OutboundMessage:
         self.sender = sender
         self.account = account
         self.recipients: list[str] = []
-        self._writer: MessageWriter = outbound.queue.new_message()
-        self._error: OSError | None = None
+        self._data: LateFile[MessageWriter] = LateFile(outbound.queue.new_message)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._error is None:
-            try:
-                self._writer.write(line + b"\n")
-            except OSError as error:
-                self._error = error
+        self._data.write(line + b"\n")
+
+    def write_block(self, data: bytes) -> None:
+        self._data.write(data)
 
     def eomReceived(self) -> defer.Deferred[Envelope]:
-        if self._error is not None:
-            self._writer.abort()
-            return defer.fail(self._error)
+        if self._data.error is not None:
+            self._data.abort()
+            return defer.fail(self._data.error)
         stored = threads.deferToThread(self._commit)
         stored.addCallback(self._committed)
         return stored
 
     def _commit(self) -> Envelope:
         try:
-            path = self._writer.finish()
+            writer = self._data.written()
+            path = writer.finish()
             header = b""
             signer = self.outbound.signer
             if signer is not None:
                 data = path.read_bytes()
                 header = signer.signature_header(data, author_domain(data)) or b""
             envelope = Envelope(
-                id=self._writer.id,
+                id=writer.id,
                 sender=self.sender,
                 arrival=time.time(),
                 recipients=[Recipient(address) for address in dict.fromkeys(self.recipients)],
                 account=self.account,
                 dkim_header=header.decode("ascii"),
             )
-            self._writer.commit(envelope)
+            writer.commit(envelope)
         except BaseException:
-            self._writer.abort()
+            self._data.abort()
             raise
         return envelope
 
@@ -125,4 +125,4 @@ class OutboundMessage:
         return envelope
 
     def connectionLost(self) -> None:
-        self._writer.abort()
+        self._data.abort()

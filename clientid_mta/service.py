@@ -26,6 +26,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IReactorFromThreads,
     IReactorSocket,
+    IReactorThreads,
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -57,6 +58,10 @@ from clientid_mta.workers import AuthWorkers
 log = Logger()
 
 HOUSEKEEPING_INTERVAL = 1.0  # seconds between audit flushes
+# The reactor's pool writes and fsyncs messages and queue entries (logins have their
+# own pool): enough threads that fsyncs of many sessions overlap and share journal
+# commits, few enough to keep memory small.
+DISK_THREADS = 16
 THROTTLE_SAVE_TICKS = 10  # save the throttle state every this many flushes
 
 
@@ -346,6 +351,8 @@ class SubmissionService(service.MultiService):
     def startService(self) -> None:
         config = self.config
         super().startService()
+        threaded: IReactorThreads = reactor  # type: ignore[assignment]
+        threaded.suggestThreadPoolSize(DISK_THREADS)
         self.components.queue_runner.startService()
         self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
         self._install_sighup()

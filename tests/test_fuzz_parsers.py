@@ -385,15 +385,23 @@ def feed_in_chunks(
     st.lists(st.integers(0, 400), max_size=8),
     st.integers(1, 16),
     st.integers(1, 200),
+    st.booleans(),
 )
-@example(stream=b"abcd\r\n.\r\n", cuts=[5], max_line=4, max_size=100)  # CR | LF at the cap
-@example(stream=b"abcde\r\n.\r\n", cuts=[6], max_line=4, max_size=100)
-@example(stream=b"x\r\n.\r\nNOOP\r\n", cuts=[], max_line=4, max_size=100)
+@example(stream=b"abcd\r\n.\r\n", cuts=[5], max_line=4, max_size=100, blocks=False)
+@example(stream=b"abcde\r\n.\r\n", cuts=[6], max_line=4, max_size=100, blocks=False)
+@example(stream=b"x\r\n.\r\nNOOP\r\n", cuts=[], max_line=4, max_size=100, blocks=False)
+@example(stream=b"a:b\r\n\r\n..x\r\n.\r\n", cuts=[], max_line=4, max_size=100, blocks=True)
+@example(stream=b"a:b\r\n\r\nxy\r\nabcdef\r\n.\r\n", cuts=[], max_line=4, max_size=99, blocks=True)
 def test_S8_S10_body_reader_frames_like_the_reference_for_every_chunking(
-    stream: bytes, cuts: list[int], max_line: int, max_size: int
+    stream: bytes, cuts: list[int], max_line: int, max_size: int, blocks: bool
 ) -> None:
+    """Both paths: line by line, and (``blocks``) whole runs of lines after the headers."""
     written: list[bytes] = []
-    reader = BodyReader(written.append, max_size, max_line)
+
+    def write_block(data: bytes) -> None:
+        written.extend(data.split(b"\n")[:-1])
+
+    reader = BodyReader(written.append, max_size, max_line, write_block if blocks else None)
     consumed, ended = feed_in_chunks(reader, stream, cuts, max_line)
     ref = reference_frame(stream, max_line, max_size)
     # S10: the data ends at the first CRLF . CRLF and nowhere else; nothing after it is read.
