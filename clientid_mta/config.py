@@ -171,7 +171,7 @@ class RelayConfig:
     mx_port: int = 25
     nameservers: tuple[str, ...] = ()  # "host:port"; (): /etc/resolv.conf
     max_connections: int = 20
-    max_per_destination: int = 4
+    max_per_destination: int = 10
     connect_timeout: int = 30
     command_timeout: int = 300
 

@@ -43,12 +43,14 @@ from clientid_mta.queue import (
     flush,
     give_up,
 )
-from clientid_mta.routing import RouteFailed, Router
+from clientid_mta.routing import Hop, RouteFailed, Router
 
 if TYPE_CHECKING:
     from clientid_mta import client
 
 log = Logger()
+
+BATCH = 20  # queue entries sent over one connection to one destination
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -181,7 +183,7 @@ class QueueRunner(service.Service):
         """A new entry was committed by this process: start on it now."""
         if self.owner and envelope.id not in self.entries:
             self.entries[envelope.id] = Entry(envelope)
-            self._schedule(self.entries[envelope.id])
+            self._fill()
 
     # --- the loop -----------------------------------------------------------------
 
@@ -192,8 +194,7 @@ class QueueRunner(service.Service):
             scan.addCallback(self._apply_scan)
             scan.addErrback(lambda f: log.failure("queue scan failed", f))
             scan.addBoth(self._scan_done)
-        for entry in list(self.entries.values()):
-            self._schedule(entry)
+        self._fill()
 
     def _scan_done(self, _: object) -> None:
         self._scanning = False
@@ -222,8 +223,7 @@ class QueueRunner(service.Service):
             )
             for entry in targets:
                 self._request(entry, action)
-        for entry in list(self.entries.values()):
-            self._schedule(entry)
+        self._fill()
 
     def _request(self, entry: Entry, action: str) -> None:
         log.info("queue {action} {id} by the administrator", action=action, id=entry.envelope.id)
@@ -234,36 +234,51 @@ class QueueRunner(service.Service):
         elif action == "bounce":
             give_up(entry.envelope.recipients, AdminBounce.STATUS, AdminBounce.REASON)
 
-    def _schedule(self, entry: Entry) -> None:
-        if entry.busy:
-            return
-        envelope = entry.envelope
-        if entry.deleted or entry.unsaved:
-            entry.busy = True
-            self._finish(entry, defer.ensureDeferred(self._after_attempts(entry)))
-            return
-        now = self.clock.seconds()
-        groups: dict[str, list[Recipient]] = {}
-        for recipient in envelope.pending():
-            if recipient.next_attempt <= now:
-                groups.setdefault(self.router.destination(recipient.address), []).append(recipient)
-        jobs = [
-            defer.ensureDeferred(self._deliver(envelope, destination, recipients))
-            for destination, recipients in groups.items()
-            if self._take_slot(destination)
-        ]
-        if jobs or envelope.owed_bounces() or envelope.done:
-            entry.busy = True
-            done = defer.DeferredList(jobs, consumeErrors=True)
-            done.addCallback(lambda _: defer.ensureDeferred(self._after_attempts(entry)))
-            self._finish(entry, done)
+    def _fill(self) -> None:
+        """Start what is due, oldest first, while there are free connection slots.
 
-    def _finish(self, entry: Entry, work: defer.Deferred[Any]) -> None:
+        Entries due at one destination share a connection (up to BATCH of them). An
+        entry takes part in one delivery at a time; recipients it has at another
+        destination go in a later round.
+        """
+        now = self.clock.seconds()
+        waiting: dict[str, list[tuple[Entry, list[Recipient]]]] = {}
+        for entry in list(self.entries.values()):
+            if entry.busy:
+                continue
+            envelope = entry.envelope
+            due = [r for r in envelope.pending() if r.next_attempt <= now]
+            if not due:
+                if entry.deleted or entry.unsaved or envelope.owed_bounces() or envelope.done:
+                    self._conclude(entry)
+                continue
+            destination = self.router.destination(due[0].address)
+            same = [r for r in due if self.router.destination(r.address) == destination]
+            waiting.setdefault(destination, []).append((entry, same))
+        for destination, items in waiting.items():
+            while items and self._take_slot(destination):
+                batch, items = items[:BATCH], items[BATCH:]
+                for entry, _ in batch:
+                    entry.busy = True
+                job = defer.ensureDeferred(self._deliver(destination, batch))
+                job.addErrback(lambda f: log.failure("queue delivery: internal error", f))
+                job.addBoth(self._conclude_all, batch)
+
+    def _conclude_all(self, _: object, batch: list[tuple[Entry, list[Recipient]]]) -> None:
+        for entry, _due in batch:
+            self._conclude(entry)
+
+    def _conclude(self, entry: Entry) -> None:
+        """Save the entry's new state, then bounce, notify or remove as it requires."""
+        entry.busy = True
+        work = defer.ensureDeferred(self._after_attempts(entry))
+
         def failed(failure: Any) -> None:
             log.failure("queue entry {id}: internal error", failure, id=entry.envelope.id)
 
         def free(_: object) -> None:
             entry.busy = False
+            self._fill()
 
         work.addErrback(failed)
         work.addBoth(free)
@@ -284,99 +299,133 @@ class QueueRunner(service.Service):
         else:
             del self.active_per_destination[destination]
 
-    # --- one destination ------------------------------------------------------------
+    # --- one connection to one destination ------------------------------------------
 
-    async def _deliver(self, envelope: Envelope, destination: str, due: list[Recipient]) -> None:
+    async def _deliver(self, destination: str, batch: list[tuple[Entry, list[Recipient]]]) -> None:
         try:
-            await self._try_hops(envelope, destination, due)
+            await self._try_hops(destination, batch)
         finally:
             self._free_slot(destination)
 
-    async def _try_hops(self, envelope: Envelope, destination: str, due: list[Recipient]) -> None:
+    async def _try_hops(self, destination: str, batch: list[tuple[Entry, list[Recipient]]]) -> None:
         now = self.clock.seconds()
         try:
             hops = await self.router.hops(destination)
         except RouteFailed as problem:
-            for recipient in due:
-                self._temporary_or_final(
-                    envelope, recipient, now, str(problem), problem.status, problem.permanent
-                )
+            for entry, due in batch:
+                for recipient in due:
+                    self._temporary_or_final(
+                        entry.envelope,
+                        recipient,
+                        now,
+                        str(problem),
+                        problem.status,
+                        problem.permanent,
+                    )
             return
         from clientid_mta.client import ConnectionFailed
 
         problem_text = "no mail server to try"
+        left = batch
         for hop in hops:
             try:
-                results = await self._send(envelope, hop.name, hop.address, hop.port, due)
+                outcomes = await self._send(hop, left)
             except ConnectionFailed as problem:
-                problem_text = f"{hop.name}[{hop.address}]:{hop.port}: {problem}"
-                log.info(
-                    "queue {id}: {problem}",
-                    id=envelope.id,
-                    problem=problem_text,
-                )
-                continue
-            by_address = {r.address: r for r in results}
+                outcomes = [problem] * len(left)
             now = self.clock.seconds()
-            for recipient in due:
-                result = by_address[recipient.address]
-                recipient.remote_mta = hop.name
-                text = f"{result.code} {result.text}"
-                status = enhanced_status(result.code, result.text)
-                if result.delivered:
-                    recipient.state, recipient.status, recipient.last_error = DELIVERED, status, ""
-                    recipient.last_attempt = now
-                    log.info(
-                        "queue {id}: delivered to <{rcpt}> via {relay}: {reply}",
-                        id=envelope.id,
-                        rcpt=recipient.address,
-                        relay=hop.name,
-                        reply=text,
-                    )
+            retry = []
+            for (entry, due), outcome in zip(left, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    problem_text = f"{hop.name}[{hop.address}]:{hop.port}: {outcome}"
+                    retry.append((entry, due))
                 else:
-                    self._temporary_or_final(
-                        envelope, recipient, now, text, status, result.permanent
-                    )
-            return
-        for recipient in due:
-            self._temporary_or_final(envelope, recipient, now, problem_text, "4.4.1", False)
+                    self._record(entry.envelope, due, outcome, hop.name, now)
+            if retry:
+                log.info("queue: {problem}", problem=problem_text)
+            left = retry
+            if not left:
+                return
+        for entry, due in left:
+            for recipient in due:
+                self._temporary_or_final(
+                    entry.envelope, recipient, now, problem_text, "4.4.1", False
+                )
 
-    def _send(
-        self, envelope: Envelope, name: str, address: str, port: int, due: list[Recipient]
-    ) -> defer.Deferred[list[client.RecipientResult]]:
+    def _record(
+        self,
+        envelope: Envelope,
+        due: list[Recipient],
+        results: list[client.RecipientResult],
+        relay_name: str,
+        now: float,
+    ) -> None:
+        by_address = {r.address: r for r in results}
+        for recipient in due:
+            result = by_address[recipient.address]
+            recipient.remote_mta = relay_name
+            text = f"{result.code} {result.text}"
+            status = enhanced_status(result.code, result.text)
+            if result.delivered:
+                recipient.state, recipient.status, recipient.last_error = DELIVERED, status, ""
+                recipient.last_attempt = now
+                log.info(
+                    "queue {id}: delivered to <{rcpt}> via {relay}: {reply}",
+                    id=envelope.id,
+                    rcpt=recipient.address,
+                    relay=relay_name,
+                    reply=text,
+                )
+            else:
+                self._temporary_or_final(envelope, recipient, now, text, status, result.permanent)
+
+    async def _send(
+        self, hop: Hop, batch: list[tuple[Entry, list[Recipient]]]
+    ) -> list[list[client.RecipientResult] | Exception]:
+        """One connection to ``hop`` for the whole batch: a result list, or the
+        ConnectionFailed that stopped it, per entry."""
+        from clientid_mta.client import ConnectionFailed
+
         relay = self.relay
         smarthost = relay.smarthost_address is not None
-        if smarthost and port == 465:
+        if smarthost and hop.port == 465:
             tls = "implicit"
         else:
             tls = "starttls" if relay.tls == "required" else "opportunistic"
-        message = HeaderThenFile(
-            envelope.dkim_header.encode("ascii"), self.queue.open_message(envelope.id)
-        )
-        sent = self.send(
-            address,
-            port,
-            envelope.sender,
-            [r.address for r in due],
-            message,
-            tls=tls,
-            tls_hostname=name,
-            trust_roots=relay.ca_file,
-            username=(relay.username or None) if smarthost else None,
-            password=(self._password or None) if smarthost else None,
-            client_id=(relay.client_id_type, relay.client_id)
+        options: dict[str, Any] = {
+            "tls": tls,
+            "tls_hostname": hop.name,
+            "trust_roots": relay.ca_file,
+            "username": (relay.username or None) if smarthost else None,
+            "password": (self._password or None) if smarthost else None,
+            "client_id": (relay.client_id_type, relay.client_id)
             if smarthost and relay.client_id
             else None,
-            helo=relay.helo_name or self.config.server.hostname,
-            timeout=relay.command_timeout,
-            connect_timeout=relay.connect_timeout,
-        )
-
-        def close(result: Any) -> Any:
-            message.close()
-            return result
-
-        return sent.addBoth(close)
+            "helo": relay.helo_name or self.config.server.hostname,
+            "timeout": relay.command_timeout,
+            "connect_timeout": relay.connect_timeout,
+        }
+        outcomes: list[list[client.RecipientResult] | Exception] = []
+        for entry, due in batch:
+            envelope = entry.envelope
+            message = HeaderThenFile(
+                envelope.dkim_header.encode("ascii"), self.queue.open_message(envelope.id)
+            )
+            try:
+                outcomes.append(
+                    await self.send(
+                        hop.address,
+                        hop.port,
+                        envelope.sender,
+                        [r.address for r in due],
+                        message,
+                        **options,
+                    )
+                )
+            except ConnectionFailed as problem:
+                outcomes.append(problem)
+            finally:
+                message.close()
+        return outcomes
 
     def _temporary_or_final(
         self,
