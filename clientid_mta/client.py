@@ -1,18 +1,28 @@
-"""An SMTP submission client that speaks CLIENTID: ``send_message``, ``sendmail`` and
-``clientid-mta send``.
+"""An SMTP submission client that speaks CLIENTID: ``send_message``, ``send_messages``,
+``sendmail`` and ``clientid-mta send``.
 
-One call is one connection and one mail transaction::
+``send_message`` (and ``sendmail``) is one connection and one mail transaction::
 
     d = sendmail("mail.example.org", 587, "alice@example.org", ["bob@example.org"],
                  message_bytes, username="alice@example.org", password=secret,
                  client_id=("UUID", "23bf83be-aad7-46aa-9e0f-39191ccf402f"))
     d.addCallback(lambda results: ...)   # [RecipientResult, ...], one per recipient
 
+``send_messages`` is one connection (one TLS handshake, one AUTH) and several
+transactions, for a relay that empties a queue::
+
+    d = send_messages("relay.example.net", 587, [Transaction(sender, rcpts, message), ...],
+                      username=..., password=...)
+    d.addCallback(lambda outcomes: ...)  # per transaction: [RecipientResult, ...]
+                                         # or the ConnectionFailed that stopped it
+
 The session goes: greeting, EHLO, STARTTLS and EHLO again (unless the connection is
 implicit TLS), then ``CLIENTID <type> <token>`` if the server advertised CLIENTID, then
-AUTH, then MAIL, one RCPT per recipient, DATA and QUIT. CLIENTID is only ever sent over
-TLS, after the EHLO that advertised it and before AUTH, as Thunderbird does; whatever the
-server answers to it, the session goes on to AUTH. AUTH is only ever sent over TLS.
+AUTH, then for each transaction MAIL, one RCPT per recipient and DATA (RSET before the
+next one when a transaction ended before its data was sent), and QUIT. CLIENTID is only
+ever sent over TLS, after the EHLO that advertised it and before AUTH, as Thunderbird
+does; whatever the server answers to it, the session goes on to AUTH. AUTH is only ever
+sent over TLS.
 Certificates are verified (the name and the chain) except in ``opportunistic`` mode.
 
 Secrets: the password and the token are never logged and never put in an exception;
@@ -70,7 +80,11 @@ class ConnectionFailed(Exception):
     certificate failure, TLS required but STARTTLS not offered, connection lost before the end,
     greeting not 2xx, EHLO refused, AUTH refused (any code), server went silent (timeout), a
     ``421`` reply (the server is closing the session) before the end-of-data reply.
-    `.temporary` is always True here; `str()` is a one-line human reason (no secrets)."""
+    `.temporary` is always True here; `str()` is a one-line human reason (no secrets).
+
+    In ``send_messages``' results it is the outcome of the transaction that did not get its
+    final reply and of every later one (the same instance); there a ``421`` to the end of
+    data is one too, and so is a message that could not be read (its ``__cause__``)."""
 
     temporary = True
 
@@ -137,15 +151,38 @@ class DataEncoder:
 
 
 @dataclass
+class Transaction:
+    """One message for ``send_messages``: the envelope and the message (bytes or a binary
+    file, read from where it stands; the caller keeps ownership of the file)."""
+
+    sender: str
+    recipients: Sequence[str]
+    message: bytes | BinaryIO
+
+
+@dataclass
+class _Mail:
+    """One transaction, checked."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    message: BinaryIO
+    eight_bit: bool | None  # None: unknown (a stream that cannot be read twice)
+
+
+# What the session reports per transaction: its results, or what stopped it (the same
+# exception for it and every later one). An exception that is not ConnectionFailed is
+# the caller's own (a message that could not be read).
+_Outcome = list[RecipientResult] | BaseException
+
+
+@dataclass
 class _Job:
     """Everything one session needs, checked."""
 
     host: str
     port: int
-    sender: str
-    recipients: tuple[str, ...]
-    message: BinaryIO
-    eight_bit: bool | None  # None: unknown (a stream that cannot be read twice)
+    mails: tuple[_Mail, ...]
     tls: str
     tls_hostname: str
     tls_options: Any  # the client TLS creator/context factory, or None
@@ -154,6 +191,9 @@ class _Job:
     client_id: tuple[str, str] | None
     helo: str
     timeout: float
+    # send_message's documented rule: a 421 reply to the end of data is the recipients'
+    # result. In send_messages a 421 anywhere ends the session (ConnectionFailed).
+    eod_421_is_result: bool
 
     def redact(self, text: str) -> str:
         for secret in (self.password, self.client_id[1] if self.client_id else None):
@@ -210,8 +250,11 @@ class _SubmissionClient(ESMTPClient):
     """One session; built on Twisted's ESMTPClient (EHLO, STARTTLS, reply dispatch).
 
     Twisted's reply dispatch is kept: each command sets ``_expected`` (the codes that go
-    to ``_okresponse``) and ``_failresponse``. The transaction is this class's own, since
-    it reports one result per recipient and never retries.
+    to ``_okresponse``) and ``_failresponse``. The transactions are this class's own, since
+    it reports one result per recipient and never retries: it walks ``job.mails`` in order
+    (SMTPClient's getMailFrom/smtpState_msgSent loop is not used), with RSET before the next
+    one when a transaction ended before the end of data, and reports once: either what
+    stopped the session before the first MAIL FROM, or one outcome per transaction.
     """
 
     debug = False  # Twisted's line log would keep every line sent, AUTH and CLIENTID included
@@ -220,7 +263,7 @@ class _SubmissionClient(ESMTPClient):
     def __init__(
         self,
         job: _Job,
-        report: Callable[[list[RecipientResult] | BaseException], None],
+        report: Callable[[list[_Outcome] | BaseException], None],
         clock: IReactorTime,
     ) -> None:
         ESMTPClient.__init__(self, None, job.tls_options, job.helo)
@@ -231,6 +274,8 @@ class _SubmissionClient(ESMTPClient):
         self.reported = False
         self.step = "greeting"
         self.items: dict[bytes, bytes | None] = {}
+        self.in_transactions = False  # the first MAIL FROM has been sent
+        self.outcomes: list[_Outcome] = []  # one per finished transaction
         self.rcpt_replies: list[tuple[int, str]] = []
         self.producer: _BodyProducer | None = None
         self._lines: list[bytes] = []
@@ -277,7 +322,7 @@ class _SubmissionClient(ESMTPClient):
         resp, self._lines = b"\n".join(self._lines), []
         self.resetTimeout()  # the timeout is per reply, not per line
         number = int(code)
-        if number == 421 and self.step not in ("message data", "QUIT"):
+        if number == 421 and self.step != "QUIT" and not self.closing_is_a_result:
             self.fail(f"the server is closing the session ({self.step}): 421 {self.text(resp)}")
         elif number in self._expected:
             self._okresponse(number, resp)
@@ -286,6 +331,11 @@ class _SubmissionClient(ESMTPClient):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.fail(f"the server sent a reply line over {self.MAX_LENGTH} bytes ({self.step})")
+
+    @property
+    def closing_is_a_result(self) -> bool:
+        """Whether a 421 reply now is the transaction's result (send_message, end of data)."""
+        return self.step == "message data" and self.job.eod_421_is_result
 
     def text(self, resp: bytes) -> str:
         return _reply_text(resp, self.job)
@@ -301,10 +351,20 @@ class _SubmissionClient(ESMTPClient):
         elif self.transport is not None:
             self.link.abortConnection()
 
-    def done(self, outcome: list[RecipientResult] | BaseException) -> None:
-        if not self.reported:
-            self.reported = True
-            self.report(outcome)
+    def done(self, problem: BaseException | None = None) -> None:
+        """Report (once): every transaction done, or ``problem`` stopped the session. Once
+        the transactions have begun, ``problem`` is the outcome of the current transaction
+        and of every later one."""
+        if self.reported:
+            return
+        self.reported = True
+        if problem is not None and not self.in_transactions:
+            self.report(problem)
+            return
+        outcomes = list(self.outcomes)
+        if problem is not None:
+            outcomes += [problem] * (len(self.job.mails) - len(outcomes))
+        self.report(outcomes)
 
     def quit(self) -> None:
         """QUIT and close without waiting for the reply (as Postfix's smtp_skip_quit_response)."""
@@ -430,26 +490,33 @@ class _SubmissionClient(ESMTPClient):
     def authenticated(self, code: int, resp: bytes) -> None:
         self.start_mail()
 
-    # --- the transaction ---------------------------------------------------------------
+    # --- the transactions ---------------------------------------------------------------
+
+    @property
+    def mail(self) -> _Mail:
+        """The current transaction."""
+        return self.job.mails[len(self.outcomes)]
 
     def start_mail(self) -> None:
+        self.in_transactions = True
+        self.rcpt_replies = []
         body = b""
-        if b"8BITMIME" in self.items and self.job.eight_bit is not False:
+        if b"8BITMIME" in self.items and self.mail.eight_bit is not False:
             body = b" BODY=8BITMIME"
-        line = b"MAIL FROM:<" + self.job.sender.encode("ascii") + b">" + body
+        line = b"MAIL FROM:<" + self.mail.sender.encode("ascii") + b">" + body
         self.command("MAIL FROM", line, SUCCESS, self.next_rcpt, self.sender_refused)
 
     def sender_refused(self, code: int, resp: bytes) -> None:
-        self.finish([(code, self.text(resp))] * len(self.job.recipients))
+        self.finish([(code, self.text(resp))] * len(self.mail.recipients))
 
     def next_rcpt(self, code: int = 0, resp: bytes = b"") -> None:
-        address = self.job.recipients[len(self.rcpt_replies)]
+        address = self.mail.recipients[len(self.rcpt_replies)]
         line = b"RCPT TO:<" + address.encode("ascii") + b">"
         self.command("RCPT TO", line, SUCCESS, self.rcpt_reply, self.rcpt_reply)
 
     def rcpt_reply(self, code: int, resp: bytes) -> None:
         self.rcpt_replies.append((code, self.text(resp)))
-        if len(self.rcpt_replies) < len(self.job.recipients):
+        if len(self.rcpt_replies) < len(self.mail.recipients):
             self.next_rcpt()
         elif any(c in SUCCESS for c, _ in self.rcpt_replies):
             self.command("DATA", b"DATA", [354], self.send_data, self.data_refused)
@@ -460,7 +527,7 @@ class _SubmissionClient(ESMTPClient):
         self.step = "message data"
         self._expected = ANY_REPLY
         self._okresponse = self._failresponse = self.data_reply
-        self.producer = _BodyProducer(self, self.job.message)
+        self.producer = _BodyProducer(self, self.mail.message)
         self.link.registerProducer(self.producer, False)
 
     def body_failed(self, problem: Exception) -> None:
@@ -478,16 +545,27 @@ class _SubmissionClient(ESMTPClient):
         self.finish([final if c in SUCCESS else (c, t) for c, t in self.rcpt_replies])
 
     def finish(self, replies: Sequence[tuple[int, str]]) -> None:
-        results = [
-            RecipientResult(address, code, text)
-            for address, (code, text) in zip(self.job.recipients, replies, strict=True)
-        ]
-        self.done(results)
-        if self.producer is not None and self.producer.sending:
-            self.producer.unregister()  # replied before the end of data: QUIT would be data
-            self.link.abortConnection()
-        else:
+        """The current transaction has its results: go on to the next one, or QUIT."""
+        ended = self.step == "message data"  # else MAIL, every RCPT or DATA was refused
+        self.outcomes.append(
+            [
+                RecipientResult(address, code, text)
+                for address, (code, text) in zip(self.mail.recipients, replies, strict=True)
+            ]
+        )
+        early = self.producer is not None and self.producer.sending
+        if self.producer is not None:
+            self.producer.unregister()
+            self.producer = None
+        if early:  # replied before the end of data: anything more we sent would be data
+            self.fail("the server replied before the end of the message data")
+        elif len(self.outcomes) == len(self.job.mails):
+            self.done()
             self.quit()
+        elif ended:
+            self.start_mail()
+        else:  # a transaction may be open on the server's side (MAIL accepted)
+            self.command("RSET", b"RSET", SUCCESS, lambda code, resp: self.start_mail())
 
 
 def _lost(reason: Failure, step: str, job: _Job) -> str:
@@ -511,7 +589,7 @@ class _ClientFactory(protocol.ClientFactory):
     def __init__(self, job: _Job, clock: IReactorTime) -> None:
         self.job = job
         self.clock = clock
-        self.deferred: Deferred[list[RecipientResult]] = Deferred(self.cancel)
+        self.deferred: Deferred[list[_Outcome]] = Deferred(self.cancel)
         self.connector: Any = None
         self.client: _SubmissionClient | None = None
         self.cancelled = False
@@ -530,7 +608,7 @@ class _ClientFactory(protocol.ClientFactory):
             ConnectionFailed(f"cannot connect to {self.job.host} port {self.job.port}: {why}")
         )
 
-    def report(self, outcome: list[RecipientResult] | BaseException) -> None:
+    def report(self, outcome: list[_Outcome] | BaseException) -> None:
         if self.cancelled or self.deferred.called:
             return
         if isinstance(outcome, BaseException):
@@ -538,7 +616,7 @@ class _ClientFactory(protocol.ClientFactory):
         else:
             self.deferred.callback(outcome)
 
-    def cancel(self, deferred: Deferred[list[RecipientResult]]) -> None:
+    def cancel(self, deferred: Deferred[list[_Outcome]]) -> None:
         self.cancelled = True
         if self.client is not None and self.client.transport is not None:
             self.client.link.abortConnection()
@@ -593,12 +671,22 @@ def _has_8bit(message: BinaryIO) -> bool | None:
         message.seek(start)
 
 
+def _mail(sender: str, recipients: Sequence[str], message: bytes | BinaryIO) -> _Mail:
+    if isinstance(recipients, str) or not recipients:
+        raise ValueError("recipients must be a non-empty sequence of addresses")
+    rcpts = tuple(_check_address(r, "recipient") for r in recipients)
+    if isinstance(message, bytes | bytearray):
+        source: BinaryIO = io.BytesIO(bytes(message))
+        eight_bit: bool | None = not bytes(message).isascii()
+    else:
+        source, eight_bit = message, _has_8bit(message)
+    return _Mail(_check_address(sender, "sender", empty_ok=True), rcpts, source, eight_bit)
+
+
 def _job(
     host: str,
     port: int,
-    sender: str,
-    recipients: Sequence[str],
-    message: bytes | BinaryIO,
+    transactions: Sequence[Transaction],
     tls: str,
     tls_hostname: str | None,
     trust_roots: str | Path | None,
@@ -607,12 +695,15 @@ def _job(
     client_id: tuple[str, str] | None,
     helo: str,
     timeout: float,
+    eod_421_is_result: bool,
 ) -> _Job:
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {tls!r}")
-    if isinstance(recipients, str) or not recipients:
-        raise ValueError("recipients must be a non-empty sequence of addresses")
-    rcpts = tuple(_check_address(r, "recipient") for r in recipients)
+    if isinstance(transactions, Transaction) or not all(
+        isinstance(t, Transaction) for t in transactions
+    ):
+        raise TypeError("transactions must be a sequence of Transaction")
+    mails = tuple(_mail(t.sender, t.recipients, t.message) for t in transactions)
     if (username is None) != (password is None):
         raise ValueError("username and password go together")
     if username is not None and tls == "none":
@@ -623,18 +714,10 @@ def _job(
             raise ValueError("client_id must be (type: 1-16 of A-Z a-z 0-9 -, token: 1-128 VCHAR)")
     if not _ADDRESS_RE.match(helo):
         raise ValueError(f"helo {helo!r} must be a host name or address literal")
-    if isinstance(message, bytes | bytearray):
-        source: BinaryIO = io.BytesIO(bytes(message))
-        eight_bit: bool | None = not bytes(message).isascii()
-    else:
-        source, eight_bit = message, _has_8bit(message)
     return _Job(
         host=host,
         port=port,
-        sender=_check_address(sender, "sender", empty_ok=True),
-        recipients=rcpts,
-        message=source,
-        eight_bit=eight_bit,
+        mails=mails,
         tls=tls,
         tls_hostname=tls_hostname or host,
         tls_options=_tls_options(tls, tls_hostname or host, trust_roots),
@@ -643,7 +726,128 @@ def _job(
         client_id=client_id,
         helo=helo,
         timeout=timeout,
+        eod_421_is_result=eod_421_is_result,
     )
+
+
+def _start(
+    host: str,
+    port: int,
+    transactions: Sequence[Transaction],
+    *,
+    tls: str,
+    tls_hostname: str | None,
+    trust_roots: str | Path | None,
+    username: str | None,
+    password: str | None,
+    client_id: tuple[str, str] | None,
+    helo: str,
+    timeout: float,
+    connect_timeout: float,
+    reactor: IReactorTCP | None,
+    eod_421_is_result: bool = False,
+) -> Deferred[list[_Outcome]]:
+    """Check everything, then connect: one outcome per transaction (none: no connection)."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = cast(IReactorTCP, default_reactor)
+    try:
+        job = _job(
+            host,
+            port,
+            transactions,
+            tls,
+            tls_hostname,
+            trust_roots,
+            username,
+            password,
+            client_id,
+            helo,
+            timeout,
+            eod_421_is_result,
+        )
+    except (ValueError, TypeError, OSError) as problem:
+        return defer.fail(problem)
+    if not job.mails:
+        return defer.succeed([])
+    factory = _ClientFactory(job, cast(IReactorTime, reactor))
+    wrapped: Any = factory
+    if job.tls == "implicit":  # the greeting comes after the handshake
+        wrapped = TLSMemoryBIOFactory(job.tls_options, True, factory)
+    factory.connector = reactor.connectTCP(job.host, job.port, wrapped, timeout=connect_timeout)
+    return factory.deferred
+
+
+def _unreadable_is_connection_failed(
+    outcomes: list[_Outcome],
+) -> list[list[RecipientResult] | ConnectionFailed]:
+    """A message that could not be read aborted the session: ConnectionFailed from then on,
+    with the read error as its ``__cause__``."""
+    settled: list[list[RecipientResult] | ConnectionFailed] = []
+    for number, outcome in enumerate(outcomes, 1):
+        if isinstance(outcome, ConnectionFailed | list):
+            settled.append(outcome)
+            continue
+        failed = ConnectionFailed(f"cannot read the message of transaction {number}: {outcome}")
+        failed.__cause__ = outcome
+        return settled + [failed] * (len(outcomes) - len(settled))
+    return settled
+
+
+def send_messages(
+    host: str,
+    port: int,
+    transactions: Sequence[Transaction],
+    *,
+    tls: str = "starttls",
+    tls_hostname: str | None = None,
+    trust_roots: str | Path | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    client_id: tuple[str, str] | None = None,
+    helo: str = "localhost",
+    timeout: float = 300,
+    connect_timeout: float = 30,
+    reactor: IReactorTCP | None = None,
+) -> Deferred[list[list[RecipientResult] | ConnectionFailed]]:
+    """Send several messages to ``host`` over one connection (TLS, EHLO, CLIENTID and AUTH
+    once); the Deferred fires with one entry per transaction, in order.
+
+    Each transaction is MAIL FROM, one RCPT per recipient and DATA, as in ``send_message``
+    (whose keyword arguments these are); when one ends before the end of data (MAIL
+    refused, every RCPT refused, DATA refused), RSET comes before the next.
+
+    An entry is the transaction's RecipientResult list once its final reply came back (the
+    end-of-data reply, or the refusals), even when it refused every recipient. When the
+    session stops before a transaction has that (connection lost, a timeout, a ``421``
+    reply at any point, including the end of data, a refused RSET, a server that broke the
+    protocol), that transaction and every later one get the same ``ConnectionFailed``
+    instance: nothing of theirs was accepted, and they may be retried. A message that
+    cannot be read aborts the session the same way (the ConnectionFailed's ``__cause__``
+    is the read error).
+
+    The Deferred errbacks with ``ConnectionFailed`` when the session stops before the first
+    MAIL FROM (connect, TLS, greeting, EHLO, AUTH); with ``ValueError``/``TypeError`` when
+    an option or any transaction is invalid, and ``OSError`` for an unreadable
+    ``trust_roots`` (then nothing is sent). An empty ``transactions`` fires with ``[]``
+    without connecting. Cancelling the Deferred closes the connection.
+    """
+    return _start(
+        host,
+        port,
+        transactions,
+        tls=tls,
+        tls_hostname=tls_hostname,
+        trust_roots=trust_roots,
+        username=username,
+        password=password,
+        client_id=client_id,
+        helo=helo,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        reactor=reactor,
+    ).addCallback(_unreadable_is_connection_failed)
 
 
 def send_message(
@@ -688,34 +892,29 @@ def send_message(
     ``timeout`` is per reply (and per chunk of message sent); ``connect_timeout`` is for
     the TCP connection. Cancelling the Deferred closes the connection.
     """
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
 
-        reactor = cast(IReactorTCP, default_reactor)
-    try:
-        job = _job(
-            host,
-            port,
-            sender,
-            recipients,
-            message,
-            tls,
-            tls_hostname,
-            trust_roots,
-            username,
-            password,
-            client_id,
-            helo,
-            timeout,
-        )
-    except (ValueError, TypeError, OSError) as problem:
-        return defer.fail(problem)
-    factory = _ClientFactory(job, cast(IReactorTime, reactor))
-    wrapped: Any = factory
-    if tls == "implicit":  # the greeting comes after the handshake
-        wrapped = TLSMemoryBIOFactory(job.tls_options, True, factory)
-    factory.connector = reactor.connectTCP(host, port, wrapped, timeout=connect_timeout)
-    return factory.deferred
+    def only(outcomes: list[_Outcome]) -> list[RecipientResult]:
+        [outcome] = outcomes
+        if isinstance(outcome, BaseException):
+            raise outcome  # ConnectionFailed, or the message's own read error, as it was
+        return outcome
+
+    return _start(
+        host,
+        port,
+        [Transaction(sender, recipients, message)],
+        tls=tls,
+        tls_hostname=tls_hostname,
+        trust_roots=trust_roots,
+        username=username,
+        password=password,
+        client_id=client_id,
+        helo=helo,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        reactor=reactor,
+        eod_421_is_result=True,  # as ConnectionFailed's docstring has it
+    ).addCallback(only)
 
 
 def sendmail(

@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 from twisted.application import service
 from twisted.internet import defer, task, threads
@@ -59,6 +59,10 @@ def enhanced_status(code: int, text: str) -> str:
     """The enhanced status code of a reply, or the generic one for its class."""
     match = _STATUS.match(text)
     return match.group(0) if match else f"{code // 100}.0.0"
+
+
+def as_file(message: HeaderThenFile) -> BinaryIO:
+    return cast(BinaryIO, message)  # it has the read() the client uses
 
 
 class HeaderThenFile:
@@ -98,7 +102,8 @@ class LocalBounceTarget:
     deliver: Callable[[str, bytes], bool]
 
 
-Send = Callable[..., "defer.Deferred[list[client.RecipientResult]]"]
+# client.send_messages: one result list, or the ConnectionFailed, per transaction
+Send = Callable[..., "defer.Deferred[list[list[client.RecipientResult] | client.ConnectionFailed]]"]
 
 
 class QueueRunner(service.Service):
@@ -124,9 +129,9 @@ class QueueRunner(service.Service):
         self.router = router or Router(config.relay)
         self.clock: IReactorTime = clock or reactor
         if send is None:
-            from clientid_mta.client import send_message
+            from clientid_mta.client import send_messages
 
-            send = send_message
+            send = send_messages
         self.send: Send = send
         self.tick_interval = tick_interval
         self.entries: dict[str, Entry] = {}
@@ -404,26 +409,28 @@ class QueueRunner(service.Service):
             "timeout": relay.command_timeout,
             "connect_timeout": relay.connect_timeout,
         }
-        outcomes: list[list[client.RecipientResult] | Exception] = []
-        for entry, due in batch:
-            envelope = entry.envelope
-            message = HeaderThenFile(
-                envelope.dkim_header.encode("ascii"), self.queue.open_message(envelope.id)
+        from clientid_mta.client import Transaction
+
+        messages = [
+            HeaderThenFile(
+                entry.envelope.dkim_header.encode("ascii"),
+                self.queue.open_message(entry.envelope.id),
             )
-            try:
-                outcomes.append(
-                    await self.send(
-                        hop.address,
-                        hop.port,
-                        envelope.sender,
-                        [r.address for r in due],
-                        message,
-                        **options,
-                    )
+            for entry, _due in batch
+        ]
+        try:
+            transactions = [
+                Transaction(
+                    entry.envelope.sender, [r.address for r in due], cast(BinaryIO, message)
                 )
-            except ConnectionFailed as problem:
-                outcomes.append(problem)
-            finally:
+                for (entry, due), message in zip(batch, messages, strict=True)
+            ]
+            sent = await self.send(hop.address, hop.port, transactions, **options)
+            outcomes: list[list[client.RecipientResult] | Exception] = list(sent)
+        except ConnectionFailed as problem:
+            outcomes = [problem] * len(batch)
+        finally:
+            for message in messages:
                 message.close()
         return outcomes
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import pytest
 from twisted.internet import reactor
@@ -28,8 +28,10 @@ from clientid_mta.client import (
     DataEncoder,
     RecipientResult,
     SendFailed,
+    Transaction,
     send_command,
     send_message,
+    send_messages,
     sendmail,
 )
 from clientid_mta.clientid import device_key, fingerprint, load_or_create_server_key, parse_clientid
@@ -96,9 +98,23 @@ def logged() -> Iterator[list[str]]:
 
 SILENT = "<silent>"  # say nothing, keep the connection
 CLOSE = "<close>"  # close the connection instead of replying
+
+
+class Nth:
+    """A script for successive uses of one verb: the first reply, the second, ...; the last
+    one repeats."""
+
+    def __init__(self, *replies: str) -> None:
+        self.replies = replies
+
+    def __getitem__(self, use: int) -> str:
+        return self.replies[min(use, len(self.replies) - 1)]
+
+
+Script = str | list[str] | Nth
 PLAIN_EHLO = ["fake.example.org", "8BITMIME", "STARTTLS"]
 TLS_EHLO = ["fake.example.org", "8BITMIME", "CLIENTID", "AUTH PLAIN LOGIN"]
-DEFAULT_REPLIES: dict[str, str | list[str]] = {
+DEFAULT_REPLIES: dict[str, Script] = {
     "<greeting>": "220 fake.example.org ESMTP",
     "STARTTLS": "220 2.0.0 Ready",
     "CLIENTID": "250 2.0.0 OK",
@@ -115,16 +131,18 @@ class FakeServer:
 
     ``replies`` maps a verb (or ``<greeting>``, ``<end>`` for the end of data) to its reply,
     SILENT or CLOSE; a list is the reply to the verb and then to the next lines, in order
-    (AUTH LOGIN). EHLO answers with ``plain_ehlo`` before TLS and ``tls_ehlo`` after.
+    (AUTH LOGIN); an Nth has one reply per use of the verb. EHLO answers with
+    ``plain_ehlo`` before TLS and ``tls_ehlo`` after. ``messages`` has each message's data
+    as it came on the wire (dot-stuffed, with the end-of-data line).
     """
 
     context: ssl.SSLContext
     plain_ehlo: list[str]
     tls_ehlo: list[str]
-    replies: dict[str, str | list[str]]
+    replies: dict[str, Script]
     listener: socket.socket = field(default_factory=socket.socket)
     commands: list[str] = field(default_factory=list)
-    data: bytes = b""
+    messages: list[bytes] = field(default_factory=list)
     thread: threading.Thread | None = None
 
     def start(self) -> FakeServer:
@@ -138,6 +156,11 @@ class FakeServer:
     @property
     def port(self) -> int:
         return self.listener.getsockname()[1]
+
+    @property
+    def data(self) -> bytes:
+        """The last message's data."""
+        return self.messages[-1] if self.messages else b""
 
     @property
     def verbs(self) -> list[str]:
@@ -171,6 +194,8 @@ class _FakeSession:
         self.sock.settimeout(10)
         self.buffer = b""
         self.queued: list[str] = []
+        self.uses: dict[str, int] = {}
+        self.last = ""  # the last reply sent
         self.tls = False
 
     def readline(self) -> bytes | None:
@@ -189,9 +214,13 @@ class _FakeSession:
                 text = self.queued.pop(0)
             else:
                 script = self.server.replies.get(key, DEFAULT_REPLIES.get(key, "250 2.0.0 Ok"))
+                if isinstance(script, Nth):
+                    self.uses[key] = self.uses.get(key, 0) + 1
+                    script = script[self.uses[key] - 1]
                 text, self.queued = (
                     (script[0], script[1:]) if isinstance(script, list) else (script, [])
                 )
+        self.last = text
         if text == SILENT:
             while self.sock.recv(65536):
                 pass
@@ -220,14 +249,15 @@ class _FakeSession:
             if verb == "STARTTLS":
                 self.sock = self.server.context.wrap_socket(self.sock, server_side=True)
                 self.tls, self.buffer = True, b""
-            elif verb == "DATA" and self.server.replies.get("DATA", "354").startswith("354"):
+            elif verb == "DATA" and self.last.startswith("354"):
                 while b"\r\n.\r\n" not in self.buffer:
                     chunk = self.sock.recv(65536)
                     if not chunk:
                         return
                     self.buffer += chunk
                 end = self.buffer.index(b"\r\n.\r\n") + 5
-                self.server.data, self.buffer = self.buffer[:end], self.buffer[end:]
+                self.server.messages.append(self.buffer[:end])
+                self.buffer = self.buffer[end:]
                 self.server.commands.append(".")
                 if not self.reply("<end>"):
                     return
@@ -252,7 +282,7 @@ def fake(fake_tls: tuple[Path, ssl.SSLContext]) -> Iterator[Callable[..., FakeSe
     def start(
         plain_ehlo: list[str] = PLAIN_EHLO,
         tls_ehlo: list[str] = TLS_EHLO,
-        **replies: str | list[str],
+        **replies: Script,
     ) -> FakeServer:
         server = FakeServer(fake_tls[1], plain_ehlo, tls_ehlo, replies).start()
         started.append(server)
@@ -606,6 +636,253 @@ def test_S12_the_results_do_not_wait_for_the_quit_reply(
     assert result.code == 250
     assert time.monotonic() - started < 5
     server.join()  # and the client closes the connection itself
+
+
+# --- send_messages: several transactions over one connection ---------------------------
+
+Outcomes = list[list[RecipientResult] | ConnectionFailed]
+SESSION = ["EHLO", "STARTTLS", "EHLO", "CLIENTID", "AUTH"]
+TRANSACTION = ["MAIL", "RCPT", "DATA", "."]
+
+
+def send_all(port: int, cafile: Path, transactions: list[Transaction], **options: Any) -> Outcomes:
+    """send_messages from the test thread, as alice with her CLIENTID."""
+    options = {**ALICE, "client_id": CLIENT_ID, "tls_hostname": HOSTNAME, **options}
+    return blockingCallFromThread(
+        reactor, send_messages, "127.0.0.1", port, transactions, trust_roots=cafile, **options
+    )
+
+
+def numbered(count: int) -> list[Transaction]:
+    """``count`` messages from alice to alice, with "Subject: batch <n>"."""
+    return [
+        Transaction(
+            "alice@example.org",
+            ["alice@example.org"],
+            MESSAGE.replace(b"Subject: client", b"Subject: batch %d" % n),
+        )
+        for n in range(1, count + 1)
+    ]
+
+
+def summary(outcomes: Outcomes) -> list[list[int] | str]:
+    """Each transaction's recipient codes, or the reason of the ConnectionFailed it got."""
+    return [str(o) if isinstance(o, ConnectionFailed) else [r.code for r in o] for o in outcomes]
+
+
+def results(outcome: list[RecipientResult] | ConnectionFailed) -> list[RecipientResult]:
+    assert not isinstance(outcome, ConnectionFailed), str(outcome)
+    return outcome
+
+
+def batches(server: RunningServer, address: str) -> list[str]:
+    """The subjects of the "batch <n>" messages in the mailbox (not the new-device notice)."""
+    found = (str(message["Subject"]) for message in server.messages(address))
+    return sorted(subject for subject in found if subject.startswith("batch "))
+
+
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_S12_three_transactions_share_one_connection_one_tls_session_and_one_auth(
+    server: RunningServer, logged: list[str], tls: str
+) -> None:
+    port = server.tls_port if tls == "implicit" else server.port
+    outcomes = send_all(port, server.cafile, numbered(3), tls=tls)
+    assert summary(outcomes) == [[250], [250], [250]]
+    assert all(QUEUED.match(results(o)[0].text) for o in outcomes)
+    assert batches(server, "alice@example.org") == ["batch 1", "batch 2", "batch 3"]
+    assert len([line for line in logged if re.match(r"session \w+ from ", line)]) == 1
+    assert len([line for line in logged if "clientid type=UUID device=" in line]) == 1
+    [_, row] = server.admin("device", "list", "alice@example.org").splitlines()
+    assert row.split()[2:4] == ["trusted", "1"]  # LOGINS: one AUTH for the three
+
+
+@pytest.mark.parametrize(
+    ("middle", "codes"),
+    [
+        (["nobody@example.org"], [550]),  # every RCPT refused: RSET, then the third
+        (["nobody@example.org", "bob@example.org"], [550, 250]),
+    ],
+)
+def test_S12_a_refused_recipient_in_the_middle_transaction_does_not_disturb_the_others(
+    server: RunningServer, middle: list[str], codes: list[int]
+) -> None:
+    batch = numbered(3)
+    batch[1].recipients = middle
+    outcomes = send_all(server.port, server.cafile, batch)
+    assert summary(outcomes) == [[250], codes, [250]]
+    nobody = results(outcomes[1])[0]
+    assert (nobody.address, nobody.text) == ("nobody@example.org", "5.1.1 No such user here")
+    assert batches(server, "alice@example.org") == ["batch 1", "batch 3"]
+    assert batches(server, "bob@example.org") == ["batch 2"] * (len(middle) - 1)
+
+
+@pytest.mark.parametrize(
+    ("verb", "accepted", "middle"),
+    [
+        ("MAIL", "250 2.1.0 Ok", ["MAIL", "RSET"]),
+        ("RCPT", "250 2.1.5 Ok", ["MAIL", "RCPT", "RSET"]),
+        ("DATA", "354 End data with <CR><LF>.<CR><LF>", ["MAIL", "RCPT", "DATA", "RSET"]),
+        ("<end>", "250 2.0.0 Ok: queued as FAKE", TRANSACTION),  # ended: no RSET
+    ],
+)
+def test_S12_rset_comes_only_after_a_transaction_that_ended_before_its_data(
+    fake: Callable[..., FakeServer],
+    fake_tls: tuple[Path, ssl.SSLContext],
+    verb: str,
+    accepted: str,
+    middle: list[str],
+) -> None:
+    server = fake(**{verb: Nth(accepted, "554 5.7.1 not this one", accepted)})
+    outcomes = send_all(server.port, fake_tls[0], numbered(3))
+    assert summary(outcomes) == [[250], [554], [250]]
+    assert results(outcomes[1])[0].text == "5.7.1 not this one"
+    assert server.verbs == [*SESSION, *TRANSACTION, *middle, *TRANSACTION, "QUIT"]
+    assert len(server.messages) == (3 if verb == "<end>" else 2)
+
+
+def test_S10_each_transaction_is_dot_stuffed_and_declares_its_body_on_its_own(
+    fake: Callable[..., FakeServer], fake_tls: tuple[Path, ssl.SSLContext]
+) -> None:
+    server = fake()
+    eight_bit = MESSAGE + "Grüße\n".encode()
+    first = cast(BinaryIO, Pieces(DOTTED))  # it ends mid-line
+    messages: list[bytes | BinaryIO] = [first, b".leading dot\n", eight_bit]
+    send_all(
+        server.port,
+        fake_tls[0],
+        [Transaction("alice@example.org", ["alice@example.org"], m) for m in messages],
+    )
+    assert server.verbs == [*SESSION, *TRANSACTION * 3, "QUIT"]  # one STARTTLS, one AUTH
+    assert [c for c in server.commands if c.startswith("MAIL")] == [
+        "MAIL FROM:<alice@example.org> BODY=8BITMIME",  # a stream: unknown
+        "MAIL FROM:<alice@example.org>",
+        "MAIL FROM:<alice@example.org> BODY=8BITMIME",
+    ]
+    encoder = DataEncoder()
+    assert server.messages == [
+        encoder.encode(b"".join(DOTTED)) + encoder.end(),
+        b"..leading dot\r\n.\r\n",
+        eight_bit.replace(b"\n", b"\r\n") + b".\r\n",
+    ]
+
+
+LOST_MAIL = "the connection was lost (MAIL FROM)"  # no TLS close_notify
+CLOSING = "the server is closing the session ({}): 421 4.3.2 shutting down"
+
+
+@pytest.mark.parametrize(
+    ("replies", "expected"),
+    [
+        pytest.param(
+            {"MAIL": Nth("250 2.1.0 Ok", "250 2.1.0 Ok", CLOSE)},
+            [[250], [250], LOST_MAIL],
+            id="dropped-after-the-second-250",
+        ),
+        pytest.param({"MAIL": CLOSE}, [LOST_MAIL] * 3, id="dropped-in-the-first"),
+        pytest.param(
+            {"RCPT": Nth("250 2.1.5 Ok", "421 4.3.2 shutting down")},
+            [[250], *[CLOSING.format("RCPT TO")] * 2],
+            id="421-to-rcpt",
+        ),
+        pytest.param(
+            {"<end>": Nth("250 2.0.0 Ok: queued as FAKE", "421 4.3.2 shutting down")},
+            [[250], *[CLOSING.format("message data")] * 2],
+            id="421-to-the-end-of-data",
+        ),
+        pytest.param(
+            {"<end>": Nth("250 2.0.0 Ok: queued as FAKE", SILENT)},
+            [[250], *["no reply within 0.5 s (message data)"] * 2],
+            id="silent-after-the-data",
+        ),
+        pytest.param(
+            {"RCPT": Nth("250 2.1.5 Ok", "550 5.1.1 no such user"), "RSET": "500 5.5.1 what"},
+            [[250], [550], "RSET failed: 500 5.5.1 what"],
+            id="rset-refused",
+        ),
+    ],
+)
+def test_S13_a_session_that_stops_fails_the_current_and_every_later_transaction(
+    fake: Callable[..., FakeServer],
+    fake_tls: tuple[Path, ssl.SSLContext],
+    replies: dict[str, Script],
+    expected: list[list[int] | str],
+) -> None:
+    server = fake(**replies)
+    started = time.monotonic()
+    outcomes = send_all(server.port, fake_tls[0], numbered(3), timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert summary(outcomes) == expected
+    failed = [o for o in outcomes if isinstance(o, ConnectionFailed)]
+    assert all(f is failed[0] and f.temporary for f in failed)  # one instance for the rest
+    server.join()
+
+
+def test_S13_send_message_still_gives_a_421_to_the_end_of_data_as_the_result(
+    fake: Callable[..., FakeServer], fake_tls: tuple[Path, ssl.SSLContext]
+) -> None:
+    server = fake(**{"<end>": "421 4.3.2 shutting down"})
+    [result] = fake_send(server, fake_tls[0])
+    assert (result.code, result.text, result.delivered, result.permanent) == (
+        421,
+        "4.3.2 shutting down",
+        False,
+        False,
+    )
+    assert server.verbs[-2:] == [".", "QUIT"]
+
+
+@pytest.mark.parametrize(
+    ("replies", "reason"),
+    [
+        ({"AUTH": "535 5.7.8 nope"}, "AUTH failed: 535 5.7.8 nope"),
+        ({"STARTTLS": SILENT}, "no reply within 0.5 s (STARTTLS)"),
+    ],
+)
+def test_S13_a_session_that_stops_before_the_first_transaction_is_connection_failed(
+    fake: Callable[..., FakeServer],
+    fake_tls: tuple[Path, ssl.SSLContext],
+    replies: dict[str, str],
+    reason: str,
+) -> None:
+    server = fake(**replies)
+    failed = refused(lambda: send_all(server.port, fake_tls[0], numbered(2), timeout=0.5))
+    assert str(failed) == reason
+    assert "MAIL" not in server.verbs
+
+
+class Unreadable(io.RawIOBase):
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        raise OSError(5, "Input/output error")
+
+
+def test_S13_an_unreadable_message_aborts_the_session_and_the_rest_is_connection_failed(
+    fake: Callable[..., FakeServer], fake_tls: tuple[Path, ssl.SSLContext]
+) -> None:
+    server = fake()
+    batch = numbered(3)
+    batch[1].message = cast(BinaryIO, Unreadable())
+    outcomes = send_all(server.port, fake_tls[0], batch)
+    reason = "cannot read the message of transaction 2: [Errno 5] Input/output error"
+    assert summary(outcomes) == [[250], reason, reason]
+    assert isinstance(outcomes[1], ConnectionFailed)
+    assert isinstance(outcomes[1].__cause__, OSError)
+    server.join()
+    assert len(server.messages) == 1
+    with pytest.raises(OSError, match="Input/output error"):  # send_message: as it was
+        fake_send(fake(), fake_tls[0], message=Unreadable())
+
+
+def test_S12_no_transactions_is_an_empty_list_without_connecting(
+    fake_tls: tuple[Path, ssl.SSLContext],
+) -> None:
+    _ensure_reactor()
+    with socket.socket() as unused:  # nobody listens: connecting would be ConnectionFailed
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    assert send_all(port, fake_tls[0], []) == []
 
 
 # --- clientid-mta send ----------------------------------------------------------------
