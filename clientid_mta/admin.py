@@ -314,13 +314,13 @@ def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> int:
         from clientid_mta.client import send_command
 
         return send_command(rest)
+    if args.group == "dkim":  # keygen parses its own arguments
+        from clientid_mta.dkim import keygen_command
+
+        return keygen_command(rest, load_config(args.config).server.data_dir)
     if rest:
         _parser().parse_args(argv)  # reports the unknown arguments and exits 2
     config = load_config(args.config)
-    if args.group == "dkim":
-        from clientid_mta.dkim import keygen_command
-
-        return keygen_command(rest, config.server.data_dir)
     if args.group == "queue":
         queue_admin = QueueAdmin(QueueDir(config.queue_config.directory), out)
         if args.action == "list":

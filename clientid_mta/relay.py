@@ -36,6 +36,7 @@ from clientid_mta.queue import (
     BOUNCED,
     DELIVERED,
     FAILED,
+    PENDING,
     AdminBounce,
     Envelope,
     QueueDir,
@@ -266,8 +267,20 @@ class QueueRunner(service.Service):
                 for entry, _ in batch:
                     entry.busy = True
                 job = defer.ensureDeferred(self._deliver(destination, batch))
-                job.addErrback(lambda f: log.failure("queue delivery: internal error", f))
+                job.addErrback(self._internal_error, batch)
                 job.addBoth(self._conclude_all, batch)
+
+    def _internal_error(self, failure: Any, batch: list[tuple[Entry, list[Recipient]]]) -> None:
+        """A bug or an unreadable entry: back off like a temporary failure, so that the
+        runner never spins on it."""
+        log.failure("queue delivery: internal error", failure)
+        now = self.clock.seconds()
+        for _entry, due in batch:
+            for recipient in due:
+                if recipient.state == PENDING and recipient.next_attempt <= now:
+                    recipient.defer(
+                        now, "internal error, see the log", "4.3.0", self.settings.retry_schedule
+                    )
 
     def _conclude_all(self, _: object, batch: list[tuple[Entry, list[Recipient]]]) -> None:
         for entry, _due in batch:
@@ -477,6 +490,11 @@ class QueueRunner(service.Service):
             self.entries.pop(envelope.id, None)
             return
         now = self.clock.seconds()
+        if envelope.done:  # all delivered: removing it is the only save needed
+            await threads.deferToThread(self.queue.remove, envelope.id)
+            self.entries.pop(envelope.id, None)
+            log.info("queue {id}: done", id=envelope.id)
+            return
         entry.unsaved = True
         await threads.deferToThread(self.queue.save, envelope)
         entry.unsaved = False

@@ -380,13 +380,21 @@ def test_relay_sends_our_clientid_to_our_own_server_as_smarthost(
 
 
 def test_relay_dkim_signature_verifies_at_the_peer(
-    relaying: Callable[..., RunningServer], sink: Sink, tmp_path: Path
+    relaying: Callable[..., RunningServer],
+    sink: Sink,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """Point 6, through the admin command as an admin runs it: keygen, publish, sign."""
     import dkim
 
-    from clientid_mta.dkim import keygen
+    from clientid_mta import admin
 
-    key, txt = keygen("example.org", "s1", tmp_path / "dkim")
+    argv = ["dkim", "keygen", "example.org", "--selector", "s1", "--dir", str(tmp_path / "k")]
+    assert admin.main(argv) == 0
+    printed = capsys.readouterr().out
+    [txt] = [line for line in printed.splitlines() if "._domainkey." in line]
+    key = tmp_path / "k" / "example.org.s1.key"
     record = "".join(re.findall(r'"([^"]*)"', txt))
     server = relaying(f'[dkim."example.org"]\nselector = "s1"\nkey = "{key}"\n')
     submit(server, ["carol@example.net"])
@@ -410,3 +418,26 @@ def test_relay_refused_recipient_at_submission_still_gets_smtp_errors(
     assert client.rcpt("nobody@example.org")[0] == 550
     assert client.rcpt("someone@elsewhere.example")[0] == 250
     client.quit()
+
+
+def test_relay_internal_error_backs_off_instead_of_spinning(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    """A bug in a delivery (here: the client raising) defers the entry on the retry
+    schedule; the runner does not retry it in a loop."""
+    server = make_server()
+    server.add_user("alice@example.org", "alice-password")
+    calls: list[int] = []
+
+    def broken_send(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        raise RuntimeError("simulated bug")
+
+    server.service.components.queue_runner.send = broken_send
+    submit(server, ["carol@example.net"])
+    [envelope] = wait_attempted(server)
+    [recipient] = envelope.recipients
+    assert recipient.state == "pending" and recipient.last_error == "internal error, see the log"
+    assert recipient.next_attempt - recipient.last_attempt == 60
+    time.sleep(1.5)
+    assert len(calls) == 1
