@@ -459,3 +459,24 @@ def test_I4_6_keygen_command_refusal_exits_2_with_one_line(
     assert line.startswith("clientid-mta dkim keygen: ")
     assert says in line
     assert sorted(existing.parent.iterdir()) == before
+
+
+def test_I4_6_openssl_rsa_signature_is_byte_identical_to_dkimpys_own(tmp_path: Path) -> None:
+    """The RSA step is OpenSSL's instead of dkimpy's pure Python: same bytes, as
+    RSASSA-PKCS1-v1_5 is deterministic."""
+    import hashlib
+
+    import dkim.crypto
+
+    from clientid_mta.dkim import _openssl_rsa_sign
+
+    path, _txt = keygen("example.org", "s1", tmp_path)
+    pkcs1 = serialization.load_pem_private_key(path.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    key = dkim.crypto.parse_pem_private_key(pkcs1)
+    for data in (b"", b"one", b"x" * 10000):
+        digest = hashlib.sha256(data)
+        assert _openssl_rsa_sign(digest, key) == dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, key)
