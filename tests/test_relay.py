@@ -441,3 +441,26 @@ def test_relay_internal_error_backs_off_instead_of_spinning(
     assert recipient.next_attempt - recipient.last_attempt == 60
     time.sleep(1.5)
     assert len(calls) == 1
+
+
+def test_relay_bounce_for_a_remote_sender_is_queued_with_the_null_sender(
+    relaying: Callable[..., RunningServer], sink: Sink
+) -> None:
+    """Point 3: the DSN goes to a remote sender through the queue, from <>."""
+    sink.set(rcpt_replies={"gone@example.net": (550, "5.1.1 No such user here")})
+    server = relaying()
+    server.admin("user", "send-as", "alice@example.org", "alice@elsewhere.example")
+    client = server.smtp()
+    client.login("alice@example.org", "alice-password")
+    message = MESSAGE.format(n=5).replace(
+        "From: Alice <alice@example.org>", "From: alice@example.org"
+    )
+    client.sendmail("alice@elsewhere.example", ["gone@example.net"], message.encode())
+    client.quit()
+    [notice] = sink.wait_for(1)
+    assert notice.mail_from == "" and notice.rcpt_to == ["alice@elsewhere.example"]
+    report = notice.parsed()
+    assert report.get_content_type() == "multipart/report"
+    [failed] = delivery_status(report)[1:]
+    assert failed["Final-Recipient"] == "rfc822; gone@example.net"
+    wait_queue_empty(server)
