@@ -32,7 +32,6 @@ import os
 import platform
 import ssl
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -42,7 +41,14 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.pool import Pool
 from pathlib import Path
 
-from benchserver import BenchServer, log_summary, machine_busy_seconds, running_server
+from benchserver import (
+    BenchServer,
+    code_version,
+    cpu_model,
+    log_summary,
+    machine_busy_seconds,
+    running_server,
+)
 from smtpload import (
     SESSION_ERRORS,
     Latencies,
@@ -428,27 +434,6 @@ async def wait_until(stop: asyncio.Event, seconds: float) -> bool:
 
 
 # --- the report --------------------------------------------------------------------
-
-
-def code_version() -> str:
-    """The repository's commit, and whether the server's code differs from it."""
-    repo = Path(__file__).resolve().parent.parent
-
-    def git(*argv: str) -> str:
-        done = subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--", "clientid_mta")
-    return f"commit {commit}" + (", clientid_mta/ with uncommitted changes" if changed else "")
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def ms(seconds: float) -> str:

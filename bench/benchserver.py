@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ CONFIG_TEMPLATE = """\
 [server]
 hostname = "{hostname}"
 data_dir = "data"
+{server_extra}
 
 [listen]
 submission = "tcp:{submission}:interface=127.0.0.1"
@@ -181,10 +183,15 @@ class BenchServer:
             self.process.wait(STOP_TIMEOUT)
 
 
-def write_config(root: Path, extra_toml: str = "") -> Path:
+def write_config(root: Path, extra_toml: str = "", server_toml: str = "") -> Path:
+    """The config file; ``server_toml`` is lines for the ``[server]`` table."""
     path = root / "clientid-mta.toml"
     text = CONFIG_TEMPLATE.format(
-        hostname=HOSTNAME, domain=DOMAIN, submission=free_port(), submissions=free_port()
+        hostname=HOSTNAME,
+        domain=DOMAIN,
+        submission=free_port(),
+        submissions=free_port(),
+        server_extra=server_toml,
     )
     path.write_text(text + extra_toml)
     return path
@@ -192,17 +199,27 @@ def write_config(root: Path, extra_toml: str = "") -> Path:
 
 @contextlib.contextmanager
 def running_server(
-    extra_toml: str = "", keep: bool = False, twistd_options: Sequence[str] = ()
+    extra_toml: str = "",
+    keep: bool = False,
+    twistd_options: Sequence[str] = (),
+    root: Path | None = None,
+    server_toml: str = "",
 ) -> Iterator[BenchServer]:
     """A started server in a fresh temporary folder; stopped (and the folder removed) after.
 
-    ``extra_toml`` is appended to the generated config; ``twistd_options`` go before the
-    plugin name (e.g. ``--profile=FILE --profiler=cprofile --savestats``).
+    ``extra_toml`` is appended to the generated config and ``server_toml`` goes into its
+    ``[server]`` table; ``twistd_options`` go before the plugin name (e.g.
+    ``--profile=FILE --profiler=cprofile --savestats``). With ``root`` the server lives in
+    that (new or empty) folder instead, which is kept afterwards.
     """
-    root = Path(tempfile.mkdtemp(prefix="clientid-bench-"))
+    given = root is not None
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="clientid-bench-"))
     server: BenchServer | None = None
     try:
-        config = load_config(write_config(root, extra_toml))
+        config = load_config(write_config(root, extra_toml, server_toml))
         assert config.source is not None
         with open(root / "server.log", "wb") as log:
             process = subprocess.Popen(
@@ -227,9 +244,9 @@ def running_server(
     finally:
         if server is not None:
             server.stop()
-        if keep:
+        if keep and not given:
             print(f"kept the server folder: {root}", file=sys.stderr)
-        else:
+        elif not given:
             shutil.rmtree(root, ignore_errors=True)
 
 
@@ -237,3 +254,24 @@ def log_summary(problems: list[str]) -> str:
     """The report's line about the server log: the count, and the first 20 lines if any."""
     shown = ":\n\n```\n" + "\n".join(problems[:20]) + "\n```" if problems else "."
     return f"Server log: {len(problems)} error line(s){shown}"
+
+
+def code_version() -> str:
+    """The repository's commit, and whether the server's code differs from it."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--", "clientid_mta")
+    return f"commit {commit}" + (", clientid_mta/ with uncommitted changes" if changed else "")
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"

@@ -222,18 +222,21 @@ def error_name(problem: BaseException) -> str:
 SlotFn = Callable[[int, Tally], Awaitable[None]]
 
 
-async def run_slots(slot: SlotFn, count: int, duration: float) -> Tally:
+async def run_slots(slot: SlotFn, count: int, duration: float, rounds: int | None = None) -> Tally:
     """Run ``slot(index, tally)`` over and over in ``count`` concurrent loops.
 
-    Each loop starts no new call after ``duration`` seconds; a call that fails with a
-    session error is counted under ``error_name``.
+    Each loop starts no new call after ``duration`` seconds, nor after ``rounds`` calls
+    when that is given; a call that fails with a session error is counted under
+    ``error_name``.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + duration
     tally: Tally = Counter()
 
     async def keep_going(index: int) -> None:
-        while loop.time() < deadline:
+        done = 0
+        while loop.time() < deadline and (rounds is None or done < rounds):
+            done += 1
             try:
                 await slot(index, tally)
             except SESSION_ERRORS as problem:
