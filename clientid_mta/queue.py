@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import secrets
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from clientid_mta.maildir import fsync_dir
+
+_requests = itertools.count()
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -252,7 +255,8 @@ class QueueDir:
 
     def request(self, action: str, queue_id: str = "") -> Path:
         """Leave a request for the running server; it deletes the file once done."""
-        path = self.control / f"{new_queue_id()}.json"
+        # Fixed-width nanoseconds, then a counter: names sort in the order of the calls.
+        path = self.control / f"{time.time_ns():020d}-{os.getpid()}-{next(_requests):06d}.json"
         temp = self.tmp / f"control.{path.name}"
         temp.write_text(json.dumps({"action": action, "id": queue_id}), encoding="utf-8")
         os.rename(temp, path)
