@@ -16,16 +16,15 @@ import secrets
 import socket
 import time
 from pathlib import Path
-from typing import BinaryIO
 
 from twisted.internet import defer, threads
 from twisted.mail.interfaces import IMessageSMTP
 from zope.interface import implementer
 
+from clientid_mta.durable import DurableFile, fsync_dir
 from clientid_mta.spool import LateFile
 
 _counter = itertools.count()
-_WRITE_BUFFER = 64 * 1024
 
 
 class UnsafeMailboxName(ValueError):
@@ -42,14 +41,6 @@ def _safe_component(text: str) -> str:
     ):
         raise UnsafeMailboxName(f"{text!r} cannot be a mailbox folder name")
     return text
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unique_name() -> str:
@@ -107,49 +98,17 @@ class MaildirRoot:
             raise
 
 
-class MaildirFile:
+class MaildirFile(DurableFile):
     """One message being written into ``tmp/``; ``commit`` makes it durable in ``new/``."""
 
     def __init__(self, maildir: Path) -> None:
         self.maildir = maildir
         self.name = _unique_name()
-        self.temp_path = maildir / "tmp" / self.name
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-        fd = os.open(self.temp_path, flags, 0o600)
-        self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
-        self.size += len(data)
+        super().__init__(maildir / "tmp" / self.name)
 
     def commit(self) -> Path:
         """flush, fsync, rename into new/, fsync new/. Blocking."""
-        assert self._file is not None
-        handle, self._file = self._file, None
-        try:
-            handle.flush()
-            os.fsync(handle.fileno())
-        finally:
-            handle.close()
-        final = self.maildir / "new" / f"{self.name},S={self.size}"
-        os.rename(self.temp_path, final)
-        fsync_dir(final.parent)
-        return final
-
-    def abort(self) -> None:
-        """Throw the partial message away (safe to call twice)."""
-        if self._file is not None:
-            handle, self._file = self._file, None
-            try:
-                handle.close()
-            except OSError:
-                pass
-        try:
-            os.unlink(self.temp_path)
-        except FileNotFoundError:
-            pass
+        return self.commit_to(self.maildir / "new" / f"{self.name},S={self.size}")
 
 
 @implementer(IMessageSMTP)

@@ -100,7 +100,7 @@ class OutboundMessage:
     def _commit(self) -> Envelope:
         try:
             writer = self._data.written()
-            path = writer.finish()
+            path = writer.sync()
             header = b""
             signer = self.outbound.signer
             if signer is not None:

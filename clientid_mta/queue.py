@@ -29,11 +29,11 @@ import os
 import secrets
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import Any, BinaryIO
 
-from clientid_mta.maildir import fsync_dir
+from clientid_mta.durable import DurableFile, fsync_dir
 
 _requests = itertools.count()
 
@@ -42,8 +42,6 @@ DELIVERED = "delivered"
 FAILED = "failed"
 BOUNCED = "bounced"
 DONE_STATES = (DELIVERED, BOUNCED)
-
-_WRITE_BUFFER = 64 * 1024
 
 
 def new_queue_id() -> str:
@@ -275,46 +273,15 @@ class QueueDir:
         return requests
 
 
-@dataclass
-class MessageWriter:
+class MessageWriter(DurableFile):
     """One message being written into ``tmp/``; ``commit`` makes it a queue entry."""
 
-    queue: QueueDir
-    id: str = field(default_factory=new_queue_id)
-    size: int = 0
-
-    def __post_init__(self) -> None:
-        self.temp_path = self.queue.tmp / f"{self.id}.msg"
-        fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        self._file: IO[bytes] | None = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
-
-    def write(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
-        self.size += len(data)
-
-    def finish(self) -> Path:
-        """Flush and fsync the data (blocking); the file is still in ``tmp/``."""
-        assert self._file is not None
-        handle, self._file = self._file, None
-        try:
-            handle.flush()
-            os.fsync(handle.fileno())
-        finally:
-            handle.close()
-        return self.temp_path
+    def __init__(self, queue: QueueDir) -> None:
+        self.queue = queue
+        self.id = new_queue_id()
+        super().__init__(queue.tmp / f"{self.id}.msg")
 
     def commit(self, envelope: Envelope) -> None:
         """Message into ``msg/``, then the envelope into ``env/``: the entry exists."""
-        if self._file is not None:
-            self.finish()
-        os.rename(self.temp_path, self.queue.message_path(self.id))
-        fsync_dir(self.queue.msg)
+        self.commit_to(self.queue.message_path(self.id))
         self.queue.save(envelope)
-
-    def abort(self) -> None:
-        if self._file is not None:
-            handle, self._file = self._file, None
-            with contextlib.suppress(OSError):
-                handle.close()
-        self.temp_path.unlink(missing_ok=True)

@@ -54,7 +54,7 @@ def test_queue_restart_removes_half_written_entries(tmp_path: Path) -> None:
     half.write(b"half a message")  # killed while receiving DATA: stays in tmp/
     orphan = queue.new_message()
     orphan.write(b"whole but no envelope")
-    orphan.finish()
+    orphan.sync()
     os.rename(orphan.temp_path, queue.message_path(orphan.id))  # killed between the renames
     assert queue.recover() == 2
     assert queue.ids() == [kept.id]

@@ -50,7 +50,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, sy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from clientid_mta.maildir import fsync_dir
+from clientid_mta.durable import fsync_dir
 from clientid_mta.passwords import PasswdFile, normalise_address, verify_password
 
 AUTH_THREADS = 4
