@@ -190,8 +190,8 @@ class ClientIdChecker:
         )
         account_key = account_key_for(address, known)
         throttle = defences.throttle
-        if throttle is not None and throttle.shared and not throttle.take(attempt.throttle_key):
-            # Shared between workers, the device's attempt is taken here, not on the reactor.
+        if throttle is not None and not throttle.take(attempt.throttle_key):
+            # Passed the reactor's look, but a concurrent attempt took the last token.
             return AuthOutcome(None, False, Decision(False, "device_throttled"), throttled=True)
         if throttle is not None and not throttle.take(account_key):
             throttle.refund(attempt.throttle_key)  # not a failure of this device's

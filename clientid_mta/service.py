@@ -300,7 +300,7 @@ class SubmissionService(service.MultiService):
         throttle = defences.throttle
         if throttle is not None and (final or self._ticks % THROTTLE_SAVE_TICKS == 0):
             if throttle.shared:
-                SharedBuckets(self.config.clientid.device_store).prune(throttle.is_full)
+                throttle.prune_shared()
             else:
                 self.components.store.save_throttle(throttle.snapshot())
 

@@ -7,14 +7,14 @@ Keys (draft 6.2, 6.3 item 6):
 - ``known:<account>`` and ``unknown:<account>``: failures from devices the account does
   not trust never spend the budget of the devices it does.
 
-Only failures spend; successes never do. Checking a budget is a dict look-up and a
-little arithmetic, so a throttled attempt costs no hash and no thread. State is kept
-in memory, bounded, and saved to the store so that it survives a restart.
+Only failures spend; successes never do. The reactor only looks (``admit``: a dict
+look-up and a little arithmetic), so a spent device costs no hash and no thread; the
+auth thread takes the attempt (``take``) before the password check. State is kept in
+memory, bounded, and saved to the store so that it survives a restart.
 
 With several worker processes the buckets are shared (``share``): the rows in SQLite
-are the truth and are changed in the auth threads; the memory copy is then only the
-last level this process saw, which lets the reactor refuse a device it already knows
-to be spent without a thread.
+are the truth and ``take`` changes them in one transaction; the memory copy is then
+the last level this process saw, which is what ``admit`` looks at.
 """
 
 from __future__ import annotations
@@ -73,17 +73,20 @@ class Throttle:
         return self._shared is not None
 
     def admit(self, key: str) -> bool:
-        """The reactor's check of a device budget, before any thread is used.
-
-        Alone, it takes the attempt at once. Shared, it only refuses a device last seen
-        spent: the take itself is a database write, done in the auth thread.
+        """The reactor's look at a device budget, before any thread is used: False
+        for a device known to be spent. It takes nothing; ``take`` in the auth thread
+        does, atomically, so attempts that pass here together still share no token.
+        Shared between processes, the level looked at is the last one this process saw.
         """
         if not self.enabled:
             return True
-        if self._shared is None:
-            return self.take(key)
         with self._lock:
             return self._tokens(key, self._clock()) >= 1.0
+
+    def prune_shared(self) -> None:
+        """Forget the shared rows of buckets that have refilled."""
+        if self._shared is not None:
+            self._shared.prune(self.is_full)
 
     def is_full(self, key: str, tokens: float, updated: float) -> bool:
         budget = self._budgets.get(key.partition(":")[0])
