@@ -687,6 +687,7 @@ def _job(
     host: str,
     port: int,
     transactions: Sequence[Transaction],
+    *,
     tls: str,
     tls_hostname: str | None,
     trust_roots: str | Path | None,
@@ -735,17 +736,9 @@ def _start(
     port: int,
     transactions: Sequence[Transaction],
     *,
-    tls: str,
-    tls_hostname: str | None,
-    trust_roots: str | Path | None,
-    username: str | None,
-    password: str | None,
-    client_id: tuple[str, str] | None,
-    helo: str,
-    timeout: float,
     connect_timeout: float,
     reactor: IReactorTCP | None,
-    eod_421_is_result: bool = False,
+    **options: Any,
 ) -> Deferred[list[_Outcome]]:
     """Check everything, then connect: one outcome per transaction (none: no connection)."""
     if reactor is None:
@@ -753,20 +746,7 @@ def _start(
 
         reactor = cast(IReactorTCP, default_reactor)
     try:
-        job = _job(
-            host,
-            port,
-            transactions,
-            tls,
-            tls_hostname,
-            trust_roots,
-            username,
-            password,
-            client_id,
-            helo,
-            timeout,
-            eod_421_is_result,
-        )
+        job = _job(host, port, transactions, **{"eod_421_is_result": False, **options})
     except (ValueError, TypeError, OSError) as problem:
         return defer.fail(problem)
     if not job.mails:
