@@ -127,7 +127,7 @@ def test_relay_smarthost_starttls_auth_delivers_exactly_once(
     assert [s.commands[:4] for s in sink.sessions()] == [["EHLO", "STARTTLS", "EHLO", "AUTH"]]
 
 
-def test_relay_one_queued_copy_for_many_remote_recipients_and_local_ones_too(
+def test_S11_remote_recipients_are_queued_before_250_one_copy_per_message(
     make_server: Callable[..., RunningServer],
 ) -> None:
     """Point 1: one copy per message, each recipient tracked; local + remote both delivered."""
@@ -464,3 +464,27 @@ def test_relay_bounce_for_a_remote_sender_is_queued_with_the_null_sender(
     [failed] = delivery_status(report)[1:]
     assert failed["Final-Recipient"] == "rfc822; gone@example.net"
     wait_queue_empty(server)
+
+
+def test_S11_unwritable_queue_is_451_and_nothing_is_queued(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    """A queue that cannot be written (here ``tmp/`` replaced by a file) gives 451 4.3.0
+    after the data, never a 250; the next try, once it is writable, is queued."""
+    server = make_server()
+    server.add_user("alice@example.org", "alice-password")
+    queue = queue_of(server)
+    queue.tmp.rmdir()
+    queue.tmp.write_text("a file where a folder should be\n")
+    client = server.smtp()
+    client.login("alice@example.org", "alice-password")
+    client.mail("alice@example.org")
+    assert client.rcpt("carol@example.net")[0] == 250
+    code, text = client.data(MESSAGE.format(n=7).encode())
+    assert (code, text[:5]) == (451, b"4.3.0")
+    assert queue.ids() == []
+    queue.tmp.unlink()
+    queue.tmp.mkdir()
+    assert client.sendmail("alice@example.org", ["carol@example.net"], MESSAGE.format(n=8)) == {}
+    client.quit()
+    assert len(queue.ids()) == 1

@@ -26,7 +26,7 @@ REMOTE = "carol@example.net"
 KILL_WINDOW = 1.0  # seconds from the sink's 250 to our saved envelope, generously
 
 
-def test_relay_sigkill_delivers_every_acknowledged_message_once_or_bounces_it(
+def test_S11_relay_sigkill_delivers_every_acknowledged_message_once_or_bounces_it(
     tmp_path: Path,
 ) -> None:
     rng = random.Random()
