@@ -113,12 +113,29 @@ def test_workers_mail_for_other_domains_is_relayed_once_by_the_queue_owner(
     assert "queue resumed" in output
 
 
-def test_workers_one_means_a_single_process(tmp_path: Path) -> None:
-    with running(tmp_path / "server", "[server]\nworkers = 1\n") as server:
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.parametrize(("workers", "processes"), [(1, 1), (2, 2)])
+def test_workers_count_is_the_number_of_processes(
+    tmp_path: Path, workers: int, processes: int
+) -> None:
+    with running(tmp_path / "server", f"[server]\nworkers = {workers}\n") as server:
         sessions_served(server, 1)
-        time.sleep(0.5)
-        assert "worker 1" not in server.output()
-        assert "processes serve the ports" not in server.output()
+        assert server.process is not None
+        pid = server.process.pid
+        wait_until(
+            lambda: len(children(pid)) == processes - 1 or None,
+            10,
+            f"{processes - 1} worker process(es)",
+        )
+        time.sleep(0.5)  # none more start later
+        assert len(children(pid)) == processes - 1
 
 
 def test_workers_reject_a_negative_count(tmp_path: Path) -> None:
