@@ -8,7 +8,8 @@ that got 250 has reached the sink exactly once, or was bounced to the sender.
 The one tolerated duplicate is the window RFC 5321 section 6.1 accepts: the sink said 250
 after DATA, but the relay was killed before it could save that, so the restarted server
 sends the message again. The test allows a second copy only where a kill came within
-KILL_WINDOW seconds after the sink accepted the first copy, and counts those cases.
+KILL_WINDOW seconds of the sink accepting the first copy (before it too: data already in
+the socket buffers arrives after the kill), and counts those cases.
 """
 
 from __future__ import annotations
@@ -78,11 +79,13 @@ def test_S11_relay_sigkill_delivers_every_acknowledged_message_once_or_bounces_i
     lost = [m for m in sender.accepted if m not in copies]
     assert lost == [], f"acknowledged but never delivered {context}"
     duplicates = {m: times for m, times in copies.items() if len(times) > 1}
-    # A second copy only where the relay died just after the sink accepted the first.
+    # A second copy only where the relay died around the time the sink accepted the first:
+    # just after it, or just before it with the final dot still in the socket buffers
+    # (the kernel delivers those after the process is gone).
     unexplained = {
         m: times
         for m, times in duplicates.items()
-        if not any(times[0] <= kill <= times[0] + KILL_WINDOW for kill in killed_at)
+        if not any(abs(kill - times[0]) <= KILL_WINDOW for kill in killed_at)
     }
     assert unexplained == {}, f"duplicates without a killed relay session {context}"
     assert "Traceback" not in output, output[-3000:]
