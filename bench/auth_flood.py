@@ -62,7 +62,7 @@ from smtpload import (
     run_slots,
 )
 
-from clientid_mta.passwords import PasswdFile, verify_password
+from clientid_mta.auth.passwd_file import PasswdFile, verify_password
 
 ALICE = "alice@example.org"
 ALICE_PASSWORD = "alice-password"

@@ -81,9 +81,9 @@ from procstats import process_tree, reset_peak, tree_cpu_seconds, tree_memory
 from smtpload import Target, percentile, process_pool
 from workloads import Account, IdleResult, IdleSpec, MailResult, MailSpec, run_idle, run_mail
 
-from clientid_mta import admin
+from clientid_mta.cli import admin
 from clientid_mta.config import ConfigError, load_config
-from clientid_mta.tls import generate_self_signed
+from clientid_mta.smtp.tls import generate_self_signed
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -249,7 +249,7 @@ def prepare(options: Options, root: Path) -> Setup:
     certificate, key = generate_self_signed(root / "tls", HOSTNAME)
     passwd, accounts = make_accounts(root, options.users)
     workers_toml, workers_note = workers_setting(root, options.workers)
-    cache = importlib.util.find_spec("clientid_mta.authcache") is not None
+    cache = importlib.util.find_spec("clientid_mta.auth.cache") is not None
     notes = [
         workers_note,
         "our server: auth cache "

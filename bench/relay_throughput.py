@@ -89,8 +89,8 @@ from smtpload import (
     percentile,
 )
 
-from clientid_mta.dkim import keygen_command
-from clientid_mta.tls import generate_self_signed
+from clientid_mta.outbound.dkim import keygen_command
+from clientid_mta.smtp.tls import generate_self_signed
 
 SINK_HOST = "127.0.0.1"
 SINK_NAME = "smtp.example.net"

@@ -23,9 +23,9 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.threads import blockingCallFromThread
 
-from clientid_mta import admin
+from clientid_mta.cli import admin
 from clientid_mta.config import Config, load_config
-from clientid_mta.service import SubmissionService
+from clientid_mta.server.service import SubmissionService
 
 HOSTNAME = "mail.example.org"
 THUNDERBIRD_UUID = "23bf83be-aad7-46aa-9e0f-39191ccf402f"
@@ -191,7 +191,7 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
 def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
     """The stored hash of every full password check the server makes while the test runs
     (None: the dummy check for an unknown account)."""
-    from clientid_mta import cred
+    from clientid_mta.auth import checker as cred
 
     real = cred.verify_password
     calls: list[str | None] = []

@@ -20,8 +20,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from clientid_mta.clientid import device_key, fingerprint, load_or_create_server_key, parse_clientid
 from clientid_mta.config import load_config
+from clientid_mta.devices.keys import load_or_create_server_key
+from clientid_mta.smtp.clientid import (
+    device_key,
+    fingerprint,
+    parse_clientid,
+)
 from tests.conftest import RunningServer, merge_toml
 
 BIN = Path(sys.executable).parent

@@ -1,7 +1,7 @@
 """Issue 3, points 2 and 3: failure budgets that spare the innocent, shared devices, session caps.
 
 Everything runs against a real server over real TLS. The server runs in this process,
-so the tests count the calls into the password hash (``clientid_mta.cred.verify_password``)
+so the tests count the calls into the password hash (``clientid_mta.auth.checker.verify_password``)
 and into the checker's thread half (``ClientIdChecker._check``) to prove that a throttled
 attempt costs no hash, and a device-throttled one not even a thread.
 """
@@ -21,8 +21,8 @@ import pytest
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from zope.interface import provider
 
-from clientid_mta.clientid import ClientIdentity, device_key, fingerprint
-from clientid_mta.passwords import Account, PasswdFile, hash_password
+from clientid_mta.auth.passwd_file import Account, PasswdFile, hash_password
+from clientid_mta.smtp.clientid import ClientIdentity, device_key, fingerprint
 from tests.conftest import RunningServer, Wire, start_server
 
 ALICE, ALICE_PW = "alice@example.org", "alice-password"

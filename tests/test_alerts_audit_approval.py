@@ -21,7 +21,7 @@ from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
 from clientid_mta.config import ConfigError
-from clientid_mta.store import AuditEntry
+from clientid_mta.devices.store import AuditEntry
 from tests import test_conformance_clientid as conformance
 from tests.conftest import THUNDERBIRD_UUID, RunningServer, Wire, start_server
 from tests.test_conformance_clientid import assert_code, attempt, devices, fingerprint, trust

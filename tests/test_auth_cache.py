@@ -1,4 +1,4 @@
-"""Issue 5 item 3: the authentication cache (clientid_mta/authcache.py).
+"""Issue 5 item 3: the authentication cache (clientid_mta/auth/cache.py).
 
 A verified (account, password) pair is remembered as a keyed hash for ``[auth]
 cache_ttl``; a returning client skips argon2id. Password changes and deletions take
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from clientid_mta.authcache import AuthCache
+from clientid_mta.auth.cache import AuthCache
 from tests.conftest import THUNDERBIRD_UUID, RunningServer
 from tests.serverproc import devices, fingerprint_of
 

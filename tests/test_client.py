@@ -1,4 +1,4 @@
-"""The SMTP client (issue 4 item 7): clientid_mta.client against the real server, and against
+"""The SMTP client (issue 4 item 7): clientid_mta.client.submit against the real server, and against
 a scripted server in a thread where the exact command order matters."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import formatEvent, globalLogPublisher
 
-from clientid_mta.client import (
+from clientid_mta.client.submit import (
     ConnectionFailed,
     DataEncoder,
     RecipientResult,
@@ -34,8 +34,13 @@ from clientid_mta.client import (
     send_messages,
     sendmail,
 )
-from clientid_mta.clientid import device_key, fingerprint, load_or_create_server_key, parse_clientid
-from clientid_mta.tls import generate_self_signed
+from clientid_mta.devices.keys import load_or_create_server_key
+from clientid_mta.smtp.clientid import (
+    device_key,
+    fingerprint,
+    parse_clientid,
+)
+from clientid_mta.smtp.tls import generate_self_signed
 from tests.conftest import HOSTNAME, THUNDERBIRD_UUID, RunningServer, _ensure_reactor
 
 ALICE = {"username": "alice@example.org", "password": "alice-password"}
@@ -891,7 +896,7 @@ def test_S12_no_transactions_is_an_empty_list_without_connecting(
 def run_send(
     argv: list[str], message: bytes, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
-    code = "import sys; from clientid_mta.client import send_command; "
+    code = "import sys; from clientid_mta.client.submit import send_command; "
     code += "sys.exit(send_command(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, *argv],

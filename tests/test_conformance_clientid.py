@@ -19,7 +19,7 @@ import pytest
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from zope.interface import provider
 
-from clientid_mta import admin
+from clientid_mta.cli import admin
 from clientid_mta.config import load_config
 from tests.conftest import THUNDERBIRD_UUID, RunningServer, Wire
 

@@ -19,13 +19,13 @@ import pytest
 
 import clientid_mta
 import twisted
-from clientid_mta.clientid import (
+from clientid_mta.auth.passwd_file import Account, PasswdFile, hash_password
+from clientid_mta.devices.keys import load_or_create_server_key
+from clientid_mta.smtp.clientid import (
     ClientIdentity,
     device_key,
     fingerprint,
-    load_or_create_server_key,
 )
-from clientid_mta.passwords import Account, PasswdFile, hash_password
 from tests.conftest import HOSTNAME, THUNDERBIRD_UUID, RunningServer, Wire
 
 ALICE = "alice@example.org"

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from clientid_mta.config import DkimKey, load_config
-from clientid_mta.dkim import ALGORITHMS, DkimKeyError, DkimSigner, keygen, keygen_command
+from clientid_mta.outbound.dkim import ALGORITHMS, DkimKeyError, DkimSigner, keygen, keygen_command
 
 DOMAIN = "example.org"
 SELECTOR = "s1"
@@ -468,7 +468,7 @@ def test_I4_6_openssl_rsa_signature_is_byte_identical_to_dkimpys_own(tmp_path: P
 
     import dkim.crypto
 
-    from clientid_mta.dkim import _openssl_rsa_sign
+    from clientid_mta.outbound.dkim import _openssl_rsa_sign
 
     path, _txt = keygen("example.org", "s1", tmp_path)
     pkcs1 = serialization.load_pem_private_key(path.read_bytes(), None).private_bytes(

@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 
-from clientid_mta.dsn import (
+from clientid_mta.delivery.maildir import MaildirRoot
+from clientid_mta.outbound.bounces import (
     MAX_DIAGNOSTIC,
     MAX_ORIGINAL_HEADERS,
     FailedRecipient,
     build_dsn,
     is_bounce_candidate,
 )
-from clientid_mta.maildir import MaildirRoot
 
 HOST = "mail.example.org"
 SENDER = "alice@example.org"

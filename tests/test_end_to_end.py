@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from clientid_mta.delivery import LocalRouter
-from clientid_mta.maildir import MaildirRoot
-from clientid_mta.passwords import Account, PasswdFile
+from clientid_mta.auth.passwd_file import Account, PasswdFile
+from clientid_mta.delivery.maildir import MaildirRoot
+from clientid_mta.delivery.router import LocalRouter
 from tests.conftest import THUNDERBIRD_UUID, RunningServer
 
 MESSAGE = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: first\r\n\r\nHello Bob.\r\n"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from clientid_mta.esmtp import CLOSE_GRACE
+from clientid_mta.smtp.protocol import CLOSE_GRACE
 from tests import test_conformance_submission as conformance
 from tests.conftest import HOSTNAME, RunningServer, Wire
 from tests.test_conformance_submission import (

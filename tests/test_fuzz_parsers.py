@@ -26,11 +26,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from clientid_mta.addresses import AddressSyntaxError, parse_path
-from clientid_mta.body import BodyReader
-from clientid_mta.clientid import ClientIdSyntaxError, parse_clientid
 from clientid_mta.config import SCHEMA, TYPE_FLAGS, Config, ConfigError, load_config
-from clientid_mta.sasl import (
+from clientid_mta.smtp.addresses import AddressSyntaxError, parse_path
+from clientid_mta.smtp.body import BodyReader
+from clientid_mta.smtp.clientid import ClientIdSyntaxError, parse_clientid
+from clientid_mta.smtp.sasl import (
     MAX_FIELD,
     SaslError,
     decode_response,

@@ -65,7 +65,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from clientid_mta.esmtp import SubmissionESMTP
+from clientid_mta.smtp.protocol import SubmissionESMTP
 from tests.conftest import HOSTNAME, THUNDERBIRD_UUID, RunningServer, Wire, start_server
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))

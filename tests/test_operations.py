@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from clientid_mta import admin
-from clientid_mta.alerts import NEW_DEVICE_SEEN
-from clientid_mta.clientid import parse_clientid
+from clientid_mta.cli import admin
 from clientid_mta.config import load_config
-from clientid_mta.devices import Where
-from clientid_mta.service import build_components
-from clientid_mta.tap import hand_over_state, state_files
+from clientid_mta.devices.notices import NEW_DEVICE_SEEN
+from clientid_mta.devices.policy import Where
+from clientid_mta.server.service import build_components
+from clientid_mta.server.tap import hand_over_state, state_files
+from clientid_mta.smtp.clientid import parse_clientid
 from tests.conftest import RunningServer
 from tests.serverproc import run_twistd_once
 from tests.test_units import make_policy
@@ -82,8 +82,8 @@ def test_revoking_the_last_trusted_device_does_not_reopen_tofu(tmp_path: Path) -
 
 
 def test_observe_mode_notice_does_not_claim_a_refusal(tmp_path: Path) -> None:
-    from clientid_mta.alerts import Notifier
-    from clientid_mta.maildir import MaildirRoot
+    from clientid_mta.delivery.maildir import MaildirRoot
+    from clientid_mta.devices.notices import Notifier
 
     policy = make_policy(tmp_path, '[clientid]\npolicy = "observe"\n')
     policy.notifier = Notifier(MaildirRoot(tmp_path / "mail"), "mail.example.org")
@@ -96,8 +96,8 @@ def test_observe_mode_notice_does_not_claim_a_refusal(tmp_path: Path) -> None:
 
 
 def test_a_broken_mailbox_does_not_change_the_decision(tmp_path: Path) -> None:
-    from clientid_mta.alerts import Notifier
-    from clientid_mta.maildir import MaildirRoot
+    from clientid_mta.delivery.maildir import MaildirRoot
+    from clientid_mta.devices.notices import Notifier
 
     (tmp_path / "mail" / "example.org").mkdir(parents=True)
     (tmp_path / "mail" / "example.org" / "a").write_text("a file where the Maildir should be")
@@ -125,8 +125,8 @@ def test_admin_run_prompts_nothing_when_stdin_is_a_pipe(tmp_path: Path) -> None:
 def test_throttle_take_lets_one_of_many_concurrent_attempts_through() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
+    from clientid_mta.auth.budgets import Throttle
     from clientid_mta.config import ThrottleConfig
-    from clientid_mta.throttle import Throttle
 
     throttle = Throttle(ThrottleConfig(device_burst=1, account_unknown_burst=1))
     with ThreadPoolExecutor(8) as pool:

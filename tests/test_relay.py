@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from clientid_mta.queue import Envelope, QueueDir
+from clientid_mta.outbound.queue import Envelope, QueueDir
 from tests.conftest import RunningServer
 from tests.dnsserver import running_dns
 from tests.sink import Sink, running_sink, wait_until
@@ -388,7 +388,7 @@ def test_relay_dkim_signature_verifies_at_the_peer(
     """Point 6, through the admin command as an admin runs it: keygen, publish, sign."""
     import dkim
 
-    from clientid_mta import admin
+    from clientid_mta.cli import admin
 
     argv = ["dkim", "keygen", "example.org", "--selector", "s1", "--dir", str(tmp_path / "k")]
     assert admin.main(argv) == 0

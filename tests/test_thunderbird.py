@@ -9,7 +9,11 @@ from collections.abc import Callable
 
 import pytest
 
-from clientid_mta.clientid import device_key, load_or_create_server_key, parse_clientid
+from clientid_mta.devices.keys import load_or_create_server_key
+from clientid_mta.smtp.clientid import (
+    device_key,
+    parse_clientid,
+)
 from tests.conftest import THUNDERBIRD_UUID, RunningServer, Wire
 
 ALICE = "alice@example.org"

@@ -41,7 +41,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import blockingCallFromThread
 
 from clientid_mta.config import ConfigError, load_config
-from clientid_mta.service import build_components
+from clientid_mta.server.service import build_components
 from tests.conftest import HOSTNAME, RunningServer, Wire, merge_toml, start_server
 from tests.serverproc import run_twistd_once, running
 

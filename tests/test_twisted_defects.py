@@ -40,7 +40,7 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from clientid_mta.tls import server_context
+from clientid_mta.smtp.tls import server_context
 from tests.conftest import HOSTNAME, RunningServer, Wire
 
 USER, PASSWORD = "alice@example.org", "alice-password"

@@ -8,20 +8,20 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from clientid_mta.addresses import AddressSyntaxError, parse_path
-from clientid_mta.body import BodyReader
-from clientid_mta.clientid import (
+from clientid_mta.auth.passwd_file import Account, PasswdFile, hash_password, verify_password
+from clientid_mta.config import ConfigError, load_config
+from clientid_mta.delivery.maildir import MaildirRoot, UnsafeMailboxName
+from clientid_mta.devices.keys import load_or_create_server_key
+from clientid_mta.devices.policy import DevicePolicy, Where
+from clientid_mta.devices.store import PENDING, REVOKED, TRUSTED, SQLiteDeviceStore
+from clientid_mta.smtp.addresses import AddressSyntaxError, parse_path
+from clientid_mta.smtp.body import BodyReader
+from clientid_mta.smtp.clientid import (
     ClientIdSyntaxError,
     device_key,
-    load_or_create_server_key,
     parse_clientid,
 )
-from clientid_mta.config import ConfigError, load_config
-from clientid_mta.devices import DevicePolicy, Where
-from clientid_mta.maildir import MaildirRoot, UnsafeMailboxName
-from clientid_mta.network import network_prefix
-from clientid_mta.passwords import Account, PasswdFile, hash_password, verify_password
-from clientid_mta.store import PENDING, REVOKED, TRUSTED, SQLiteDeviceStore
+from clientid_mta.smtp.network import network_prefix
 
 # --- CLIENTID grammar (C5, C13, C14) -------------------------------------------------
 

@@ -35,7 +35,7 @@ def sessions_served(server: ServerProcess, count: int) -> None:
 def accepted_by(output: str) -> tuple[int, int]:
     """(messages accepted by the twistd process, by worker 1)."""
     worker = len(re.findall(r"worker 1: accepted [0-9A-F]{16} ", output))
-    main = len(re.findall(r"\[clientid_mta\.esmtp#info\] accepted [0-9A-F]{16} ", output))
+    main = len(re.findall(r"\[clientid_mta\.smtp\.protocol#info\] accepted [0-9A-F]{16} ", output))
     return main, worker
 
 
@@ -70,7 +70,7 @@ def test_workers_share_one_failure_budget_per_device(tmp_path: Path) -> None:
         output = server.output()
     assert codes[:3] == [535, 535, 535], codes
     assert set(codes[3:]) == {454}, codes
-    main_refusals = len(re.findall(r"\[clientid_mta\.cred#info\] auth refused", output))
+    main_refusals = len(re.findall(r"\[clientid_mta\.auth\.checker#info\] auth refused", output))
     worker_refusals = len(re.findall(r"worker 1: auth refused", output))
     assert main_refusals + worker_refusals == 3
 

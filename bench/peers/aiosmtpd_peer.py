@@ -6,7 +6,7 @@ does on the benchmark's path, as plainly as aiosmtpd allows:
 - STARTTLS required before MAIL and AUTH (``require_starttls``, ``auth_require_tls``),
   with the benchmark's certificate and key;
 - AUTH PLAIN against our passwd file (argon2id hashes), checked with
-  ``clientid_mta.passwords.verify_password`` in a pool of 4 threads (as our server's
+  ``clientid_mta.auth.passwd_file.verify_password`` in a pool of 4 threads (as our server's
   login pool), so a password check never blocks the event loop;
 - ``CLIENTID type token``: advertised after STARTTLS and answered 250 when it has two
   arguments, before AUTH. No device policy is applied (aiosmtpd has none): the
@@ -50,8 +50,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, sy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from clientid_mta.durable import fsync_dir
-from clientid_mta.passwords import PasswdFile, normalise_address, verify_password
+from clientid_mta.auth.passwd_file import PasswdFile, normalise_address, verify_password
+from clientid_mta.delivery.durable import fsync_dir
 
 AUTH_THREADS = 4
 MAX_MESSAGE_SIZE = 26214400

@@ -443,7 +443,7 @@ def _self_check() -> int:
     print(ensure_installed())
     root = Path(tempfile.mkdtemp(prefix="postfix-peer-"))
     root.chmod(0o755)
-    from clientid_mta.tls import generate_self_signed
+    from clientid_mta.smtp.tls import generate_self_signed
 
     cert, key = generate_self_signed(root / "certs", "mail.example.org")
     user, password, rcpt = "load01@example.org", "load-password", "bob@example.org"

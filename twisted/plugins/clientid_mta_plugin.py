@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 clientidMTA = ServiceMaker(
     "clientid-mta",
-    "clientid_mta.tap",
+    "clientid_mta.server.tap",
     "Mail submission server with the SMTP CLIENTID extension",
     "clientid-mta",
 )

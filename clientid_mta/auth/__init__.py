@@ -1,0 +1,3 @@
+"""Authentication: the credentials, the Cred checker and realm, password backends, the auth
+cache, failure budgets and the login thread pool.
+"""

@@ -1,0 +1,305 @@
+"""The Cred checker: the password AND the device policy AND the abuse defences, in one place."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from twisted.cred import error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from clientid_mta.auth.budgets import Throttle, account_key_for, device_key_for
+from clientid_mta.auth.cache import AuthCache
+from clientid_mta.auth.credentials import (
+    AuthUnavailable,
+    IClientIdUsernamePassword,
+    LoginThrottled,
+    peer_host,
+)
+from clientid_mta.auth.passwd_file import Account, PasswdFile, normalise_address, verify_password
+from clientid_mta.devices import notices as alerts
+from clientid_mta.devices.audit import AuditLog
+from clientid_mta.devices.policy import Decision, DevicePolicy, Where
+from clientid_mta.devices.regions import Regions
+from clientid_mta.devices.sharing import SharedDevices
+from clientid_mta.devices.store import TRUSTED
+from clientid_mta.smtp.clientid import ClientIdentity, fingerprint
+from clientid_mta.smtp.network import network_prefix
+
+log = Logger()
+
+
+@dataclass
+class Defences:
+    """The abuse defences the checker consults; all optional for embedders."""
+
+    throttle: Throttle | None = None
+    sharing: SharedDevices | None = None
+    audit: AuditLog | None = None
+    failures: alerts.FailureCounter | None = None
+    regions: Regions | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One AUTH attempt as the defences see it (no password, no token)."""
+
+    address: str
+    identity: ClientIdentity | None  # as the policy uses it (ignored/debug types: None)
+    client_type: str
+    device: str | None  # HMAC device key, when an identity is usable
+    where: Where
+    throttle_key: str  # device:<hmac> or net:<prefix>
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.device) if self.device else ""
+
+
+@dataclass(frozen=True)
+class AuthOutcome:
+    """What the blocking half of a check found; logged and audited on the reactor."""
+
+    account: str | None
+    password_ok: bool
+    decision: Decision
+    throttled: bool = False
+    flagged_accounts: int | None = None  # this attempt flagged the device as shared
+
+
+def _unavailable(failure: Failure) -> Failure:
+    """A store that cannot answer (locked, disk) is temporary trouble for the wire."""
+    if failure.check(sqlite3.Error):
+        raise AuthUnavailable(str(failure.value))
+    return failure
+
+
+@implementer(ICredentialsChecker)
+class ClientIdChecker:
+    """Password hash AND device policy AND the abuse defences.
+
+    Order (DESIGN.md, "The path of one message", step 5): the device's failure budget
+    is checked on the reactor, at the cost of a dict look-up; the account's budget,
+    the password hash, the policy and the notices run in a thread. Any refusal is one
+    ``UnauthorizedLogin``; a spent budget is ``LoginThrottled``. The verdict is left
+    on the credentials (``creds.verdict``) for the realm.
+
+    ``cache`` (authcache.py) may answer the password question instead of the hash;
+    everything else runs the same on a hit. Without one, every login is hashed.
+    """
+
+    credentialInterfaces = (IClientIdUsernamePassword,)
+
+    def __init__(
+        self,
+        passwords: PasswdFile,
+        policy: DevicePolicy,
+        defences: Defences | None = None,
+        cache: AuthCache | None = None,
+    ) -> None:
+        self.passwords = passwords
+        self.policy = policy
+        self.defences = defences or Defences()
+        self.cache = cache if cache is not None else AuthCache(ttl=0, size=1)  # off
+        # Where the blocking half runs; the server gives it its own pool (workers.py).
+        self.run_in_thread: Callable[..., defer.Deferred[Any]] = threads.deferToThread
+        self.throttled_count = 0  # read (and reset) by the server's housekeeping
+
+    def _attempt(self, creds: IClientIdUsernamePassword) -> Attempt:
+        host = peer_host(creds.peer)
+        network = network_prefix(host)
+        identity, _flags = self.policy.usable(creds.clientId)
+        device = self.policy.key_of(identity)
+        regions = self.defences.regions
+        where = Where(network, regions.region(host) if regions else "")
+        return Attempt(
+            normalise_address(creds.username),
+            identity,
+            identity.type if identity else "",
+            device,
+            where,
+            device_key_for(device, network),
+        )
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes | tuple[()]]:
+        creds = IClientIdUsernamePassword(credentials)
+        attempt = self._attempt(creds)
+        throttle = self.defences.throttle
+        if throttle is not None and not throttle.admit(attempt.throttle_key):
+            # No thread, no hash: a throttled device costs next to nothing.
+            outcome = AuthOutcome(None, False, Decision(False, "device_throttled"), throttled=True)
+            return defer.maybeDeferred(self._conclude, outcome, attempt, creds)
+        checked = self.run_in_thread(self._check, attempt, creds.password)
+        checked.addErrback(_unavailable)
+        return checked.addCallback(self._conclude, attempt, creds)
+
+    def _check(self, attempt: Attempt, password: str) -> AuthOutcome:
+        """The blocking half: shared-device watch, then the verification proper."""
+        sharing = self.defences.sharing
+        if sharing is None or attempt.device is None:
+            return self._verify(attempt, password)
+        flagged = sharing.saw(attempt.device, attempt.address)
+        if flagged is not None:
+            self._report_shared(attempt, flagged)
+        return replace(self._verify(attempt, password), flagged_accounts=flagged)
+
+    def _verify(self, attempt: Attempt, password: str) -> AuthOutcome:
+        """Account budget, hash, policy, notices. Blocking."""
+        defences = self.defences
+        account = self.passwords.get(attempt.address)
+        address = attempt.address
+        known = (
+            account is not None
+            and attempt.device is not None
+            and getattr(self.policy.store.get(address, attempt.device), "state", "") == TRUSTED
+        )
+        account_key = account_key_for(address, known)
+        throttle = defences.throttle
+        if throttle is not None and not throttle.take(attempt.throttle_key):
+            # Passed the reactor's look, but a concurrent attempt took the last token.
+            return AuthOutcome(None, False, Decision(False, "device_throttled"), throttled=True)
+        if throttle is not None and not throttle.take(account_key):
+            throttle.refund(attempt.throttle_key)  # not a failure of this device's
+            return AuthOutcome(None, False, Decision(False, "account_throttled"), throttled=True)
+        outcome = self._verify_and_decide(attempt, password, account, account_key, known)
+        if throttle is not None and outcome.password_ok and outcome.decision.allowed:
+            throttle.refund(attempt.throttle_key, account_key)  # successes never spend
+        return outcome
+
+    def _verify_and_decide(
+        self,
+        attempt: Attempt,
+        password: str,
+        account: Account | None,
+        account_key: str,
+        known: bool,
+    ) -> AuthOutcome:
+        """The hash (or the cache), then the policy; both budgets are already spent. Blocking.
+
+        Only a right password is cached, so a wrong one always costs the full hash. A
+        refusal after a cache hit also costs one (its result is not needed): a policy
+        refusal must keep the timing class of a wrong password (C12), or a stolen
+        password could be confirmed from an unknown device by the speed of the 535.
+        """
+        address = attempt.address
+        cached = account is not None and self.cache.check(
+            account.address, account.password_hash, password
+        )
+        ok = cached or verify_password(account.password_hash if account else None, password)
+        if account is None or not ok:
+            decision = (
+                Decision(False, "unknown_account")
+                if account is None
+                else self.policy.password_failed(address, attempt.identity, attempt.where)
+            )
+            self._failed(attempt, account_key, known and account is not None)
+            return AuthOutcome(address if account else None, False, decision)
+        if not cached:
+            self.cache.remember(account.address, account.password_hash, password)
+        outcome = self._decide(attempt, account_key, known)
+        if cached and not outcome.decision.allowed:
+            verify_password(account.password_hash, password)  # C12: the timing equaliser
+        return outcome
+
+    def _decide(self, attempt: Attempt, account_key: str, known: bool) -> AuthOutcome:
+        """The password was right: the shared-device block, then the policy. Blocking."""
+        defences = self.defences
+        address = attempt.address
+        if (
+            defences.sharing is not None
+            and attempt.device
+            and defences.sharing.blocked(attempt.device)
+        ):
+            self._failed(attempt, account_key, known)
+            return AuthOutcome(address, True, Decision(False, "shared_device", attempt.fingerprint))
+        decision = self.policy.decide(address, attempt.identity, attempt.where)
+        if not decision.allowed:
+            self._failed(attempt, account_key, known)
+        return AuthOutcome(address, True, decision)
+
+    def _failed(self, attempt: Attempt, account_key: str, known: bool) -> None:
+        """A failed attempt (its budget was spent by ``take``): maybe tell the holder."""
+        defences = self.defences
+        if (
+            not known
+            and defences.failures is not None
+            and defences.failures.failed(attempt.address)
+        ):
+            if self.passwords.get(attempt.address) is not None:
+                self.policy.notify(
+                    alerts.Notice(
+                        alerts.REPEATED_FAILURES,
+                        attempt.address,
+                        attempt.fingerprint,
+                        attempt.client_type,
+                        attempt.where.network,
+                    )
+                )
+
+    def _report_shared(self, attempt: Attempt, accounts: int) -> None:
+        sharing = self.defences.sharing
+        assert sharing is not None
+        action = "refused on every account" if sharing.settings.block else "only reported"
+        self.policy.notify(
+            alerts.Notice(
+                alerts.SHARED_DEVICE,
+                attempt.address,
+                attempt.fingerprint,
+                attempt.client_type,
+                attempt.where.network,
+                {"accounts": str(accounts), "action": action},
+            ),
+            postmaster=True,
+        )
+
+    def _conclude(
+        self, outcome: AuthOutcome, attempt: Attempt, creds: IClientIdUsernamePassword
+    ) -> bytes:
+        decision = outcome.decision
+        accepted = decision.allowed and outcome.password_ok and outcome.account is not None
+        result = "accepted" if accepted else "throttled" if outcome.throttled else "refused"
+        if self.defences.audit is not None:
+            self.defences.audit.record(
+                attempt.address, attempt.fingerprint, attempt.where.network, result, decision.reason
+            )
+        undeliverable = [n for n in decision.notices if n.endswith("-undeliverable")]
+        if undeliverable:
+            log.warn(
+                "could not deliver notices {notices} to {account}",
+                notices=undeliverable,
+                account=attempt.address,
+            )
+        if outcome.flagged_accounts is not None:
+            log.warn(
+                "device {fingerprint} tried {accounts} accounts: flagged as shared",
+                fingerprint=attempt.fingerprint,
+                accounts=outcome.flagged_accounts,
+            )
+        if not outcome.throttled:  # throttled attempts are counted, not logged one by one
+            log.info(
+                "auth {outcome} account={account} device={fingerprint} network={network} "
+                "reason={reason}",
+                outcome=result,
+                account=outcome.account or "(unknown)",
+                fingerprint=attempt.fingerprint or "-",
+                network=attempt.where.network,
+                reason=decision.reason,
+                notices=list(decision.notices),
+            )
+        else:
+            self.throttled_count += 1
+        verdicts = getattr(creds, "verdict", None)
+        if isinstance(verdicts, list):
+            verdicts.append(decision)
+        if outcome.throttled:
+            raise LoginThrottled()
+        if not accepted:
+            raise error.UnauthorizedLogin()
+        assert outcome.account is not None
+        return outcome.account.encode("utf-8")

@@ -1,0 +1,1 @@
+"""The clientid-mta administration command."""

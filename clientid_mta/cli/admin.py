@@ -1,0 +1,364 @@
+"""The ``clientid-mta`` administration command: accounts, devices, the queue, DKIM keys,
+and ``send`` for scripts.
+
+Changes are written to the passwd file and the device store, which the running
+server re-reads, so they take effect without a restart. Secrets (passwords, device
+tokens) are read from standard input or a prompt, never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import getpass
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from clientid_mta.auth.passwd_file import Account, PasswdFile, hash_password, normalise_address
+from clientid_mta.config import Config, ConfigError, load_config
+from clientid_mta.devices.keys import load_or_create_server_key
+from clientid_mta.devices.store import REVOKED, TRUSTED, DeviceNotFound, SQLiteDeviceStore
+from clientid_mta.outbound.admin import QueueAdmin, QueueAdminError
+from clientid_mta.outbound.queue import QueueDir
+from clientid_mta.smtp.addresses import AddressSyntaxError, parse_path
+from clientid_mta.smtp.clientid import (
+    ClientIdSyntaxError,
+    device_key,
+    parse_clientid,
+)
+
+
+class AdminError(Exception):
+    """Ends the command with its message and exit status 1."""
+
+
+def _read_secret(prompt: str, confirm: bool, stdin: TextIO) -> str:
+    if stdin.isatty():
+        first = getpass.getpass(f"{prompt}: ")
+        if confirm and getpass.getpass(f"{prompt} (again): ") != first:
+            raise AdminError("the two entries differ; nothing was changed")
+        secret = first
+    else:
+        secret = stdin.readline().rstrip("\r\n")
+    if not secret:
+        raise AdminError(f"empty {prompt.lower()}; nothing was changed")
+    return secret
+
+
+def _address(text: str) -> str:
+    try:
+        path = parse_path(f"TO:<{text}>".encode(), "TO", allow_null=False)
+    except (AddressSyntaxError, UnicodeEncodeError):
+        raise AdminError(f"{text!r} is not an e-mail address like alice@example.org") from None
+    return normalise_address(path.address)
+
+
+class Admin:
+    def __init__(self, config: Config, out: TextIO, stdin: TextIO) -> None:
+        self.config = config
+        self.out = out
+        self.stdin = stdin
+        self.passwd = PasswdFile(config.auth.passwd_file)
+
+    def _store(self) -> SQLiteDeviceStore:
+        return SQLiteDeviceStore(self.config.clientid.device_store)
+
+    def _existing(self, address: str) -> Account:
+        account = self.passwd.get(address)
+        if account is None:
+            raise AdminError(f"no account {address}; add it with: clientid-mta user add {address}")
+        return account
+
+    def _replace(self, address: str, account: Account | None) -> None:
+        others = [a for a in self.passwd.accounts() if a.address != address]
+        self.passwd.save(others + ([account] if account else []))
+
+    # --- users -------------------------------------------------------------------
+
+    def user_add(self, address: str, send_as: list[str]) -> None:
+        address = _address(address)
+        if self.passwd.get(address) is not None:
+            raise AdminError(f"{address} exists already; change its password with: user passwd")
+        password = _read_secret("Password", True, self.stdin)
+        aliases = frozenset(a if a == "*" else _address(a) for a in send_as)
+        self._replace(address, Account(address, hash_password(password), aliases))
+        print(f"added {address}", file=self.out)
+
+    def user_passwd(self, address: str) -> None:
+        account = self._existing(_address(address))
+        password = _read_secret("Password", True, self.stdin)
+        self._replace(
+            account.address, Account(account.address, hash_password(password), account.send_as)
+        )
+        print(f"changed the password of {account.address}", file=self.out)
+
+    def user_send_as(self, address: str, send_as: list[str]) -> None:
+        account = self._existing(_address(address))
+        aliases = frozenset(a if a == "*" else _address(a) for a in send_as)
+        self._replace(account.address, Account(account.address, account.password_hash, aliases))
+        print(
+            f"{account.address} may send as: {', '.join(sorted(aliases)) or '(itself only)'}",
+            file=self.out,
+        )
+
+    def user_del(self, address: str) -> None:
+        account = self._existing(_address(address))
+        self._replace(account.address, None)
+        store = self._store()
+        try:
+            removed = store.delete_account(account.address)
+        finally:
+            store.close()
+        print(f"deleted {account.address} and its {removed} device record(s)", file=self.out)
+
+    def user_list(self) -> None:
+        for account in self.passwd.accounts():
+            extra = f"  send-as: {','.join(sorted(account.send_as))}" if account.send_as else ""
+            print(f"{account.address}{extra}", file=self.out)
+
+    # --- devices -----------------------------------------------------------------
+
+    def device_list(self, address: str) -> None:
+        address = _address(address)
+        store = self._store()
+        try:
+            devices = store.devices_of(address)
+        finally:
+            store.close()
+        if not devices:
+            print(f"{address} has no devices yet", file=self.out)
+            return
+        row = "{:<17} {:<16} {:<8} {:>6}  {:<16} {:<17} {:<17} {}"
+        print(
+            row.format(
+                "FINGERPRINT",
+                "TYPE",
+                "STATE",
+                "LOGINS",
+                "LABEL",
+                "FIRST SEEN",
+                "LAST SEEN",
+                "LAST NETWORK",
+            ),
+            file=self.out,
+        )
+        for d in devices:
+            print(
+                row.format(
+                    d.fingerprint,
+                    d.type,
+                    d.state,
+                    d.logins,
+                    d.label or "-",
+                    _when(d.first_seen),
+                    _when(d.last_seen),
+                    d.last_network or "-",
+                ),
+                file=self.out,
+            )
+
+    def device_add(self, address: str, client_type: str, label: str) -> None:
+        address = self._existing(_address(address)).address
+        token = _read_secret("Token", False, self.stdin)
+        try:
+            identity = parse_clientid(f"{client_type} {token}".encode("ascii"))
+        except (ClientIdSyntaxError, UnicodeEncodeError) as bad:
+            raise AdminError(f"not a valid client identity: {bad}") from None
+        key = load_or_create_server_key(self.config.clientid.key_file)
+        store = self._store()
+        try:
+            device = store.add_trusted(address, device_key(key, identity), identity.type, label)
+        finally:
+            store.close()
+        print(f"trusted device {device.fingerprint} ({device.type}) for {address}", file=self.out)
+
+    def set_device_state(self, address: str, fingerprint: str, state: str, verb: str) -> None:
+        address = _address(address)
+        store = self._store()
+        try:
+            device = store.set_state(address, fingerprint, state)
+        except DeviceNotFound as missing:
+            raise AdminError(f"{missing}; see: clientid-mta device list {address}") from None
+        finally:
+            store.close()
+        print(f"{verb} device {device.fingerprint} of {address}", file=self.out)
+
+    def device_unflag(self, fingerprint: str) -> None:
+        store = self._store()
+        try:
+            removed = store.unflag(fingerprint)
+        finally:
+            store.close()
+        if not removed:
+            raise AdminError(f"no flagged device matches {fingerprint}")
+        print(f"cleared the shared-device flag of {fingerprint}", file=self.out)
+
+    def audit(self, account: str | None, device: str | None, since: str | None) -> None:
+        store = self._store()
+        try:
+            entries = store.audit(
+                account=_address(account) if account else None,
+                fingerprint=device,
+                since=parse_since(since) if since else None,
+            )
+        finally:
+            store.close()
+        row = "{:<19} {:<9} {:<30} {:<17} {:<18} {}"
+        print(
+            row.format("TIME", "OUTCOME", "ACCOUNT", "DEVICE", "NETWORK", "REASON"), file=self.out
+        )
+        for e in entries:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+            account = _printable(e.account)  # typed by a client: never let it break a line
+            print(
+                row.format(when, e.outcome, account, e.fingerprint or "-", e.network, e.reason),
+                file=self.out,
+            )
+
+    def device_label(self, address: str, fingerprint: str, text: str) -> None:
+        address = _address(address)
+        store = self._store()
+        try:
+            device = store.set_label(address, fingerprint, text)
+        except DeviceNotFound as missing:
+            raise AdminError(str(missing)) from None
+        finally:
+            store.close()
+        print(f"labelled device {device.fingerprint} of {address}: {text}", file=self.out)
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``2h``, ``30m``, ``7d``, ``90s`` ago, or a local ISO date/time like ``2026-11-23T08:00``."""
+    now = time.time() if now is None else now
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return now - int(text[:-1]) * units[text[-1]]
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise AdminError(
+            f"--since {text!r}: give a duration like 2h, 30m, 7d, or a date like 2026-11-23"
+        ) from None
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clientid-mta", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    user = groups.add_parser("user", help="accounts").add_subparsers(dest="action", required=True)
+    add = user.add_parser("add", help="add an account; the password is read from stdin or prompted")
+    add.add_argument("address")
+    add.add_argument("--send-as", default="", help="comma-separated extra sender addresses, or *")
+    user.add_parser("passwd", help="change an account's password").add_argument("address")
+    send_as = user.add_parser("send-as", help="set the extra sender addresses of an account")
+    send_as.add_argument("address")
+    send_as.add_argument("send_as", nargs="*", help="addresses, or * for any")
+    user.add_parser("del", help="delete an account and its device records").add_argument("address")
+    user.add_parser("list", help="list accounts")
+
+    device = groups.add_parser("device", help="client identities").add_subparsers(
+        dest="action", required=True
+    )
+    device.add_parser("list", help="an account's devices").add_argument("address")
+    dadd = device.add_parser("add", help="trust a device; its token is read from stdin or prompted")
+    dadd.add_argument("address")
+    dadd.add_argument("type", help="the CLIENTID type, e.g. UUID")
+    dadd.add_argument("--label", default="")
+    for name, text in (
+        ("approve", "trust a pending device"),
+        ("revoke", "refuse a device from now on"),
+    ):
+        sub = device.add_parser(name, help=text)
+        sub.add_argument("address")
+        sub.add_argument("fingerprint")
+    device.add_parser("unflag", help="clear a device's shared-device flag").add_argument(
+        "fingerprint"
+    )
+    audit = groups.add_parser("audit", help="AUTH attempts: who, which device, outcome, why")
+    audit.add_argument("--account", help="only this account (as typed)")
+    audit.add_argument("--device", help="only this device fingerprint (or a prefix)")
+    audit.add_argument("--since", help="2h, 30m, 7d, or a date/time like 2026-11-23T08:00")
+    label = device.add_parser("label", help="name a device")
+    label.add_argument("address")
+    label.add_argument("fingerprint")
+    label.add_argument("text")
+
+    queue = groups.add_parser("queue", help="the outbound queue").add_subparsers(
+        dest="action", required=True
+    )
+    queue.add_parser("list", help="entries: id, age, sender, each recipient's state and error")
+    queue.add_parser("flush", help="retry now (one entry, or all)").add_argument("id", nargs="?")
+    queue.add_parser("delete", help="drop an entry without a bounce").add_argument("id")
+    queue.add_parser("bounce", help="give up on an entry and bounce it").add_argument("id")
+    dkim = groups.add_parser("dkim", help="DKIM keys").add_subparsers(dest="action", required=True)
+    dkim.add_parser("keygen", help="write a key and print its DNS record", add_help=False)
+    groups.add_parser("send", help="send a message from stdin (for scripts)", add_help=False)
+    return parser
+
+
+def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    if args.group == "send":  # needs no config: it talks to any submission server
+        from clientid_mta.client.submit import send_command
+
+        return send_command(rest)
+    if args.group == "dkim":  # keygen parses its own arguments
+        from clientid_mta.outbound.dkim import keygen_command
+
+        return keygen_command(rest, load_config(args.config).server.data_dir)
+    if rest:
+        _parser().parse_args(argv)  # reports the unknown arguments and exits 2
+    config = load_config(args.config)
+    if args.group == "queue":
+        queue_admin = QueueAdmin(QueueDir(config.queue_config.directory), out)
+        if args.action == "list":
+            queue_admin.list()
+        else:
+            queue_admin.change(args.action, args.id or "")
+        return 0
+    admin = Admin(config, out, stdin)
+    actions: dict[tuple[str, str | None], Callable[[], None]] = {
+        ("user", "add"): lambda: admin.user_add(
+            args.address, [a for a in args.send_as.split(",") if a]
+        ),
+        ("user", "passwd"): lambda: admin.user_passwd(args.address),
+        ("user", "send-as"): lambda: admin.user_send_as(args.address, args.send_as),
+        ("user", "del"): lambda: admin.user_del(args.address),
+        ("user", "list"): admin.user_list,
+        ("device", "list"): lambda: admin.device_list(args.address),
+        ("device", "add"): lambda: admin.device_add(args.address, args.type, args.label),
+        ("device", "approve"): lambda: admin.set_device_state(
+            args.address, args.fingerprint, TRUSTED, "approved"
+        ),
+        ("device", "revoke"): lambda: admin.set_device_state(
+            args.address, args.fingerprint, REVOKED, "revoked"
+        ),
+        ("device", "label"): lambda: admin.device_label(args.address, args.fingerprint, args.text),
+        ("device", "unflag"): lambda: admin.device_unflag(args.fingerprint),
+        ("audit", None): lambda: admin.audit(args.account, args.device, args.since),
+    }
+    actions[(args.group, getattr(args, "action", None))]()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv, sys.stdout, sys.stdin)
+    except (AdminError, ConfigError, QueueAdminError) as problem:
+        print(f"clientid-mta: {problem}", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error) as problem:
+        print(f"clientid-mta: cannot read or write the server's state: {problem}", file=sys.stderr)
+        return 1

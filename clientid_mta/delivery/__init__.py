@@ -1,0 +1,1 @@
+"""Local delivery: accounts' IMessageDelivery, Maildir, durable files and the in-memory spool."""

@@ -1,0 +1,149 @@
+"""Durable Maildir delivery (CONFORMANCE S11).
+
+A message is written to ``tmp/``, then fsynced, renamed into ``new/``, and ``new/``
+is fsynced: only then does the caller reply 250. A crash at any moment leaves either
+nothing in ``new/`` or the whole message; half-written files stay in ``tmp/``.
+
+Layout: ``<root>/<domain>/<localpart>/{tmp,new,cur}``, created on first delivery and
+never reached through a symbolic link that leaves the root.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+
+from twisted.internet import defer, threads
+from twisted.mail.interfaces import IMessageSMTP
+from zope.interface import implementer
+
+from clientid_mta.delivery.durable import DurableFile, fsync_dir
+from clientid_mta.delivery.spool import LateFile
+from clientid_mta.smtp.errors import LocalDeliveryError
+
+_counter = itertools.count()
+
+
+class UnsafeMailboxName(LocalDeliveryError, ValueError):
+    """A domain or local part that cannot be a folder name under the root."""
+
+
+def _safe_component(text: str) -> str:
+    if (
+        not text
+        or text.startswith(".")
+        or any(c in text for c in "/\\\0")
+        or any(ord(c) < 0x20 for c in text)
+        or len(text) > 255
+    ):
+        raise UnsafeMailboxName(f"{text!r} cannot be a mailbox folder name")
+    return text
+
+
+def _unique_name() -> str:
+    now = time.time()
+    host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+    return (
+        f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{next(_counter)}"
+        f"R{secrets.token_hex(8)}.{host}"
+    )
+
+
+class MaildirRoot:
+    """All the account Maildirs under one root folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._checked: set[Path] = set()  # Maildirs already created and found inside root
+
+    def maildir(self, domain: str, localpart: str) -> Path:
+        """The account's Maildir, created (durably) if needed. Blocking."""
+        root = self.root
+        path = root / _safe_component(domain.lower()) / _safe_component(localpart.lower())
+        if path in self._checked:
+            return path  # the realpath checks cost two lstat chains per message
+        self._check_inside(path)
+        if not (path / "new").is_dir():
+            created: list[Path] = []
+            for folder in (root, path.parent, path, path / "tmp", path / "new", path / "cur"):
+                if not folder.exists():
+                    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    created.append(folder)
+            for folder in created:
+                fsync_dir(folder.parent)
+            self._check_inside(path)
+        if all((path / sub).is_dir() for sub in ("tmp", "new", "cur")):
+            self._checked.add(path)
+        return path
+
+    def _check_inside(self, path: Path) -> None:
+        real_root = os.path.realpath(self.root)
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise UnsafeMailboxName(f"{path} leads out of the Maildir root")
+
+    def open_new(self, domain: str, localpart: str) -> MaildirFile:
+        return MaildirFile(self.maildir(domain, localpart))
+
+    def deliver_bytes(self, domain: str, localpart: str, data: bytes) -> Path:
+        """Deliver a whole message at once. Blocking: call it from a thread."""
+        handle = self.open_new(domain, localpart)
+        try:
+            handle.write(data)
+            return handle.commit()
+        except BaseException:
+            handle.abort()
+            raise
+
+
+class MaildirFile(DurableFile):
+    """One message being written into ``tmp/``; ``commit`` makes it durable in ``new/``."""
+
+    def __init__(self, maildir: Path) -> None:
+        self.maildir = maildir
+        self.name = _unique_name()
+        super().__init__(maildir / "tmp" / self.name)
+
+    def commit(self) -> Path:
+        """flush, fsync, rename into new/, fsync new/. Blocking."""
+        return self.commit_to(self.maildir / "new" / f"{self.name},S={self.size}")
+
+
+@implementer(IMessageSMTP)
+class MaildirMessage:
+    """Twisted's IMessage for one local recipient.
+
+    Lines arrive without their line ending and are stored with LF, the Maildir
+    convention. The data waits in memory (``spool.LateFile``) and is written, fsynced
+    and renamed in a thread at the end. A write error (disk full, I/O error) is kept
+    and reported by ``eomReceived``, so that the reply is a 451, never a lost message.
+    """
+
+    def __init__(self, maildirs: MaildirRoot, domain: str, localpart: str) -> None:
+        self._data = LateFile(lambda: maildirs.open_new(domain, localpart))
+
+    def lineReceived(self, line: bytes) -> None:
+        self._data.write(line + b"\n")
+
+    def write_block(self, data: bytes) -> None:
+        """Many lines at once, already with LF endings (the fast DATA path)."""
+        self._data.write(data)
+
+    def eomReceived(self) -> defer.Deferred[Path]:
+        if self._data.error is not None:
+            self._data.abort()
+            return defer.fail(self._data.error)
+        return threads.deferToThread(self._commit)
+
+    def _commit(self) -> Path:
+        try:
+            return self._data.written().commit()
+        except BaseException:
+            self._data.abort()
+            raise
+
+    def connectionLost(self) -> None:
+        self._data.abort()

@@ -1,0 +1,130 @@
+"""Where an authenticated account's mail goes: its ``IMessageDelivery``.
+
+``validateFrom`` enforces the sender (S6) and opens the transaction; ``validateTo``
+routes each recipient to a local Maildir or to the outbound queue, where all remote
+recipients of the transaction share one queued copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
+from twisted.mail.smtp import Address, SMTPBadRcpt, SMTPBadSender, User
+from zope.interface import implementer
+
+from clientid_mta.auth.passwd_file import Account, PasswdFile, normalise_address
+from clientid_mta.delivery.maildir import MaildirMessage, MaildirRoot
+from clientid_mta.outbound.submit import Outbound, OutboundTransaction
+
+
+class LocalRouter:
+    """Knows which domains are local, which local users exist, and where they live."""
+
+    def __init__(
+        self,
+        passwords: PasswdFile,
+        local_domains: Iterable[str] | None,
+        maildirs: MaildirRoot,
+        approval_localpart: str = "",
+        approval_message: Callable[[str], IMessageSMTP] | None = None,
+    ) -> None:
+        self.passwords = passwords
+        self._local_domains = frozenset(d.lower() for d in local_domains) if local_domains else None
+        self.maildirs = maildirs
+        self.approval_localpart = approval_localpart
+        self.approval_message = approval_message
+
+    def approval_address(self, account: str) -> str:
+        """The reserved address an account holder sends approval codes to."""
+        domain = account.rpartition("@")[2]
+        if not self.is_local(domain):
+            domains = sorted(self._local_domains or self.passwords.domains()) or [domain]
+            domain = domains[0]
+        return f"{self.approval_localpart}@{domain}"
+
+    def is_approval_address(self, address: str) -> bool:
+        localpart, _, domain = address.rpartition("@")
+        return (
+            self.approval_message is not None
+            and localpart == self.approval_localpart
+            and self.is_local(domain)
+        )
+
+    def is_local(self, domain: str) -> bool:
+        domains = (
+            self._local_domains if self._local_domains is not None else self.passwords.domains()
+        )
+        return domain.lower() in domains
+
+    def message_factory(self, address: str) -> Callable[[], IMessageSMTP] | None:
+        """A callable that opens the message for a local user, or None if no such user."""
+        account = self.passwords.get(address)
+        if account is None:
+            return None
+        return lambda: MaildirMessage(self.maildirs, account.domain, account.localpart)
+
+
+@implementer(IMessageDelivery)
+class AccountDelivery:
+    def __init__(
+        self,
+        account: Account,
+        router: LocalRouter,
+        trusted_device: bool = False,
+        outbound: Outbound | None = None,
+    ) -> None:
+        self.account = account
+        self.router = router
+        self.trusted_device = trusted_device
+        self.outbound = outbound
+        self._transaction: OutboundTransaction | None = None
+
+    def receivedHeader(self, helo: object, origin: object, recipients: object) -> None:
+        # The protocol writes the Received: header itself (S15): it knows the TLS state.
+        return None
+
+    def validateFrom(self, helo: object, origin: Address) -> Address:
+        if not self.account.may_send_as(str(origin)):
+            raise SMTPBadSender(str(origin), 553, "5.7.1 Sender address rejected: not owned by you")
+        if self.outbound is not None:
+            self._transaction = self.outbound.transaction(str(origin), self.account.address)
+        return origin
+
+    def validateTo(self, user: User) -> Callable[[], IMessageSMTP]:
+        address = normalise_address(str(user.dest))
+        domain = address.rpartition("@")[2]
+        if not self.router.is_local(domain):
+            if self._transaction is None:
+                raise SMTPBadRcpt(
+                    address, 550, "5.7.1 Relaying to other domains is not enabled here"
+                )
+            return self._transaction.recipient(address)
+        if self.router.is_approval_address(address):
+            if not self.trusted_device or self.router.approval_message is None:
+                raise SMTPBadRcpt(address, 550, "5.7.1 Only a trusted device may approve devices")
+            make_message, account = self.router.approval_message, self.account.address
+            return lambda: make_message(account)
+        factory = self.router.message_factory(address)
+        if factory is None:
+            raise SMTPBadRcpt(address, 550, "5.1.1 No such user here")
+        return factory
+
+    def may_use_header_from(self, addresses: Iterable[str]) -> bool:
+        """The From: header check at end of DATA (S6)."""
+        return all(self.account.may_send_as(a) for a in addresses)
+
+
+def delivery_factory(
+    passwords: PasswdFile, router: LocalRouter, outbound: Outbound | None = None
+) -> Callable[[str, bool], IMessageDelivery]:
+    """What the realm calls with an authenticated account name."""
+
+    def delivery_for(address: str, trusted_device: bool) -> IMessageDelivery:
+        account = passwords.get(address)
+        if account is None:  # deleted between the password check and now
+            raise UnauthorizedLogin()
+        return AccountDelivery(account, router, trusted_device, outbound)
+
+    return delivery_for

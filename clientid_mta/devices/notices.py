@@ -1,0 +1,200 @@
+"""Notices to account holders (in their own Maildir) and to the postmaster.
+
+Plain text; a device is named by its fingerprint, never its token. Rate-limited twice,
+so that an attacker cannot flood a mailbox: one notice per account, device and kind
+an hour, and at most ``max_per_account_per_hour`` notices per account an hour.
+All methods block on disk: call them from a thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+
+from clientid_mta.delivery.maildir import MaildirRoot
+
+NEW_DEVICE_PENDING = "pending"
+NEW_DEVICE_TRUSTED = "trusted"
+NEW_DEVICE_SEEN = "seen"
+LOGIN_SUCCEEDED = "success"
+LOGIN_FAILED = "failure"
+REPEATED_FAILURES = "repeated-failures"
+IMPOSSIBLE_TRAVEL = "travel"
+DEVICE_APPROVED = "approved"
+SHARED_DEVICE = "shared-device"
+
+_SUBJECTS = {
+    NEW_DEVICE_PENDING: "A new device was refused on your mail account",
+    NEW_DEVICE_TRUSTED: "A new device can now send mail as you",
+    NEW_DEVICE_SEEN: "A new device sent mail as you",
+    LOGIN_SUCCEEDED: "A device logged in to your mail account",
+    LOGIN_FAILED: "A device failed to log in to your mail account",
+    REPEATED_FAILURES: "Repeated failed logins on your mail account",
+    IMPOSSIBLE_TRAVEL: "Your device logged in from two distant networks",
+    DEVICE_APPROVED: "You approved a new device",
+    SHARED_DEVICE: "A device is trying many accounts",
+}
+
+_EXPLANATIONS = {
+    NEW_DEVICE_PENDING: (
+        "A mail program presented the right password for your account, but from a\n"
+        "device this server does not know, so it was refused.\n\n"
+        "If this was you, approve the device in one of two ways:\n\n"
+        "  - from a device you already use for this account, send a message to\n"
+        "    {approval_address} with this code in the subject: {code}\n"
+        "    (the code works once, until {expires});\n"
+        "  - or ask your mail administrator to run:\n"
+        "    clientid-mta device approve {account} {fingerprint}\n\n"
+        "If it was not you, someone else knows your password: change it now."
+    ),
+    NEW_DEVICE_TRUSTED: (
+        "This is the first device that logged in to your account, so it is now\n"
+        "trusted. Other new devices will need approval. If this was not you,\n"
+        "change your password and ask your administrator to revoke the device:\n\n"
+        "    clientid-mta device revoke {account} {fingerprint}"
+    ),
+    NEW_DEVICE_SEEN: (
+        "A mail program logged in to your account from a device this server has not\n"
+        "seen before. It was let in (this server only watches devices for now).\n"
+        "If it was not you, change your password and tell your mail administrator."
+    ),
+    LOGIN_SUCCEEDED: "A device logged in to your account.",
+    LOGIN_FAILED: "A device tried to log in to your account and was refused.",
+    REPEATED_FAILURES: (
+        "Devices this server does not know keep trying to log in to your account\n"
+        "with wrong passwords. Your own devices are not affected. If your password\n"
+        "is weak or used elsewhere too, change it."
+    ),
+    IMPOSSIBLE_TRAVEL: (
+        "One of your trusted devices logged in from {network} ({region}), shortly after\n"
+        "logging in from {previous}. One device cannot be in two places at once: if you\n"
+        "did not move between networks, someone may have copied it. Tell your mail\n"
+        "administrator, who can revoke it:\n\n"
+        "    clientid-mta device revoke {account} {fingerprint}"
+    ),
+    DEVICE_APPROVED: (
+        "The device above can now send mail as you, approved with a code from a\n"
+        "device you already trust."
+    ),
+    SHARED_DEVICE: (
+        "One client identity was used against {accounts} different accounts within\n"
+        "a short time: a sign of credential stuffing, or of a shared device.\n"
+        "Last account tried: {account}. It is {action}. Clear the flag with:\n\n"
+        "    clientid-mta device unflag {fingerprint}"
+    ),
+}
+
+REPEAT_INTERVAL = 3600.0
+
+
+@dataclass(frozen=True)
+class Notice:
+    """What a notice is about; ``extra`` fills the placeholders of its explanation."""
+
+    kind: str
+    account: str
+    fingerprint: str
+    client_type: str
+    network: str
+    extra: dict[str, str] | None = None
+
+
+class Notifier:
+    """Writes notices into Maildirs, rate-limited (thread-safe)."""
+
+    def __init__(
+        self,
+        maildirs: MaildirRoot,
+        hostname: str,
+        postmaster: str = "",
+        is_local_account: Callable[[str], bool] = lambda _address: True,
+        max_per_account_per_hour: int = 10,
+    ) -> None:
+        self._maildirs = maildirs
+        self._hostname = hostname
+        self.postmaster = postmaster or f"postmaster@{hostname}"
+        self._is_local_account = is_local_account
+        self._max_per_account = max_per_account_per_hour
+        self._last_sent: dict[tuple[str, str, str], float] = {}
+        self._sent_by_account: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _due(self, recipient: str, fingerprint: str, kind: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last_sent.get((recipient, fingerprint, kind))
+            if last is not None and now - last < REPEAT_INTERVAL:
+                return False
+            recent = [t for t in self._sent_by_account.get(recipient, []) if now - t < 3600]
+            if len(recent) >= self._max_per_account:
+                return False
+            self._last_sent[(recipient, fingerprint, kind)] = now
+            self._sent_by_account[recipient] = [*recent, now]
+            return True
+
+    def notify(self, notice: Notice) -> bool:
+        """Tell the account holder; False when rate-limited."""
+        return self._send(notice.account, notice)
+
+    def notify_postmaster(self, notice: Notice) -> bool:
+        """Tell the postmaster (admin events); False when rate-limited or not a local account."""
+        if not self._is_local_account(self.postmaster):
+            return False
+        return self._send(self.postmaster, notice)
+
+    def _send(self, recipient: str, notice: Notice) -> bool:
+        if not self._due(recipient, notice.fingerprint, notice.kind):
+            return False
+        message = EmailMessage()
+        message["From"] = f"Mail server <postmaster@{self._hostname}>"
+        message["To"] = recipient
+        message["Subject"] = _SUBJECTS[notice.kind]
+        message["Date"] = formatdate(localtime=True)
+        message["Message-ID"] = make_msgid(domain=self._hostname)
+        message["Auto-Submitted"] = "auto-generated"
+        details = (
+            f"Account:     {notice.account}\n"
+            f"Device:      {notice.fingerprint or '(no client identity)'}"
+            f"{f' (type {notice.client_type})' if notice.client_type else ''}\n"
+            f"Network:     {notice.network}\n"
+            f"Time:        {formatdate(localtime=True)}\n\n"
+        )
+        fields = {
+            "account": notice.account,
+            "fingerprint": notice.fingerprint,
+            "network": notice.network,
+            "client_type": notice.client_type,
+        }
+        fields.update(notice.extra or {})
+        message.set_content(details + _EXPLANATIONS[notice.kind].format(**fields) + "\n")
+        localpart, _, domain = recipient.rpartition("@")
+        self._maildirs.deliver_bytes(domain, localpart, message.as_bytes())
+        return True
+
+
+class FailureCounter:
+    """Counts failures from unknown devices per account; says when to tell the holder."""
+
+    def __init__(self, threshold: int, window: float = 3600.0) -> None:
+        self.threshold = threshold
+        self.window = window
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def failed(self, account: str) -> bool:
+        """Note one failure; True each time the count in the window reaches the threshold."""
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._failures.get(account, []) if now - t < self.window]
+            recent.append(now)
+            if len(recent) >= self.threshold:
+                self._failures.pop(account, None)
+                return True
+            self._failures[account] = recent
+            if len(self._failures) > 100_000:  # bounded: forget the oldest accounts
+                self._failures.pop(next(iter(self._failures)))
+            return False

@@ -1,0 +1,221 @@
+"""The device policy: may this device use this account? (DESIGN.md, "Device policy").
+
+Asked only after the password was verified. Blocking (it reads and writes the store,
+and may deliver a notice), so the checker runs it in a thread.
+
+Modes:
+- ``off``: CLIENTID is not advertised; password only.
+- ``observe``: devices are recorded (first one trusted, later ones pending) and
+  notices sent, but nothing is refused on device grounds.
+- ``tofu``: the first device to log in with the right password becomes trusted; a
+  later unknown device is recorded as pending, its holder notified, and refused.
+- ``allowlist``: only trusted devices (``device add`` / ``device approve``).
+
+Sessions without a usable client identity (none sent, or a type whose flags lack
+``auth``) are allowed or refused by ``allow_without_clientid`` in tofu/allowlist.
+A trusted device seen in two regions within ``[travel] window`` raises an alert
+(and, with ``refuse``, is refused): one device cannot be in two places at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from clientid_mta.config import ClientIdConfig, TravelConfig
+from clientid_mta.devices import notices as alerts
+from clientid_mta.devices.approval import Approvals
+from clientid_mta.devices.store import PENDING, TRUSTED, Device, IDeviceStore
+from clientid_mta.smtp.clientid import ClientIdentity, device_key, fingerprint
+
+ENFORCING = ("tofu", "allowlist")
+
+# Internal reason codes: logged and audited for the operator, never sent to the client.
+ALLOWED_KNOWN_DEVICE = "known_device"
+ALLOWED_FIRST_DEVICE = "first_device_trusted"
+ALLOWED_OBSERVED = "observed"
+ALLOWED_WITHOUT_CLIENTID = "no_clientid_allowed"
+ALLOWED_POLICY_OFF = "policy_off"
+REFUSED_WITHOUT_CLIENTID = "no_clientid_refused"
+REFUSED_NEW_DEVICE = "new_device_pending"
+REFUSED_PENDING = "device_pending"
+REFUSED_REVOKED = "device_revoked"
+REFUSED_TRAVEL = "impossible_travel"
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+    fingerprint: str | None = None
+    notices: tuple[str, ...] = field(default=())
+    device_trusted: bool = False  # the session's device is trusted for the account
+
+
+@dataclass(frozen=True)
+class Where:
+    """The client's network (/24, /56) and region (/16 or country)."""
+
+    network: str
+    region: str = ""
+
+
+class DevicePolicy:
+    def __init__(
+        self,
+        settings: ClientIdConfig,
+        store: IDeviceStore,
+        server_key: bytes,
+        notifier: alerts.Notifier | None,
+        travel: TravelConfig | None = None,
+        approvals: Approvals | None = None,
+        approval_address: Callable[[str], str] = lambda _account: "",
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.server_key = server_key
+        self.notifier = notifier
+        self.travel = travel or TravelConfig()
+        self.approvals = approvals
+        self.approval_address = approval_address
+
+    def usable(
+        self, identity: ClientIdentity | None
+    ) -> tuple[ClientIdentity | None, frozenset[str]]:
+        """The identity as the policy sees it (None if ignored or debug) and its flags."""
+        if identity is None or not self.settings.advertised:
+            return None, frozenset()
+        flags = self.settings.flags_for(identity.type)
+        if "ignore" in flags or "debug" in flags:
+            return None, flags
+        return identity, flags
+
+    def key_of(self, identity: ClientIdentity | None) -> str | None:
+        return device_key(self.server_key, identity) if identity is not None else None
+
+    def notify(self, notice: alerts.Notice, postmaster: bool = False) -> tuple[str, ...]:
+        """Deliver a notice as a courtesy; the kinds sent (or "<kind>-undeliverable"). Blocking."""
+        if self.notifier is None:
+            return ()
+        try:
+            if postmaster:
+                sent = self.notifier.notify_postmaster(notice)
+            else:
+                sent = self.notifier.notify(notice)
+        except Exception:
+            # A notice is a courtesy: a full or broken mailbox, or a bug in a notice, must
+            # not change the decision. The reactor side logs the "-undeliverable" mark.
+            return (f"{notice.kind}-undeliverable",)
+        return (notice.kind,) if sent else ()
+
+    def decide(self, account: str, identity: ClientIdentity | None, where: Where) -> Decision:
+        """The password was right; decide on device grounds. Blocking."""
+        mode = self.settings.policy
+        if mode == "off":
+            return Decision(True, ALLOWED_POLICY_OFF)
+        identity, flags = self.usable(identity)
+        recorded = identity is not None and ("userlog" in flags or "auth" in flags)
+        enforced = identity is not None and "auth" in flags and mode in ENFORCING
+        if not enforced and mode in ENFORCING and not self.settings.allow_without_clientid:
+            return Decision(False, REFUSED_WITHOUT_CLIENTID)
+        if identity is None or (not recorded and not enforced):
+            return Decision(True, ALLOWED_WITHOUT_CLIENTID)
+        return self._decide_device(account, identity, flags, where, enforced)
+
+    def _decide_device(
+        self,
+        account: str,
+        identity: ClientIdentity,
+        flags: frozenset[str],
+        where: Where,
+        enforced: bool,
+    ) -> Decision:
+        key = device_key(self.server_key, identity)
+        fp = fingerprint(key)
+        existing = self.store.get(account, key)
+        if existing is None:
+            # Trust on first use, for a device the policy uses (or watches, under observe):
+            # a type that is only logged must not take the account's first-device slot.
+            eligible = enforced or self.settings.policy == "observe"
+            first = eligible and self.settings.policy != "allowlist"
+            state = TRUSTED if first and not self.store.ever_trusted(account) else PENDING
+        else:
+            state = existing.state
+        self.store.record(account, key, identity.type, state, where.network)
+
+        def notice(kind: str, **extra: str) -> alerts.Notice:
+            return alerts.Notice(kind, account, fp, identity.type, where.network, extra)
+
+        notices: tuple[str, ...] = ()
+        if existing is None and state == TRUSTED:
+            reason, allowed = ALLOWED_FIRST_DEVICE, True
+            notices += self.notify(notice(alerts.NEW_DEVICE_TRUSTED))
+        elif existing is None:
+            reason, allowed = REFUSED_NEW_DEVICE, not enforced
+            if enforced:
+                notices += self.notify(self._pending_notice(account, key, notice))
+            else:
+                notices += self.notify(notice(alerts.NEW_DEVICE_SEEN))
+        elif state == TRUSTED:
+            reason, allowed = ALLOWED_KNOWN_DEVICE, True
+            travelled = self._travelled(existing, where)
+            if travelled is not None:
+                travel = notice(alerts.IMPOSSIBLE_TRAVEL, region=where.region, previous=travelled)
+                notices += self.notify(travel) + self.notify(travel, postmaster=True)
+                if self.travel.refuse and enforced:
+                    reason, allowed = REFUSED_TRAVEL, False
+        else:
+            reason = REFUSED_PENDING if state == PENDING else REFUSED_REVOKED
+            allowed = not enforced
+        if allowed and not enforced and reason != ALLOWED_FIRST_DEVICE:
+            reason = ALLOWED_OBSERVED
+        if allowed:
+            self.store.login(account, key, where.network, where.region)
+            if "alert-success" in flags:
+                notices += self.notify(notice(alerts.LOGIN_SUCCEEDED))
+        elif "alert-fail" in flags:
+            notices += self.notify(notice(alerts.LOGIN_FAILED))
+        return Decision(allowed, reason, fp, notices, device_trusted=state == TRUSTED)
+
+    def _pending_notice(
+        self, account: str, key: str, notice: Callable[..., alerts.Notice]
+    ) -> alerts.Notice:
+        if self.approvals is None:
+            return notice(
+                alerts.NEW_DEVICE_PENDING,
+                code="(none)",
+                expires="-",
+                approval_address="(not available)",
+            )
+        code, expires = self.approvals.issue(account, key)
+        return notice(
+            alerts.NEW_DEVICE_PENDING,
+            code=code,
+            expires=time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(expires)),
+            approval_address=self.approval_address(account),
+        )
+
+    def _travelled(self, device: Device, where: Where) -> str | None:
+        """The previous region when this login is an impossible journey, else None."""
+        if not self.travel.window or not device.last_region or not where.region:
+            return None
+        if device.last_region == where.region:
+            return None
+        if time.time() - device.last_login > self.travel.window:
+            return None
+        return device.last_region
+
+    def password_failed(
+        self, account: str, identity: ClientIdentity | None, where: Where
+    ) -> Decision:
+        """A wrong password for an existing account: only the ``alert-fail`` notice. Blocking."""
+        identity, flags = self.usable(identity)
+        if identity is None:
+            return Decision(False, "bad_password")
+        fp = fingerprint(device_key(self.server_key, identity))
+        notices: tuple[str, ...] = ()
+        if "alert-fail" in flags:
+            failed = alerts.Notice(alerts.LOGIN_FAILED, account, fp, identity.type, where.network)
+            notices = self.notify(failed)
+        return Decision(False, "bad_password", fp, notices)

@@ -1,0 +1,1 @@
+"""Wiring: the service that owns every part, twistd glue and worker processes."""

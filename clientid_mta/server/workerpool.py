@@ -1,0 +1,153 @@
+"""All cores: ``[server] workers = N`` processes serve the same listening sockets.
+
+twistd's process binds the ports (before it drops privileges), serves them itself,
+and starts N-1 workers (``python -m clientid_mta.server.worker``) that adopt the same
+sockets; the kernel hands each new connection to one of them. Everything the
+processes must agree on lives in files: the device store and the failure budgets in
+SQLite (WAL), accounts in the passwd file, mail in Maildir and the queue. Only the
+process holding the queue lock (normally this one) runs the queue; workers write
+entries that it picks up within a second.
+
+A worker that dies is started again after a pause; a worker whose parent dies is
+killed by the kernel (PR_SET_PDEATHSIG), so a restarted server finds its ports free.
+SIGHUP is passed on, so every process reloads the certificate.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from clientid_mta.config import Config
+
+log = Logger()
+
+RESTART_DELAY = 1.0  # seconds before a dead worker is started again
+STOP_GRACE = 10.0  # seconds a worker gets to finish after SIGTERM
+FIRST_FD = 3  # the inherited sockets start here in the child
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    """One worker's pipes: its log lines come back on stdout and are logged here."""
+
+    def __init__(self, pool: WorkerPool, number: int) -> None:
+        self.pool = pool
+        self.number = number
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self._partial = b""
+
+    def outReceived(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()[-65536:]
+        for raw in lines:
+            level_name, _, text = raw.decode("utf-8", "replace").partition(" ")
+            level = LogLevel.levelWithName(level_name) if level_name in _LEVELS else LogLevel.info
+            log.emit(level, "worker {worker}: {line}", worker=self.number, line=text)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self.pool.ended(self, reason)
+
+
+_LEVELS = {level.name for level in LogLevel.iterconstants()}
+
+
+class WorkerPool(service.Service):
+    name = "workers"
+
+    def __init__(
+        self,
+        config: Config,
+        ports: Callable[[], defer.Deferred[dict[str, Any]]],
+        count: int,
+        process_reactor: IReactorProcess | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        """``ports()`` fires with {listener name: IListeningPort} once they are bound."""
+        self.config = config
+        self.ports = ports
+        self.count = count
+        self.reactor: IReactorProcess = process_reactor or reactor
+        self.clock: IReactorTime = clock or reactor
+        self.workers: dict[int, tuple[WorkerProcess, Any]] = {}
+        self._fds: dict[str, int] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        bound = self.ports()
+        bound.addCallback(self._spawn_all)
+        bound.addErrback(lambda failure: log.failure("cannot start workers", failure))
+
+    def _spawn_all(self, ports: dict[str, Any]) -> None:
+        self._fds = {name: port.fileno() for name, port in ports.items()}
+        for number in range(1, self.count):
+            self._spawn(number)
+        log.info("{count} processes serve the ports", count=self.count)
+
+    def _spawn(self, number: int) -> None:
+        if not self.running:
+            return
+        argv = [sys.executable, "-m", "clientid_mta.server.worker", "--number", str(number)]
+        if self.config.source is not None:
+            argv += ["--config", str(self.config.source)]
+        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        for offset, (name, fd) in enumerate(sorted(self._fds.items())):
+            child_fds[FIRST_FD + offset] = fd
+            argv += ["--listen", f"{name}={FIRST_FD + offset}"]
+        process = WorkerProcess(self, number)
+        transport = self.reactor.spawnProcess(
+            process,
+            sys.executable,
+            argv,
+            env=dict(os.environ),
+            path=os.getcwd(),
+            childFDs=child_fds,
+        )
+        self.workers[number] = (process, transport)
+
+    def ended(self, process: WorkerProcess, reason: Failure) -> None:
+        current = self.workers.get(process.number)
+        if current is None or current[0] is not process:
+            return
+        del self.workers[process.number]
+        if self.running:
+            log.error(
+                "worker {worker} ended ({reason}); starting it again",
+                worker=process.number,
+                reason=reason.getErrorMessage(),
+            )
+            self.clock.callLater(RESTART_DELAY, self._spawn, process.number)
+
+    def signal_all(self, signum: int) -> None:
+        for _process, transport in list(self.workers.values()):
+            try:
+                transport.signalProcess(signum)
+            except Exception:  # noqa: S110 - already gone: processEnded follows
+                pass
+
+    def reload(self) -> None:
+        self.signal_all(signal.SIGHUP)
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        waits = [process.ended for process, _ in self.workers.values()]
+        self.signal_all(signal.SIGTERM)
+        killer = self.clock.callLater(STOP_GRACE, self.signal_all, signal.SIGKILL)
+
+        def done(result: object) -> object:
+            if killer.active():
+                killer.cancel()
+            return result
+
+        return defer.DeferredList(waits).addBoth(done)
