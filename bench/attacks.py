@@ -22,6 +22,11 @@ time out within a phase. Then one phase per attack, each ``--duration`` seconds:
   then CRLF and QUIT, over and over;
 - ``endless-body``: one logged-in client sending a DATA body of ``--body-mb`` MB (more
   than the message size limit) and then the final dot, over and over.
+- ``h1-audit-flood`` and ``h2-fresh-clientid``: the AUTH floods of the hostile test
+  (bench/auth_floods.py says what each does and measures), ``--flood-duration`` s each,
+  after a phase of bare TLS sessions that gives the CPU of a handshake. Their own table
+  follows the first: store growth per minute, CPU per refused attempt beyond its TLS
+  handshake, and the trusted device's AUTH latency.
 
 An attacker whose connection the server closes connects again after ``--pause`` s, until
 the phase ends. The attackers run in another process. During every phase a well-behaved
@@ -51,6 +56,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from auth_floods import FLOODS, FloodPhase, flood_rows, run_floods
 from benchserver import BenchServer, log_summary, running_server
 from smtpload import (
     SESSION_ERRORS,
@@ -421,6 +427,8 @@ class Options:
     interval: float
     output: Path
     keep: bool
+    floods: tuple[str, ...] = ()
+    flood_duration: float = 60.0
 
 
 ATTACKS = (
@@ -486,13 +494,18 @@ def maildir_tmp(server: BenchServer, address: str) -> Path:
     return server.config.delivery.maildir_root / domain / localpart / "tmp"
 
 
-async def bench(server: BenchServer, options: Options) -> list[Phase]:
+async def bench(server: BenchServer, options: Options) -> tuple[list[Phase], list[FloodPhase]]:
     server.add_user(ALICE, ALICE_PASSWORD)
     server.add_user(BOB, BOB_PASSWORD)
-    phases = [await run_phase(server, options, "none", None)]
+    phases = []
+    if options.attacks:
+        phases.append(await run_phase(server, options, "none", None))
     for kind in options.attacks:
         phases.append(await run_phase(server, options, kind, spec_for(kind, options, server)))
-    return phases
+    floods = []
+    if options.floods:
+        floods = await run_floods(server, options.floods, options.flood_duration, options.interval)
+    return phases, floods
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -557,7 +570,13 @@ def notes(phases: Sequence[Phase], options: Options) -> list[str]:
     return lines
 
 
-def report(phases: Sequence[Phase], options: Options, argv: Sequence[str], log: list[str]) -> str:
+def report(
+    phases: Sequence[Phase],
+    floods: Sequence[FloodPhase],
+    options: Options,
+    argv: Sequence[str],
+    log: list[str],
+) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Floods and slow clients (issue 6 point 5)",
@@ -580,10 +599,11 @@ def report(phases: Sequence[Phase], options: Options, argv: Sequence[str], log: 
         "- slowloris-tls: no TLS yet, so no 421 can be read; the server cuts the connection "
         "1 s (CLOSE_GRACE) after its timeout.",
         "",
-        *phase_rows(phases),
+        *(phase_rows(phases) if phases else []),
         "",
         *notes(phases, options),
         "",
+        *(["## AUTH floods (H1, H2)", "", *flood_rows(floods), ""] if floods else []),
         log_summary(log),
         "",
     ]
@@ -596,7 +616,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument(
         "--attack",
         action="append",
-        choices=ATTACKS,
+        choices=ATTACKS + FLOODS,
         help="an attack to run (again for more); default: all",
     )
     parser.add_argument("--idle", type=int, default=3000, help="idle connections")
@@ -609,10 +629,14 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument("--interval", type=float, default=0.2, help="s between good sessions")
     parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
     parser.add_argument("--keep", action="store_true", help="keep the server's folder and log")
+    parser.add_argument(
+        "--flood-duration", type=float, default=60.0, help="seconds per AUTH flood (H1, H2)"
+    )
     args = parser.parse_args(argv)
+    chosen = tuple(args.attack or ATTACKS + FLOODS)
     return Options(
         args.duration,
-        tuple(args.attack or ATTACKS),
+        tuple(kind for kind in chosen if kind in ATTACKS),
         args.idle,
         args.slowloris,
         args.line_mb,
@@ -623,6 +647,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         args.interval,
         args.output,
         args.keep,
+        tuple(kind for kind in chosen if kind in FLOODS),
+        args.flood_duration,
     )
 
 
@@ -632,10 +658,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_file_limit()  # twistd inherits it
     limits = f"\n[limits]\ncommand_timeout = {options.command_timeout}\n"
     with running_server(limits, keep=options.keep) as server:
-        phases = asyncio.run(bench(server, options))
+        phases, floods = asyncio.run(bench(server, options))
         server.stop()
         problems = server.log_problems()
-    text = report(phases, options, argv, problems)
+    text = report(phases, floods, options, argv, problems)
     print(text)
     options.output.parent.mkdir(parents=True, exist_ok=True)
     options.output.write_text(text)
