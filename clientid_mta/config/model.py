@@ -73,9 +73,13 @@ def default_in_data_dir(section: type, key: str, data_dir: Path) -> Path:
     return data_dir / name
 
 
+def _this_host() -> str:
+    return socket.getfqdn()  # looked up at each load, so a test can patch socket.getfqdn
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    hostname: str = field(default_factory=socket.getfqdn, metadata=setting(check=checks.hostname))
+    hostname: str = field(default_factory=_this_host, metadata=setting(check=checks.hostname))
     data_dir: Path = Path("clientid-mta-data")
     received_header_ip: bool = False
     # processes serving the ports; 0: one per CPU

@@ -47,7 +47,7 @@ class Section:
     """One [section] of the file and the dataclass it becomes."""
 
     name: str
-    model: type
+    model: type  # the section's dataclass; for named tables, each table's
     keys: dict[str, Key]  # the plain keys, in field order
     sub_tables: tuple[str, ...] = ()  # keys that hold named tables ([clientid.types."X"])
     # Every key of the section is the name of a table ([dkim."example.org"]).
@@ -64,8 +64,9 @@ def sections_of(model: type = Config) -> dict[str, Section]:
         spec = setting_of(field)
         if spec.not_a_key is not None:
             continue
-        if spec.sub_tables:
-            sections[field.name] = Section(field.name, model, {}, only_named_tables=True)
+        if spec.sub_tables:  # a tuple of dataclasses, one per table
+            (table_model, _more) = typing.get_args(hints[field.name])
+            sections[field.name] = Section(field.name, table_model, {}, only_named_tables=True)
             continue
         section_model = _without_none(hints[field.name])
         if not dataclasses.is_dataclass(section_model):
