@@ -102,7 +102,8 @@ def _check(section_model: type, field: dataclasses.Field[Any], hint: Any) -> Che
     check = checks.for_type(hint)
     if check is None:
         raise TypeError(
-            f"{section_model.__name__}.{field.name}: a {hint} key needs setting(check=...)"
+            f"{section_model.__name__}.{field.name}: no check for a key of type {hint}; "
+            "name one with field(metadata=setting(check=...))"
         )
     return check
 
