@@ -9,7 +9,7 @@ import bcrypt
 import pytest
 
 from clientid_mta.auth.passwd_file import Account, PasswdFile, hash_password, verify_password
-from clientid_mta.config import ConfigError, load_config
+from clientid_mta.config import load_config
 from clientid_mta.delivery.maildir import MaildirRoot, UnsafeMailboxName
 from clientid_mta.devices.keys import load_or_create_server_key
 from clientid_mta.devices.policy import DevicePolicy, Where
@@ -165,64 +165,6 @@ def test_S6_body_reader_collects_from_header() -> None:
 def test_body_without_headers_is_separated_from_received() -> None:
     _reader, lines, _ = read_body([b"just text\r\n.\r\n"])
     assert lines == [b"", b"just text"]
-
-
-# --- config --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("toml", "words"),
-    [
-        ('[server]\nhostnme = "x"\n', ["[server]", "hostnme", "hostname"]),
-        ('[limits]\nmax_message_size = "big"\n', ["[limits]", "max_message_size", "whole number"]),
-        ('[clientid]\npolicy = "maybe"\n', ["[clientid]", "policy", "tofu"]),
-        ('[listen]\nsubmission = "nonsense:1"\n', ["[listen]", "submission", "endpoint"]),
-        ('[tls]\ncertificate = "a.pem"\n', ["[tls]", "key"]),
-        ("[nosuch]\n", ["[nosuch]"]),
-        ('[clientid.types."X"]\nflags = ["loud"]\n', ['"X"', "loud"]),
-        ("[server\n", ["not valid TOML"]),
-    ],
-)
-def test_config_errors_are_one_line_naming_the_key(
-    tmp_path: Path, toml: str, words: list[str]
-) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text(toml)
-    with pytest.raises(ConfigError) as problem:
-        load_config(path)
-    message = str(problem.value)
-    assert "\n" not in message
-    for word in words:
-        assert word in message
-
-
-def test_config_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
-    (tmp_path / "etc").mkdir()
-    path = tmp_path / "etc" / "c.toml"
-    path.write_text('[server]\ndata_dir = "state"\n[auth]\npasswd_file = "users"\n')
-    config = load_config(path)
-    assert config.server.data_dir == tmp_path / "etc" / "state"
-    assert config.auth.passwd_file == tmp_path / "etc" / "users"
-    assert config.clientid.device_store == tmp_path / "etc" / "state" / "devices.sqlite3"
-
-
-def test_config_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    config = load_config(None)
-    assert config.server.data_dir == tmp_path / "clientid-mta-data"
-    assert config.listen.submission == "tcp:8587:interface=127.0.0.1"
-    assert config.listen.submissions == "tcp:8465:interface=127.0.0.1"
-    assert config.clientid.policy == "tofu" and config.clientid.allow_without_clientid
-
-
-def test_C16_type_flags_match_globs_and_default(tmp_path: Path) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text(
-        '[clientid.types."TB*"]\nflags = ["auth"]\n[clientid.types."default"]\nflags = ["ignore"]\n'
-    )
-    settings = load_config(path).clientid
-    assert settings.flags_for("tb-uuid") == {"auth"}
-    assert settings.flags_for("OTHER") == {"ignore"}
 
 
 # --- passwords -----------------------------------------------------------------------
