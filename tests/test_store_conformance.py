@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from clientid_mta.cli import admin
+from clientid_mta.devices import store as interfaces
 from clientid_mta.devices.sqlite_store import open_sqlite_stores
 from clientid_mta.devices.store import (
     PENDING,
@@ -25,11 +26,6 @@ from clientid_mta.devices.store import (
     BadFingerprint,
     Budget,
     DeviceNotFound,
-    IApprovalCodes,
-    IAuditStore,
-    IBudgetStore,
-    IDeviceRegistry,
-    ISharedDeviceStore,
     Stores,
     StoreUnavailable,
 )
@@ -58,7 +54,7 @@ class _ObservedLock:
         self._lock.release()
 
 
-def _sqlite_on_wait(registry: IDeviceRegistry, waiting: Callable[[], None]) -> None:
+def _sqlite_on_wait(registry: interfaces.IDeviceRegistry, waiting: Callable[[], None]) -> None:
     registry._lock = _ObservedLock(registry._lock, waiting)  # type: ignore[attr-defined]
 
 
@@ -66,7 +62,7 @@ def _sqlite_on_wait(registry: IDeviceRegistry, waiting: Callable[[], None]) -> N
 class Backend:
     open: Callable[[Path], Stores]  # a fresh, empty store (a second call: another process)
     # Calls ``waiting`` when a registry call has to wait for another's transaction.
-    on_wait: Callable[[IDeviceRegistry, Callable[[], None]], None]
+    on_wait: Callable[[interfaces.IDeviceRegistry, Callable[[], None]], None]
 
 
 BACKENDS = {
@@ -87,11 +83,11 @@ def stores(backend: Backend, tmp_path: Path) -> Iterator[Stores]:
 
 
 def test_each_repository_provides_its_interface(stores: Stores) -> None:
-    assert IDeviceRegistry.providedBy(stores.devices)
-    assert IAuditStore.providedBy(stores.audit)
-    assert IBudgetStore.providedBy(stores.budgets)
-    assert IApprovalCodes.providedBy(stores.approval_codes)
-    assert ISharedDeviceStore.providedBy(stores.shared_devices)
+    assert interfaces.IDeviceRegistry.providedBy(stores.devices)
+    assert interfaces.IAuditStore.providedBy(stores.audit)
+    assert interfaces.IBudgetStore.providedBy(stores.budgets)
+    assert interfaces.IApprovalCodes.providedBy(stores.approval_codes)
+    assert interfaces.ISharedDeviceStore.providedBy(stores.shared_devices)
 
 
 # --- the device registry -------------------------------------------------------------------
