@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from clientid_mta.cli import admin
+from clientid_mta.config import load_config
 from clientid_mta.devices import store as interfaces
+from clientid_mta.devices.policy import DevicePolicy, Where
 from clientid_mta.devices.sqlite_store import open_sqlite_stores
 from clientid_mta.devices.store import (
     PENDING,
@@ -29,6 +31,7 @@ from clientid_mta.devices.store import (
     Stores,
     StoreUnavailable,
 )
+from clientid_mta.smtp.clientid import parse_clientid
 
 KEY_A = "a1" * 32  # device keys are 64 hex digits; fingerprints their first 16
 KEY_B = "b2" * 32
@@ -185,10 +188,9 @@ def test_delete_account_forgets_its_devices_only(stores: Stores) -> None:
     assert devices.delete_account(ALICE) == 0
 
 
-def test_first_device_trust_under_a_forced_interleaving(backend: Backend, stores: Stores) -> None:
-    """Two new devices of one fresh account, each held between its read and its write
-    until the other has read too (or has to wait for the first): exactly one is trusted."""
-    devices = stores.devices
+def _race(backend: Backend, devices: Any, attempts: dict[str, Callable[[], object]]) -> dict:
+    """Run attempts A and B in two threads, A held between its read and its write until
+    B has read too (or has to wait for A): the worst interleaving the backend allows."""
     a_between = threading.Event()
     b_read_or_waiting = threading.Event()
     backend.on_wait(devices, b_read_or_waiting.set)
@@ -200,27 +202,64 @@ def test_first_device_trust_under_a_forced_interleaving(backend: Backend, stores
         else:
             b_read_or_waiting.set()
 
-    devices.between_read_and_write = between_read_and_write  # type: ignore[attr-defined]
-    results: dict[str, tuple[str, bool]] = {}
-    errors: list[BaseException] = []
+    devices.between_read_and_write = between_read_and_write
+    results: dict[str, object] = {}
 
-    def register(name: str, key: str) -> None:
+    def run(name: str) -> None:
         try:
-            device, new = devices.register("fresh@example.org", key, "UUID", "net", True)
-            results[name] = (device.state, new)
+            results[name] = attempts[name]()
         except BaseException as problem:
-            errors.append(problem)
+            results[name] = problem
 
-    first = threading.Thread(target=register, args=("A", KEY_A), name="A")
-    second = threading.Thread(target=register, args=("B", KEY_B), name="B")
+    first = threading.Thread(target=run, args=("A",), name="A")
+    second = threading.Thread(target=run, args=("B",), name="B")
     first.start()
     assert a_between.wait(10)
     second.start()
     first.join(10)
     second.join(10)
-    assert not errors
-    assert results == {"A": (TRUSTED, True), "B": (PENDING, True)}
+    return results
+
+
+def test_first_device_trust_under_a_forced_interleaving(backend: Backend, stores: Stores) -> None:
+    """Two new devices of one fresh account register at once: exactly one is trusted."""
+    devices = stores.devices
+    results = _race(
+        backend,
+        devices,
+        {
+            name: lambda key=key: devices.register("fresh@example.org", key, "UUID", "net", True)
+            for name, key in (("A", KEY_A), ("B", KEY_B))
+        },
+    )
+    assert {name: (device.state, new) for name, (device, new) in results.items()} == {
+        "A": (TRUSTED, True),
+        "B": (PENDING, True),
+    }
     assert sorted(d.state for d in devices.devices_of("fresh@example.org")) == [PENDING, TRUSTED]
+
+
+def test_policy_first_device_trust_under_a_forced_interleaving(
+    backend: Backend, stores: Stores, tmp_path: Path
+) -> None:
+    """The same race through DevicePolicy.decide (tofu): one login allowed as the first
+    device, the other refused as a new pending device."""
+    (tmp_path / "c.toml").write_text("")
+    policy = DevicePolicy(
+        load_config(tmp_path / "c.toml").clientid, stores.devices, b"k" * 32, None
+    )
+    results = _race(
+        backend,
+        stores.devices,
+        {
+            name: lambda token=token: policy.decide(
+                "fresh@example.org", parse_clientid(token), Where("net")
+            )
+            for name, token in (("A", b"UUID 1"), ("B", b"UUID 2"))
+        },
+    )
+    reasons = sorted(getattr(decision, "reason", decision) for decision in results.values())
+    assert reasons == ["first_device_trusted", "new_device_pending"]
 
 
 def test_sqlite_register_holds_the_write_lock_from_its_read_to_its_write(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ class Approvals:
 class ApprovalMessage:
     """A message to the reserved approval address: its codes approve devices, nothing is stored.
 
-    Only created for sessions authenticated by a trusted device (see delivery.py).
+    Only created for sessions authenticated by a trusted device (see delivery/router.py).
     """
 
     def __init__(
