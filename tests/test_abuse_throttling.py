@@ -360,7 +360,7 @@ def test_one_device_many_accounts_is_flagged_reported_and_refused(
 
     key = key_of(server, shared)
     fp = fingerprint(key)
-    assert server.service.components.store.is_flagged(key)
+    assert server.service.components.store.shared_devices.is_flagged(key)
     max_accounts = server.config.shared_devices.max_accounts
     warnings = [
         event
@@ -387,12 +387,12 @@ def test_device_unflag_clears_the_shared_device_block(make_server: Serve) -> Non
     shared = new_token()
     assert try_accounts(server, shared, users) == [REFUSED] * 3
     key = key_of(server, shared)
-    assert server.service.components.store.is_flagged(key)
+    assert server.service.components.store.shared_devices.is_flagged(key)
     assert attempt(server, shared, users[0], USER_PW) == REFUSED
 
     fp = fingerprint(key)
     assert server.admin("device", "unflag", fp) == f"cleared the shared-device flag of {fp}\n"
-    assert not server.service.components.store.is_flagged(key)
+    assert not server.service.components.store.shared_devices.is_flagged(key)
     assert attempt(server, shared, users[0], USER_PW) == ACCEPTED
 
 

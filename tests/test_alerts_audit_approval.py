@@ -477,7 +477,7 @@ def test_audit_filters_by_account_device_and_since(
     expected = expected_audit(server)
     assert eventually(lambda: audit_rows(server) == expected)
     hours_ago = AuditEntry(time.time() - 7200, ALICE, "", "192.0.2.0/24", "refused", "bad_password")
-    server.service.components.store.add_audit([hours_ago])
+    server.service.components.store.audit.add_audit([hours_ago])
     earlier = ("refused", ALICE, "-", "192.0.2.0/24", "bad_password")
     assert audit_rows(server) == [earlier, *expected]
     assert audit_rows(server, "--account", NOBODY) == [expected[2]]
@@ -504,7 +504,7 @@ def test_audit_entries_older_than_retention_are_pruned(
         AuditEntry(now - days * 86400, f"{name}@example.org", "", HOME_NETWORK, "refused", "x")
         for name, days in (("100-days", 100), ("40-days", 40), ("1-day", 1))
     ]
-    first.service.components.store.add_audit(entries)
+    first.service.components.store.audit.add_audit(entries)
     first.stop()
     restarted = make_server(toml)  # the same data directory; pruning happens on a first flush
     audit = restarted.service.components.defences.audit

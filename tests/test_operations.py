@@ -53,7 +53,7 @@ def test_state_created_as_root_is_handed_to_the_uid(tmp_path: Path) -> None:
 def test_state_files_are_private(tmp_path: Path) -> None:
     config = load_config(_write(tmp_path, '[server]\ndata_dir = "state"\n'))
     components = build_components(config)
-    components.store.record("a@example.org", "00" * 32, "UUID", "trusted", "net")
+    components.store.devices.add_trusted("a@example.org", "00" * 32, "UUID")
     try:
         for path in state_files(config):
             if path.exists() and path.name != "cert.pem":  # a certificate is public

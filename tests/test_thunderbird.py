@@ -61,7 +61,7 @@ def test_C9_C11_thunderbird_retries_auth_without_resending_clientid(
     # trusted, and has exactly the one successful login counted.
     key = load_or_create_server_key(server.config.clientid.key_file)
     expected = device_key(key, parse_clientid(f"UUID {THUNDERBIRD_UUID}".encode()))
-    [device] = server.service.components.store.devices_of(ALICE)
+    [device] = server.service.components.store.devices.devices_of(ALICE)
     assert (device.device_key, device.type, device.state, device.logins) == (
         expected,
         "UUID",

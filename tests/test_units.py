@@ -13,7 +13,8 @@ from clientid_mta.config import load_config
 from clientid_mta.delivery.maildir import MaildirRoot, UnsafeMailboxName
 from clientid_mta.devices.keys import load_or_create_server_key
 from clientid_mta.devices.policy import DevicePolicy, Where
-from clientid_mta.devices.store import PENDING, REVOKED, TRUSTED, SQLiteDeviceStore
+from clientid_mta.devices.sqlite_store import SQLiteDeviceRegistry, create_schema
+from clientid_mta.devices.store import PENDING, REVOKED, TRUSTED
 from clientid_mta.smtp.addresses import AddressSyntaxError, parse_path
 from clientid_mta.smtp.body import BodyReader
 from clientid_mta.smtp.clientid import (
@@ -223,7 +224,8 @@ def make_policy(tmp_path: Path, toml: str) -> DevicePolicy:
     path = tmp_path / "c.toml"
     path.write_text(toml)
     settings = load_config(path).clientid
-    return DevicePolicy(settings, SQLiteDeviceStore(tmp_path / "d.sqlite3"), b"k" * 32, None)
+    create_schema(tmp_path / "d.sqlite3")
+    return DevicePolicy(settings, SQLiteDeviceRegistry(tmp_path / "d.sqlite3"), b"k" * 32, None)
 
 
 def test_policy_tofu_trusts_first_device_then_pends(tmp_path: Path) -> None:

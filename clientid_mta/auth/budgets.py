@@ -1,6 +1,6 @@
 """Budgets for failed AUTH attempts: token buckets keyed by device, not by address.
 
-Keys (draft 6.2, 6.3 item 6):
+Keys:
 - ``device:<hmac>`` for a session that presented a client identity, else
   ``net:<prefix>`` (/24, /56), so that one attacker behind a carrier-grade NAT spends
   only his own device's budget;
@@ -12,9 +12,10 @@ look-up and a little arithmetic), so a spent device costs no hash and no thread;
 auth thread takes the attempt (``take``) before the password check. State is kept in
 memory, bounded, and saved to the store so that it survives a restart.
 
-With several worker processes the buckets are shared (``share``): the rows in SQLite
-are the truth and ``take`` changes them in one transaction; the memory copy is then
-the last level this process saw, which is what ``admit`` looks at.
+With several worker processes the buckets are shared (``share``): the rows in the
+store are the truth and ``take`` changes them in one store call (one transaction);
+the memory copy is then the last level this process saw, which is what ``admit``
+looks at.
 """
 
 from __future__ import annotations
@@ -23,21 +24,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
-from clientid_mta.auth.shared_budgets import Row, SharedBuckets
 from clientid_mta.config import ThrottleConfig
+from clientid_mta.devices.store import Budget, BudgetRow, IBudgetStore, change_budgets
 
 MAX_KEYS = 200_000  # beyond this the longest-untouched buckets are forgotten
-
-
-@dataclass(frozen=True)
-class Budget:
-    burst: int
-    refill_seconds: int
-
-    def level(self, tokens: float, elapsed: float) -> float:
-        return min(float(self.burst), tokens + elapsed / self.refill_seconds)
 
 
 def device_key_for(device: str | None, network: str) -> str:
@@ -60,13 +51,13 @@ class Throttle:
             "unknown": Budget(settings.account_unknown_burst, settings.account_unknown_refill),
         }
         self._clock = clock
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._buckets: OrderedDict[str, BudgetRow] = OrderedDict()
         self._lock = threading.Lock()
-        self._shared: SharedBuckets | None = None
+        self._shared: IBudgetStore | None = None
 
-    def share(self, buckets: SharedBuckets) -> None:
-        """From now on the buckets live in ``buckets``, shared with other processes."""
-        self._shared = buckets
+    def share(self, store: IBudgetStore) -> None:
+        """From now on the buckets live in ``store``, shared with other processes."""
+        self._shared = store
 
     @property
     def shared(self) -> bool:
@@ -86,11 +77,7 @@ class Throttle:
     def prune_shared(self) -> None:
         """Forget the shared rows of buckets that have refilled."""
         if self._shared is not None:
-            self._shared.prune(self.is_full)
-
-    def is_full(self, key: str, tokens: float, updated: float) -> bool:
-        budget = self._budgets.get(key.partition(":")[0])
-        return budget is None or budget.level(tokens, self._clock() - updated) >= budget.burst
+            self._shared.prune(self._budgets, self._clock())
 
     def _budget(self, key: str) -> Budget:
         return self._budgets[key.partition(":")[0]]
@@ -112,56 +99,38 @@ class Throttle:
         """
         if not self.enabled:
             return True
-        if self._shared is not None:
-            return self._shared_change(keys, -1.0)
+        budgets = {key: self._budget(key) for key in keys}
         now = self._clock()
-        with self._lock:
-            levels = [self._tokens(key, now) for key in keys]
-            if any(level < 1.0 for level in levels):
-                return False
-            for key, level in zip(keys, levels, strict=True):
-                self._buckets[key] = (level - 1.0, now)
-                self._buckets.move_to_end(key)
-            while len(self._buckets) > MAX_KEYS:
-                self._buckets.popitem(last=False)
-            return True
+        if self._shared is not None:
+            taken, rows = self._shared.take(budgets, now)
+            with self._lock:
+                self._keep(rows)  # the levels seen, taken or not
+            return taken
+        with self._lock:  # the read and the write under one lock: one token, one taker
+            taken, rows = change_budgets(budgets, self._buckets, now, -1.0)
+            if taken:
+                self._keep(rows)
+        return taken
 
     def refund(self, *keys: str) -> None:
         """Give back what ``take`` spent (the attempt was not a failure)."""
         if not self.enabled:
             return
-        if self._shared is not None:
-            self._shared_change(keys, +1.0)
-            return
+        budgets = {key: self._budget(key) for key in keys}
         now = self._clock()
+        rows = self._shared.refund(budgets, now) if self._shared is not None else None
         with self._lock:
-            for key in keys:
-                level = min(self._tokens(key, now) + 1.0, float(self._budget(key).burst))
-                self._buckets[key] = (level, now)
+            if rows is None:
+                _, rows = change_budgets(budgets, self._buckets, now, +1.0)
+            self._keep(rows)
 
-    def _shared_change(self, keys: tuple[str, ...], change: float) -> bool:
-        """Take (-1) or give back (+1) one attempt on every key, in one transaction."""
-        assert self._shared is not None
-        now = self._clock()
-        seen: dict[str, Row] = {}
-
-        def decide(current: dict[str, Row | None]) -> dict[str, Row] | None:
-            for key, row in current.items():
-                budget = self._budget(key)
-                seen[key] = (budget.level(row[0], now - row[1]) if row else budget.burst, now)
-            if change < 0 and any(level < 1.0 for level, _ in seen.values()):
-                return None
-            return {
-                key: (min(level + change, float(self._budget(key).burst)), now)
-                for key, (level, _) in seen.items()
-            }
-
-        new = self._shared.update(keys, decide)
-        with self._lock:
-            self._buckets.update(new or seen)
-            while len(self._buckets) > MAX_KEYS:
-                self._buckets.popitem(last=False)
-        return new is not None
+    def _keep(self, rows: dict[str, BudgetRow]) -> None:
+        """Store rows in the memory copy, bounded. The caller holds the lock."""
+        for key, row in rows.items():
+            self._buckets[key] = row
+            self._buckets.move_to_end(key)
+        while len(self._buckets) > MAX_KEYS:
+            self._buckets.popitem(last=False)
 
     def snapshot(self) -> list[tuple[str, float, float]]:
         """The buckets that are not full (full ones carry no information)."""

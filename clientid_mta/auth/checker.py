@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,7 +27,7 @@ from clientid_mta.devices.audit import AuditLog
 from clientid_mta.devices.policy import Decision, DevicePolicy, Where
 from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.sharing import SharedDevices
-from clientid_mta.devices.store import TRUSTED
+from clientid_mta.devices.store import TRUSTED, StoreUnavailable
 from clientid_mta.smtp.clientid import ClientIdentity, fingerprint
 from clientid_mta.smtp.network import network_prefix
 
@@ -75,7 +74,7 @@ class AuthOutcome:
 
 def _unavailable(failure: Failure) -> Failure:
     """A store that cannot answer (locked, disk) is temporary trouble for the wire."""
-    if failure.check(sqlite3.Error):
+    if failure.check(StoreUnavailable):
         raise AuthUnavailable(str(failure.value))
     return failure
 
@@ -84,7 +83,7 @@ def _unavailable(failure: Failure) -> Failure:
 class ClientIdChecker:
     """Password hash AND device policy AND the abuse defences.
 
-    Order (DESIGN.md, "The path of one message", step 5): the device's failure budget
+    Order (docs/architecture.md, the path of one message): the device's failure budget
     is checked on the reactor, at the cost of a dict look-up; the account's budget,
     the password hash, the policy and the notices run in a thread. Any refusal is one
     ``UnauthorizedLogin``; a spent budget is ``LoginThrottled``. The verdict is left

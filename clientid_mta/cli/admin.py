@@ -9,18 +9,28 @@ tokens) are read from standard input or a prompt, never from the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import getpass
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO
 
 from clientid_mta.auth.passwd_file import Account, PasswdFile, hash_password, normalise_address
 from clientid_mta.config import Config, ConfigError, load_config
 from clientid_mta.devices.keys import load_or_create_server_key
-from clientid_mta.devices.store import REVOKED, TRUSTED, DeviceNotFound, SQLiteDeviceStore
+from clientid_mta.devices.sqlite_store import open_sqlite_stores
+from clientid_mta.devices.store import (
+    REVOKED,
+    TRUSTED,
+    BadFingerprint,
+    DeviceNotFound,
+    Stores,
+    StoreUnavailable,
+    parse_fingerprint,
+)
 from clientid_mta.outbound.admin import QueueAdmin, QueueAdminError
 from clientid_mta.outbound.queue import QueueDir
 from clientid_mta.smtp.addresses import AddressSyntaxError, parse_path
@@ -63,8 +73,13 @@ class Admin:
         self.stdin = stdin
         self.passwd = PasswdFile(config.auth.passwd_file)
 
-    def _store(self) -> SQLiteDeviceStore:
-        return SQLiteDeviceStore(self.config.clientid.device_store)
+    @contextlib.contextmanager
+    def _stores(self) -> Iterator[Stores]:
+        stores = open_sqlite_stores(self.config.clientid.device_store)
+        try:
+            yield stores
+        finally:
+            stores.close()
 
     def _existing(self, address: str) -> Account:
         account = self.passwd.get(address)
@@ -107,11 +122,8 @@ class Admin:
     def user_del(self, address: str) -> None:
         account = self._existing(_address(address))
         self._replace(account.address, None)
-        store = self._store()
-        try:
-            removed = store.delete_account(account.address)
-        finally:
-            store.close()
+        with self._stores() as stores:
+            removed = stores.devices.delete_account(account.address)
         print(f"deleted {account.address} and its {removed} device record(s)", file=self.out)
 
     def user_list(self) -> None:
@@ -123,11 +135,8 @@ class Admin:
 
     def device_list(self, address: str) -> None:
         address = _address(address)
-        store = self._store()
-        try:
-            devices = store.devices_of(address)
-        finally:
-            store.close()
+        with self._stores() as stores:
+            devices = stores.devices.devices_of(address)
         if not devices:
             print(f"{address} has no devices yet", file=self.out)
             return
@@ -168,44 +177,36 @@ class Admin:
         except (ClientIdSyntaxError, UnicodeEncodeError) as bad:
             raise AdminError(f"not a valid client identity: {bad}") from None
         key = load_or_create_server_key(self.config.clientid.key_file)
-        store = self._store()
-        try:
-            device = store.add_trusted(address, device_key(key, identity), identity.type, label)
-        finally:
-            store.close()
+        with self._stores() as stores:
+            device = stores.devices.add_trusted(
+                address, device_key(key, identity), identity.type, label
+            )
         print(f"trusted device {device.fingerprint} ({device.type}) for {address}", file=self.out)
 
     def set_device_state(self, address: str, fingerprint: str, state: str, verb: str) -> None:
         address = _address(address)
-        store = self._store()
-        try:
-            device = store.set_state(address, fingerprint, state)
-        except DeviceNotFound as missing:
-            raise AdminError(f"{missing}; see: clientid-mta device list {address}") from None
-        finally:
-            store.close()
+        fingerprint = _fingerprint(fingerprint)
+        with self._stores() as stores:
+            try:
+                device = stores.devices.set_state(address, fingerprint, state)
+            except DeviceNotFound as missing:
+                raise AdminError(f"{missing}; see: clientid-mta device list {address}") from None
         print(f"{verb} device {device.fingerprint} of {address}", file=self.out)
 
     def device_unflag(self, fingerprint: str) -> None:
-        store = self._store()
-        try:
-            removed = store.unflag(fingerprint)
-        finally:
-            store.close()
+        fingerprint = _fingerprint(fingerprint)
+        with self._stores() as stores:
+            removed = stores.shared_devices.unflag(fingerprint)
         if not removed:
             raise AdminError(f"no flagged device matches {fingerprint}")
         print(f"cleared the shared-device flag of {fingerprint}", file=self.out)
 
     def audit(self, account: str | None, device: str | None, since: str | None) -> None:
-        store = self._store()
-        try:
-            entries = store.audit(
-                account=_address(account) if account else None,
-                fingerprint=device,
-                since=parse_since(since) if since else None,
-            )
-        finally:
-            store.close()
+        account = _address(account) if account else None
+        device = _fingerprint(device) if device is not None else None
+        since_time = parse_since(since) if since else None
+        with self._stores() as stores:
+            entries = stores.audit.audit(account=account, fingerprint=device, since=since_time)
         row = "{:<19} {:<9} {:<30} {:<17} {:<18} {}"
         print(
             row.format("TIME", "OUTCOME", "ACCOUNT", "DEVICE", "NETWORK", "REASON"), file=self.out
@@ -220,13 +221,12 @@ class Admin:
 
     def device_label(self, address: str, fingerprint: str, text: str) -> None:
         address = _address(address)
-        store = self._store()
-        try:
-            device = store.set_label(address, fingerprint, text)
-        except DeviceNotFound as missing:
-            raise AdminError(str(missing)) from None
-        finally:
-            store.close()
+        fingerprint = _fingerprint(fingerprint)
+        with self._stores() as stores:
+            try:
+                device = stores.devices.set_label(address, fingerprint, text)
+            except DeviceNotFound as missing:
+                raise AdminError(str(missing)) from None
         print(f"labelled device {device.fingerprint} of {address}: {text}", file=self.out)
 
 
@@ -242,6 +242,14 @@ def parse_since(text: str, now: float | None = None) -> float:
         raise AdminError(
             f"--since {text!r}: give a duration like 2h, 30m, 7d, or a date like 2026-11-23"
         ) from None
+
+
+def _fingerprint(text: str) -> str:
+    """A fingerprint as typed: hex only, or ``%`` and ``_`` could match every device."""
+    try:
+        return parse_fingerprint(text)
+    except BadFingerprint as bad:
+        raise AdminError(str(bad)) from None
 
 
 def _printable(text: str) -> str:
@@ -359,6 +367,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AdminError, ConfigError, QueueAdminError) as problem:
         print(f"clientid-mta: {problem}", file=sys.stderr)
         return 1
-    except (OSError, sqlite3.Error) as problem:
+    except (OSError, StoreUnavailable, sqlite3.Error) as problem:
         print(f"clientid-mta: cannot read or write the server's state: {problem}", file=sys.stderr)
         return 1

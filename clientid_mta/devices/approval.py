@@ -19,7 +19,7 @@ from twisted.mail.interfaces import IMessageSMTP
 from twisted.mail.smtp import SMTPServerError
 from zope.interface import implementer
 
-from clientid_mta.devices.store import TRUSTED, SQLiteDeviceStore
+from clientid_mta.devices.store import TRUSTED, IApprovalCodes, IDeviceRegistry
 
 _ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
 _CODE_RE = re.compile(r"\b([A-HJ-NP-Z2-9]{5})-([A-HJ-NP-Z2-9]{5})\b", re.IGNORECASE)
@@ -31,8 +31,9 @@ def _hash(code: str) -> str:
 
 
 class Approvals:
-    def __init__(self, store: SQLiteDeviceStore, lifetime: int) -> None:
-        self.store = store
+    def __init__(self, codes: IApprovalCodes, devices: IDeviceRegistry, lifetime: int) -> None:
+        self.codes = codes
+        self.devices = devices
         self.lifetime = lifetime
 
     def issue(self, account: str, device_key: str) -> tuple[str, float]:
@@ -40,7 +41,7 @@ class Approvals:
         raw = "".join(secrets.choice(_ALPHABET) for _ in range(10))
         code = f"{raw[:5]}-{raw[5:]}"
         expires = time.time() + self.lifetime
-        self.store.add_approval_code(_hash(code), account, device_key, expires)
+        self.codes.add_approval_code(_hash(code), account, device_key, expires)
         return code, expires
 
     def redeem(self, account: str, text: str) -> list[str]:
@@ -48,11 +49,12 @@ class Approvals:
         approved = []
         for match in _CODE_RE.finditer(text[:MAX_MESSAGE]):
             code = f"{match[1]}-{match[2]}"
-            device_key = self.store.redeem_approval_code(_hash(code), account, time.time())
+            # One UPDATE ... RETURNING: a code raced by two messages approves once.
+            device_key = self.codes.redeem_approval_code(_hash(code), account, time.time())
             if device_key is not None:
-                device = self.store.get(account, device_key)
+                device = self.devices.get(account, device_key)
                 if device is not None:
-                    self.store.set_state(account, device.fingerprint, TRUSTED)
+                    self.devices.set_state(account, device.fingerprint, TRUSTED)
                     approved.append(device_key)
         return approved
 
@@ -61,7 +63,7 @@ class Approvals:
 class ApprovalMessage:
     """A message to the reserved approval address: its codes approve devices, nothing is stored.
 
-    Only created for sessions authenticated by a trusted device (see delivery.py).
+    Only created for sessions authenticated by a trusted device (see delivery/router.py).
     """
 
     def __init__(

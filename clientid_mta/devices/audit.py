@@ -9,14 +9,14 @@ from __future__ import annotations
 import threading
 import time
 
-from clientid_mta.devices.store import AuditEntry, SQLiteDeviceStore
+from clientid_mta.devices.store import AuditEntry, IAuditStore
 
 PRUNE_EVERY = 3600.0
 MAX_PENDING = 100_000  # entries kept while the store cannot be written
 
 
 class AuditLog:
-    def __init__(self, store: SQLiteDeviceStore, retention_days: int) -> None:
+    def __init__(self, store: IAuditStore, retention_days: int) -> None:
         self.store = store
         self.retention = retention_days * 86400.0
         self._pending: list[AuditEntry] = []

@@ -1,4 +1,4 @@
-"""The device policy: may this device use this account? (DESIGN.md, "Device policy").
+"""The device policy: may this device use this account?
 
 Asked only after the password was verified. Blocking (it reads and writes the store,
 and may deliver a notice), so the checker runs it in a thread.
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from clientid_mta.config import ClientIdConfig, TravelConfig
 from clientid_mta.devices import notices as alerts
 from clientid_mta.devices.approval import Approvals
-from clientid_mta.devices.store import PENDING, TRUSTED, Device, IDeviceStore
+from clientid_mta.devices.store import PENDING, TRUSTED, Device, IDeviceRegistry
 from clientid_mta.smtp.clientid import ClientIdentity, device_key, fingerprint
 
 ENFORCING = ("tofu", "allowlist")
@@ -65,7 +65,7 @@ class DevicePolicy:
     def __init__(
         self,
         settings: ClientIdConfig,
-        store: IDeviceStore,
+        store: IDeviceRegistry,
         server_key: bytes,
         notifier: alerts.Notifier | None,
         travel: TravelConfig | None = None,
@@ -133,25 +133,23 @@ class DevicePolicy:
     ) -> Decision:
         key = device_key(self.server_key, identity)
         fp = fingerprint(key)
-        existing = self.store.get(account, key)
-        if existing is None:
-            # Trust on first use, for a device the policy uses (or watches, under observe):
-            # a type that is only logged must not take the account's first-device slot.
-            eligible = enforced or self.settings.policy == "observe"
-            first = eligible and self.settings.policy != "allowlist"
-            state = TRUSTED if first and not self.store.ever_trusted(account) else PENDING
-        else:
-            state = existing.state
-        self.store.record(account, key, identity.type, state, where.network)
+        # Trust on first use, for a device the policy uses (or watches, under observe): a
+        # type that is only logged must not take the account's first-device slot. One
+        # store call, so two new devices racing for the slot cannot both win it.
+        eligible = (enforced or self.settings.policy == "observe") and (
+            self.settings.policy != "allowlist"
+        )
+        device, new = self.store.register(account, key, identity.type, where.network, eligible)
+        state = device.state
 
         def notice(kind: str, **extra: str) -> alerts.Notice:
             return alerts.Notice(kind, account, fp, identity.type, where.network, extra)
 
         notices: tuple[str, ...] = ()
-        if existing is None and state == TRUSTED:
+        if new and state == TRUSTED:
             reason, allowed = ALLOWED_FIRST_DEVICE, True
             notices += self.notify(notice(alerts.NEW_DEVICE_TRUSTED))
-        elif existing is None:
+        elif new:
             reason, allowed = REFUSED_NEW_DEVICE, not enforced
             if enforced:
                 notices += self.notify(self._pending_notice(account, key, notice))
@@ -159,7 +157,7 @@ class DevicePolicy:
                 notices += self.notify(notice(alerts.NEW_DEVICE_SEEN))
         elif state == TRUSTED:
             reason, allowed = ALLOWED_KNOWN_DEVICE, True
-            travelled = self._travelled(existing, where)
+            travelled = self._travelled(device, where)  # login() has not refreshed it yet
             if travelled is not None:
                 travel = notice(alerts.IMPOSSIBLE_TRAVEL, region=where.region, previous=travelled)
                 notices += self.notify(travel) + self.notify(travel, postmaster=True)

@@ -1,81 +1,57 @@
-"""The device registry and its companions: audit log, throttle state, approval codes.
+"""The store as small interfaces, one per repository, and the values they hold.
 
-Kept apart from the password file, keyed by account (CONFORMANCE C15). Tokens are
-never stored: a row holds the HMAC device key (see clientid.device_key), and approval
-codes are kept as SHA-256 hashes. Calls are synchronous and short; the server runs
-them in a thread, the admin command directly. SQLite in WAL mode, so the admin command
-can change a device while the server runs.
+Devices (the registry), the audit log, failure budgets, approval codes and shared
+devices each have their own interface, so that a consumer depends on the one it uses
+and a backend (SQLite today, see sqlite_store.py; a shared database for a server farm
+later) implements them one by one. Kept apart from the password file, keyed by
+account (docs/conformance.md, row C15). Tokens are never stored: a row holds the HMAC
+device key (see clientid.device_key), and approval codes are kept as SHA-256 hashes.
+
+Every decision that must be atomic is one call, run by the backend in one transaction
+that other threads and processes cannot split (first-device trust, a budget take or
+refund, the shared-device count, the use of an approval code). Calls block; the
+server runs them in threads, never on the reactor, the admin command directly.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sqlite3
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-from zope.interface import Interface, implementer
-
-BUSY_TIMEOUT = 5.0  # seconds to wait for the database (locked by another process)
+from zope.interface import Interface
 
 TRUSTED = "trusted"
 PENDING = "pending"
 REVOKED = "revoked"
 STATES = (TRUSTED, PENDING, REVOKED)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    account      TEXT NOT NULL,
-    device_key   TEXT NOT NULL,
-    type         TEXT NOT NULL,
-    state        TEXT NOT NULL,
-    label        TEXT NOT NULL DEFAULT '',
-    first_seen   REAL NOT NULL,
-    last_seen    REAL NOT NULL,
-    last_network TEXT NOT NULL DEFAULT '',
-    logins       INTEGER NOT NULL DEFAULT 0,
-    last_login   REAL NOT NULL DEFAULT 0,
-    last_region  TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (account, device_key)
-);
-CREATE TABLE IF NOT EXISTS audit (
-    time        REAL NOT NULL,
-    account     TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    network     TEXT NOT NULL,
-    outcome     TEXT NOT NULL,
-    reason      TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
-CREATE INDEX IF NOT EXISTS audit_by_account ON audit (account, time);
-CREATE TABLE IF NOT EXISTS throttle (
-    key     TEXT PRIMARY KEY,
-    tokens  REAL NOT NULL,
-    updated REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS approval_codes (
-    code_hash  TEXT PRIMARY KEY,
-    account    TEXT NOT NULL,
-    device_key TEXT NOT NULL,
-    expires    REAL NOT NULL,
-    used       REAL
-);
-CREATE TABLE IF NOT EXISTS shared_devices (
-    device_key TEXT PRIMARY KEY,
-    flagged_at REAL NOT NULL,
-    accounts   INTEGER NOT NULL
-);
-"""
+FINGERPRINT_MIN_HEX = 6
+FINGERPRINT_MAX_HEX = 16  # a fingerprint is the first 16 hex digits of the device key
+_HEX = frozenset("0123456789abcdef")
 
-# Columns added after the first release: (table, column, definition).
-_ADDED_COLUMNS = (
-    ("devices", "last_login", "REAL NOT NULL DEFAULT 0"),
-    ("devices", "last_region", "TEXT NOT NULL DEFAULT ''"),
-)
+
+class StoreUnavailable(Exception):
+    """The store cannot answer now (locked by another process, disk): try again later."""
+
+
+class DeviceNotFound(LookupError):
+    pass
+
+
+class BadFingerprint(DeviceNotFound, ValueError):
+    """Not 6 to 16 hex digits: never let it reach a query (``%`` would match every row)."""
+
+
+def parse_fingerprint(text: str) -> str:
+    """The fingerprint (prefix) as stored, lower case; raises BadFingerprint."""
+    prefix = text.strip().lower()
+    if not FINGERPRINT_MIN_HEX <= len(prefix) <= FINGERPRINT_MAX_HEX or not set(prefix) <= _HEX:
+        shown = text if text.isprintable() and len(text) <= 40 else repr(text[:40])
+        raise BadFingerprint(
+            f"{shown!r} is not a device fingerprint "
+            f"({FINGERPRINT_MIN_HEX} to {FINGERPRINT_MAX_HEX} hex digits)"
+        )
+    return prefix
 
 
 @dataclass(frozen=True)
@@ -109,269 +85,176 @@ class Device:
         return fingerprint(self.device_key)
 
 
-class DeviceNotFound(LookupError):
-    pass
+@dataclass(frozen=True)
+class Budget:
+    """A token bucket's shape: ``burst`` attempts, one more every ``refill_seconds``."""
+
+    burst: int
+    refill_seconds: int
+
+    def level(self, tokens: float, elapsed: float) -> float:
+        return min(float(self.burst), tokens + elapsed / self.refill_seconds)
 
 
-class IDeviceStore(Interface):
-    """Where device records live; SQLite here, a shared database for a server farm later."""
+BudgetRow = tuple[float, float]  # (tokens, updated)
+
+
+def change_budgets(
+    budgets: Mapping[str, Budget], rows: Mapping[str, BudgetRow | None], now: float, change: float
+) -> tuple[bool, dict[str, BudgetRow]]:
+    """Take (-1) or give back (+1) one attempt on every key: the arithmetic every backend
+    applies inside its transaction. Returns whether it applied, and the rows to keep
+    (the new ones, or the levels seen when a take found a key spent)."""
+    seen: dict[str, BudgetRow] = {}
+    for key, budget in budgets.items():
+        row = rows.get(key)
+        seen[key] = (budget.level(row[0], now - row[1]) if row else float(budget.burst), now)
+    if change < 0 and any(level < 1.0 for level, _ in seen.values()):
+        return False, seen
+    new = {
+        key: (min(level + change, float(budgets[key].burst)), now)
+        for key, (level, _) in seen.items()
+    }
+    return True, new
+
+
+class IDeviceRegistry(Interface):
+    """The devices of each account and their states."""
 
     def get(account: str, device_key: str) -> Device | None:
         """The device, or None."""
 
-    def ever_trusted(account: str) -> bool:
-        """Whether the account has a trusted or revoked device (TOFU is then over)."""
-
-    def record(account: str, device_key: str, type: str, state: str, network: str) -> Device:
-        """Insert (with ``state``) or refresh last-seen; an existing state is kept."""
+    def register(
+        account: str, device_key: str, type: str, network: str, eligible: bool
+    ) -> tuple[Device, bool]:
+        """A device seen with the right password, in one transaction: a new device becomes
+        trusted if ``eligible`` and the account has no trusted or revoked device yet (trust
+        on first use), else pending; a known one keeps its state and gets its last-seen
+        time and network refreshed. Returns the device and whether it was new."""
 
     def login(account: str, device_key: str, network: str, region: str) -> None:
         """Count a successful login and refresh last-seen, network and region."""
 
+    def add_trusted(account: str, device_key: str, type: str, label: str = "") -> Device:
+        """An operator's pre-approved device (``device add``); trusted even if seen before."""
+
     def set_state(account: str, fingerprint: str, state: str) -> Device:
-        """Change a device's state, found by fingerprint prefix."""
+        """Change a device's state, found by fingerprint prefix (DeviceNotFound)."""
 
     def set_label(account: str, fingerprint: str, label: str) -> Device:
-        """Change a device's label."""
+        """Change a device's label, found by fingerprint prefix (DeviceNotFound)."""
 
     def devices_of(account: str) -> list[Device]:
-        """All devices of an account."""
+        """All devices of an account, oldest first."""
 
-
-@implementer(IDeviceStore)
-class SQLiteDeviceStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = path
-        self._lock = threading.Lock()
-        previous_umask = os.umask(0o077)  # the database and its -wal/-shm stay private
-        try:
-            self._db = sqlite3.connect(
-                path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT
-            )
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            self._add_missing_columns()
-        finally:
-            os.umask(previous_umask)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """This process's turn at the database, waited for at most BUSY_TIMEOUT.
-
-        Without the bound, calls queue behind one that waits on another process's lock,
-        and a login would wait as long as that lock lasts instead of failing (454).
-        """
-        if not self._lock.acquire(timeout=BUSY_TIMEOUT):
-            raise sqlite3.OperationalError("the device store is busy")
-        try:
-            yield
-        finally:
-            self._lock.release()
-
-    def _add_missing_columns(self) -> None:
-        for table, column, definition in _ADDED_COLUMNS:
-            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in present:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-
-    def close(self) -> None:
-        with self._locked():
-            self._db.close()
-
-    def _one(self, sql: str, args: tuple[object, ...]) -> Device | None:
-        with self._locked():
-            row = self._db.execute(sql, args).fetchone()
-        return Device(**dict(row)) if row else None
-
-    def get(self, account: str, device_key: str) -> Device | None:
-        return self._one(
-            "SELECT * FROM devices WHERE account=? AND device_key=?", (account, device_key)
-        )
-
-    def ever_trusted(self, account: str) -> bool:
-        with self._locked():
-            row = self._db.execute(
-                "SELECT 1 FROM devices WHERE account=? AND state IN (?, ?) LIMIT 1",
-                (account, TRUSTED, REVOKED),
-            ).fetchone()
-        return row is not None
-
-    def record(self, account: str, device_key: str, type: str, state: str, network: str) -> Device:
-        now = time.time()
-        with self._locked():
-            self._db.execute(
-                "INSERT INTO devices (account, device_key, type, state, first_seen, last_seen,"
-                " last_network) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(account, device_key) DO UPDATE SET last_seen=excluded.last_seen,"
-                " last_network=excluded.last_network",
-                (account, device_key, type, state, now, now, network),
-            )
-        device = self.get(account, device_key)
-        assert device is not None
-        return device
-
-    def login(self, account: str, device_key: str, network: str, region: str) -> None:
-        now = time.time()
-        with self._locked():
-            self._db.execute(
-                "UPDATE devices SET logins=logins+1, last_seen=?, last_network=?, last_login=?,"
-                " last_region=? WHERE account=? AND device_key=?",
-                (now, network, now, region, account, device_key),
-            )
-
-    def _find(self, account: str, fingerprint: str) -> Device:
-        prefix = fingerprint.strip().lower()
-        if len(prefix) < 6 or not all(c in "0123456789abcdef" for c in prefix):
-            raise DeviceNotFound(f"{fingerprint!r} is not a device fingerprint (6+ hex digits)")
-        matches = [d for d in self.devices_of(account) if d.device_key.startswith(prefix)]
-        if len(matches) != 1:
-            what = "no device" if not matches else f"{len(matches)} devices"
-            raise DeviceNotFound(f"{what} of {account} match fingerprint {fingerprint}")
-        return matches[0]
-
-    def set_state(self, account: str, fingerprint: str, state: str) -> Device:
-        if state not in STATES:
-            raise ValueError(f"unknown device state {state!r}")
-        device = self._find(account, fingerprint)
-        with self._locked():
-            self._db.execute(
-                "UPDATE devices SET state=? WHERE account=? AND device_key=?",
-                (state, account, device.device_key),
-            )
-        return self._find(account, fingerprint)
-
-    def set_label(self, account: str, fingerprint: str, label: str) -> Device:
-        device = self._find(account, fingerprint)
-        with self._locked():
-            self._db.execute(
-                "UPDATE devices SET label=? WHERE account=? AND device_key=?",
-                (label, account, device.device_key),
-            )
-        return self._find(account, fingerprint)
-
-    def add_trusted(self, account: str, device_key: str, type: str, label: str = "") -> Device:
-        """An operator's pre-approved device (``device add``); trusted even if seen before."""
-        self.record(account, device_key, type, TRUSTED, "")
-        with self._locked():
-            self._db.execute(
-                "UPDATE devices SET state=?, label=? WHERE account=? AND device_key=?",
-                (TRUSTED, label, account, device_key),
-            )
-        device = self.get(account, device_key)
-        assert device is not None
-        return device
-
-    def delete_account(self, account: str) -> int:
+    def delete_account(account: str) -> int:
         """Forget every device of an account; returns how many there were."""
-        with self._locked():
-            cursor = self._db.execute("DELETE FROM devices WHERE account=?", (account,))
-        return cursor.rowcount
 
-    def devices_of(self, account: str) -> list[Device]:
-        with self._locked():
-            rows = self._db.execute(
-                "SELECT * FROM devices WHERE account=? ORDER BY first_seen", (account,)
-            ).fetchall()
-        return [Device(**dict(row)) for row in rows]
+    def close() -> None:
+        """Release the connection."""
 
-    # --- audit log ------------------------------------------------------------------
 
-    def add_audit(self, entries: list[AuditEntry]) -> None:
-        with self._locked():
-            self._db.executemany(
-                "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (e.time, e.account, e.fingerprint, e.network, e.outcome, e.reason)
-                    for e in entries
-                ],
-            )
+class IAuditStore(Interface):
+    """Every AUTH attempt, with its internal reason."""
 
-    def prune_audit(self, before: float) -> int:
-        with self._locked():
-            return self._db.execute("DELETE FROM audit WHERE time < ?", (before,)).rowcount
+    def add_audit(entries: list[AuditEntry]) -> None:
+        """Append a batch."""
+
+    def prune_audit(before: float) -> int:
+        """Drop entries older than ``before``; returns how many."""
 
     def audit(
-        self,
         account: str | None = None,
         fingerprint: str | None = None,
         since: float | None = None,
         limit: int = 1000,
     ) -> list[AuditEntry]:
-        """The newest ``limit`` entries matching, oldest first."""
-        # Only fixed condition strings are joined into the SQL; values go in as parameters.
-        where: list[str] = ["1=1"]
-        args: list[object] = []
-        if account is not None:
-            where.append("account = ?")
-            args.append(account)
-        if fingerprint is not None:
-            where.append("fingerprint LIKE ?")
-            args.append(fingerprint.lower() + "%")
-        if since is not None:
-            where.append("time >= ?")
-            args.append(since)
-        sql = f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY time DESC LIMIT ?"  # noqa: S608
-        with self._locked():
-            rows = self._db.execute(sql, (*args, limit)).fetchall()
-        return [AuditEntry(**dict(row)) for row in reversed(rows)]
+        """The newest ``limit`` entries matching (fingerprint: a prefix, BadFingerprint
+        unless hex), oldest first."""
 
-    # --- throttle state -------------------------------------------------------------
+    def close() -> None:
+        """Release the connection."""
 
-    def save_throttle(self, rows: list[tuple[str, float, float]]) -> None:
-        with self._locked():
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM throttle")
-            self._db.executemany("INSERT INTO throttle VALUES (?, ?, ?)", rows)
-            self._db.execute("COMMIT")
 
-    def load_throttle(self) -> list[tuple[str, float, float]]:
-        with self._locked():
-            return [tuple(row) for row in self._db.execute("SELECT * FROM throttle")]
+class IBudgetStore(Interface):
+    """Failure budgets (token buckets) shared by the worker processes of one server.
 
-    # --- approval codes -------------------------------------------------------------
+    ``budgets`` maps each key to the shape of its bucket; a key without a row is full.
+    """
 
-    def add_approval_code(
-        self, code_hash: str, account: str, device_key: str, expires: float
-    ) -> None:
-        with self._locked():
-            self._db.execute(
-                "INSERT INTO approval_codes VALUES (?, ?, ?, ?, NULL)",
-                (code_hash, account, device_key, expires),
-            )
+    def take(budgets: Mapping[str, Budget], now: float) -> tuple[bool, dict[str, BudgetRow]]:
+        """One attempt from every key, all or none, in one transaction; whether taken,
+        and each key's row as now stored."""
 
-    def redeem_approval_code(self, code_hash: str, account: str, now: float) -> str | None:
-        """Mark the code used and return its device key, or None if not valid (once only)."""
-        with self._locked():
-            row = self._db.execute(
-                "UPDATE approval_codes SET used=? WHERE code_hash=? AND account=? AND used IS NULL"
-                " AND expires > ? RETURNING device_key",
-                (now, code_hash, account, now),
-            ).fetchone()
-        return str(row[0]) if row else None
+    def refund(budgets: Mapping[str, Budget], now: float) -> dict[str, BudgetRow]:
+        """Give one attempt back to every key (never above the burst), in one transaction."""
 
-    # --- shared devices -------------------------------------------------------------
+    def prune(kinds: Mapping[str, Budget], now: float) -> int:
+        """Forget rows whose bucket has refilled, or whose kind (the key up to ``:``) is
+        not in ``kinds``: they carry no information. Returns how many."""
 
-    def flag_shared(self, device_key: str, accounts: int) -> bool:
-        """Record a device seen on many accounts; False if it was flagged already."""
-        with self._locked():
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO shared_devices VALUES (?, ?, ?)",
-                (device_key, time.time(), accounts),
-            )
-        return cursor.rowcount == 1
+    def save(rows: list[tuple[str, float, float]]) -> None:
+        """Replace every row with ``rows`` (one process's snapshot, kept over a restart)."""
 
-    def is_flagged(self, device_key: str) -> bool:
-        with self._locked():
-            row = self._db.execute(
-                "SELECT 1 FROM shared_devices WHERE device_key=?", (device_key,)
-            ).fetchone()
-        return row is not None
+    def load() -> list[tuple[str, float, float]]:
+        """Every row: (key, tokens, updated)."""
 
-    def unflag(self, fingerprint: str) -> int:
-        with self._locked():
-            return self._db.execute(
-                "DELETE FROM shared_devices WHERE device_key LIKE ?", (fingerprint.lower() + "%",)
-            ).rowcount
+    def close() -> None:
+        """Release the connection."""
+
+
+class IApprovalCodes(Interface):
+    """One-time codes that approve a pending device, kept as hashes."""
+
+    def add_approval_code(code_hash: str, account: str, device_key: str, expires: float) -> None:
+        """Keep a new code."""
+
+    def redeem_approval_code(code_hash: str, account: str, now: float) -> str | None:
+        """Mark the code used and return its device key, in one statement; None if unknown,
+        used already, expired or of another account (a code works once)."""
+
+    def close() -> None:
+        """Release the connection."""
+
+
+class ISharedDeviceStore(Interface):
+    """Devices seen on many accounts, counted across processes, and their flags."""
+
+    def saw(device_key: str, account: str, now: float, window: float) -> int:
+        """Record that the device tried the account at ``now`` and return the number of
+        distinct accounts it tried within ``window`` seconds, in one transaction; older
+        sightings are forgotten."""
+
+    def flag(device_key: str, accounts: int, now: float) -> bool:
+        """Flag the device as shared; False if it was flagged already."""
+
+    def is_flagged(device_key: str) -> bool:
+        """Whether the device is flagged."""
+
+    def unflag(fingerprint: str) -> int:
+        """Clear the flags (and the sightings) of the devices with this fingerprint prefix
+        (BadFingerprint unless hex); returns how many flags."""
+
+    def close() -> None:
+        """Release the connection."""
+
+
+@dataclass(frozen=True)
+class Stores:
+    """One backend's repositories, built together (see sqlite_store.open_sqlite_stores)."""
+
+    devices: IDeviceRegistry
+    audit: IAuditStore
+    budgets: IBudgetStore
+    approval_codes: IApprovalCodes
+    shared_devices: ISharedDeviceStore
+
+    def close(self) -> None:
+        for repository in (
+            self.devices,
+            self.audit,
+            self.budgets,
+            self.approval_codes,
+            self.shared_devices,
+        ):
+            repository.close()

@@ -37,7 +37,6 @@ from clientid_mta.auth.checker import ClientIdChecker, Defences
 from clientid_mta.auth.credentials import IClientIdUsernamePassword
 from clientid_mta.auth.passwd_file import PasswdFile
 from clientid_mta.auth.realm import build_portal
-from clientid_mta.auth.shared_budgets import SharedBuckets
 from clientid_mta.auth.threads import AuthWorkers
 from clientid_mta.config import Config, ConfigError, check_server_files
 from clientid_mta.delivery.maildir import MaildirRoot
@@ -49,7 +48,8 @@ from clientid_mta.devices.notices import DEVICE_APPROVED, FailureCounter, Notice
 from clientid_mta.devices.policy import DevicePolicy
 from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.sharing import SharedDevices
-from clientid_mta.devices.store import SQLiteDeviceStore
+from clientid_mta.devices.sqlite_store import open_sqlite_stores
+from clientid_mta.devices.store import Stores
 from clientid_mta.outbound.queue import QueueDir
 from clientid_mta.outbound.runner import LocalBounceTarget, QueueRunner
 from clientid_mta.outbound.submit import Outbound
@@ -74,7 +74,7 @@ class Components:
 
     config: Config
     passwords: PasswdFile
-    store: SQLiteDeviceStore
+    store: Stores
     maildirs: MaildirRoot
     portal: Portal
     server_key: bytes
@@ -103,7 +103,7 @@ def build_components(config: Config) -> Components:
     try:
         config.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         server_key = load_or_create_server_key(config.clientid.key_file)
-        store = SQLiteDeviceStore(config.clientid.device_store)
+        store = open_sqlite_stores(config.clientid.device_store)
         queue = QueueDir(config.queue_config.directory)
         queue.create()
     except (OSError, ValueError) as problem:
@@ -124,7 +124,7 @@ def build_components(config: Config) -> Components:
         lambda address: passwords.get(address) is not None,
         config.alerts.max_per_account_per_hour,
     )
-    approvals = Approvals(store, config.approval.code_lifetime)
+    approvals = Approvals(store.approval_codes, store.devices, config.approval.code_lifetime)
 
     def approved(account: str, device: str) -> None:  # in a thread, from ApprovalMessage
         notice = Notice(DEVICE_APPROVED, account, fingerprint(device), "", "")
@@ -139,7 +139,7 @@ def build_components(config: Config) -> Components:
     )
     policy = DevicePolicy(
         config.clientid,
-        store,
+        store.devices,
         server_key,
         notifier,
         config.travel,
@@ -154,11 +154,11 @@ def build_components(config: Config) -> Components:
             f"read ({problem}); point it at a MaxMind .mmdb file or remove the key."
         ) from None
     throttle = Throttle(config.throttle)
-    throttle.restore(store.load_throttle())
+    throttle.restore(store.budgets.load())
     defences = Defences(
         throttle=throttle,
-        sharing=SharedDevices(config.shared_devices, store),
-        audit=AuditLog(store, config.audit.retention_days),
+        sharing=SharedDevices(config.shared_devices, store.shared_devices),
+        audit=AuditLog(store.audit, config.audit.retention_days),
         failures=FailureCounter(config.alerts.unknown_failures),
         regions=regions,
     )
@@ -277,7 +277,7 @@ class SubmissionService(service.MultiService):
         """Several processes serve this config: keep the failure budgets in the store."""
         throttle = self.components.defences.throttle
         if throttle is not None and not throttle.shared:
-            throttle.share(SharedBuckets(self.config.clientid.device_store))
+            throttle.share(self.components.store.budgets)
 
     def privilegedStartService(self) -> None:
         try:
@@ -305,7 +305,7 @@ class SubmissionService(service.MultiService):
             if throttle.shared:
                 throttle.prune_shared()
             else:
-                self.components.store.save_throttle(throttle.snapshot())
+                self.components.store.budgets.save(throttle.snapshot())
 
     def _tick(self) -> defer.Deferred[None] | None:
         checker = self.components.checker

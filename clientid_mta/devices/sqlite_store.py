@@ -1,0 +1,501 @@
+"""The SQLite backend of the store interfaces (store.py): one file under data_dir.
+
+The admin command and the worker processes share the file; WAL mode lets readers
+run beside a writer. Each repository has its own connection and lock, so a slow call
+in one (an audit batch, a prune) does not queue the logins behind it. A decision that
+must be atomic runs in one ``BEGIN IMMEDIATE`` transaction, which takes the write
+lock before its first read: no other connection, in this process or another, can
+write between that read and the transaction's write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from zope.interface import implementer
+
+from clientid_mta.devices.store import (
+    PENDING,
+    REVOKED,
+    STATES,
+    TRUSTED,
+    AuditEntry,
+    Budget,
+    BudgetRow,
+    Device,
+    DeviceNotFound,
+    IApprovalCodes,
+    IAuditStore,
+    IBudgetStore,
+    IDeviceRegistry,
+    ISharedDeviceStore,
+    Stores,
+    StoreUnavailable,
+    change_budgets,
+    parse_fingerprint,
+)
+
+BUSY_TIMEOUT = 5.0  # seconds to wait for the database (locked by another process)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    account      TEXT NOT NULL,
+    device_key   TEXT NOT NULL,
+    type         TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    label        TEXT NOT NULL DEFAULT '',
+    first_seen   REAL NOT NULL,
+    last_seen    REAL NOT NULL,
+    last_network TEXT NOT NULL DEFAULT '',
+    logins       INTEGER NOT NULL DEFAULT 0,
+    last_login   REAL NOT NULL DEFAULT 0,
+    last_region  TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (account, device_key)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    time        REAL NOT NULL,
+    account     TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    network     TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    reason      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
+CREATE INDEX IF NOT EXISTS audit_by_account ON audit (account, time);
+CREATE TABLE IF NOT EXISTS throttle (
+    key     TEXT PRIMARY KEY,
+    tokens  REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS approval_codes (
+    code_hash  TEXT PRIMARY KEY,
+    account    TEXT NOT NULL,
+    device_key TEXT NOT NULL,
+    expires    REAL NOT NULL,
+    used       REAL
+);
+CREATE TABLE IF NOT EXISTS shared_devices (
+    device_key TEXT PRIMARY KEY,
+    flagged_at REAL NOT NULL,
+    accounts   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_sightings (
+    device_key TEXT NOT NULL,
+    account    TEXT NOT NULL,
+    seen       REAL NOT NULL,
+    PRIMARY KEY (device_key, account)
+);
+CREATE INDEX IF NOT EXISTS device_sightings_by_time ON device_sightings (seen);
+"""
+
+# Columns added after the first release: (table, column, definition).
+_ADDED_COLUMNS = (
+    ("devices", "last_login", "REAL NOT NULL DEFAULT 0"),
+    ("devices", "last_region", "TEXT NOT NULL DEFAULT ''"),
+)
+
+
+class SQLiteStoreUnavailable(StoreUnavailable, sqlite3.OperationalError):
+    """Raised for every database error, so callers need not know the backend."""
+
+
+def _connect(path: Path, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
+    previous_umask = os.umask(0o077)  # the database and its -wal/-shm stay private
+    try:
+        db = sqlite3.connect(
+            path, check_same_thread=False, isolation_level=None, timeout=busy_timeout
+        )
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+    finally:
+        os.umask(previous_umask)
+
+
+def create_schema(path: Path) -> None:
+    """Create the file, its tables and the columns added since (idempotent)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    db = _connect(path, "FULL", BUSY_TIMEOUT)
+    try:
+        db.executescript(_SCHEMA)
+        for table, column, definition in _ADDED_COLUMNS:
+            present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    finally:
+        db.close()
+
+
+class _Repository:
+    """One connection and its lock; every call takes the lock at most ``busy_timeout``."""
+
+    synchronous = "FULL"
+
+    def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
+        self.path = path
+        self._busy_timeout = busy_timeout
+        self._lock = threading.Lock()
+        try:
+            self._db = _connect(path, self.synchronous, busy_timeout)
+        except sqlite3.Error as problem:
+            raise SQLiteStoreUnavailable(str(problem)) from problem
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        """This connection's turn, waited for at most the busy timeout.
+
+        Without the bound, calls queue behind one that waits on another process's lock,
+        and a login would wait as long as that lock lasts instead of failing (454).
+        """
+        if not self._lock.acquire(timeout=self._busy_timeout):
+            raise SQLiteStoreUnavailable("the device store is busy")
+        try:
+            yield self._db
+        except SQLiteStoreUnavailable:
+            raise
+        except sqlite3.Error as problem:
+            raise SQLiteStoreUnavailable(str(problem)) from problem
+        finally:
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, its write lock taken before the first read."""
+        with self._locked() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._locked() as db:
+            db.close()
+
+
+_R = TypeVar("_R", bound=_Repository)
+
+
+def _no_hook() -> None:
+    pass
+
+
+@implementer(IDeviceRegistry)
+class SQLiteDeviceRegistry(_Repository):
+    def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
+        super().__init__(path, busy_timeout)
+        # For the conformance tests: runs inside ``register``, between its reads and its
+        # write, where a race would have to strike.
+        self.between_read_and_write: Callable[[], None] = _no_hook
+
+    @staticmethod
+    def _device(db: sqlite3.Connection, account: str, device_key: str) -> Device | None:
+        row = db.execute(
+            "SELECT * FROM devices WHERE account=? AND device_key=?", (account, device_key)
+        ).fetchone()
+        return Device(**dict(row)) if row else None
+
+    def get(self, account: str, device_key: str) -> Device | None:
+        with self._locked() as db:
+            return self._device(db, account, device_key)
+
+    def register(
+        self, account: str, device_key: str, type: str, network: str, eligible: bool
+    ) -> tuple[Device, bool]:
+        now = time.time()
+        with self._transaction() as db:
+            existing = self._device(db, account, device_key)
+            first = (
+                existing is None
+                and eligible
+                and db.execute(
+                    "SELECT 1 FROM devices WHERE account=? AND state IN (?, ?) LIMIT 1",
+                    (account, TRUSTED, REVOKED),
+                ).fetchone()
+                is None
+            )
+            self.between_read_and_write()
+            if existing is None:
+                db.execute(
+                    "INSERT INTO devices (account, device_key, type, state, first_seen,"
+                    " last_seen, last_network) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (account, device_key, type, TRUSTED if first else PENDING, now, now, network),
+                )
+            else:
+                db.execute(
+                    "UPDATE devices SET last_seen=?, last_network=? WHERE account=? AND"
+                    " device_key=?",
+                    (now, network, account, device_key),
+                )
+            device = self._device(db, account, device_key)
+        assert device is not None
+        return device, existing is None
+
+    def login(self, account: str, device_key: str, network: str, region: str) -> None:
+        now = time.time()
+        with self._locked() as db:
+            db.execute(
+                "UPDATE devices SET logins=logins+1, last_seen=?, last_network=?, last_login=?,"
+                " last_region=? WHERE account=? AND device_key=?",
+                (now, network, now, region, account, device_key),
+            )
+
+    def add_trusted(self, account: str, device_key: str, type: str, label: str = "") -> Device:
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO devices (account, device_key, type, state, label, first_seen,"
+                " last_seen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(account, device_key)"
+                " DO UPDATE SET state=excluded.state, label=excluded.label",
+                (account, device_key, type, TRUSTED, label, now, now),
+            )
+            device = self._device(db, account, device_key)
+        assert device is not None
+        return device
+
+    def _change(self, account: str, fingerprint: str, column: str, value: str) -> Device:
+        """Set one column of the one device matching the fingerprint prefix."""
+        prefix = parse_fingerprint(fingerprint)
+        with self._transaction() as db:
+            keys = [
+                row[0]
+                for row in db.execute(
+                    "SELECT device_key FROM devices WHERE account=? AND substr(device_key, 1, ?)=?",
+                    (account, len(prefix), prefix),
+                )
+            ]
+            if len(keys) != 1:
+                what = "no device" if not keys else f"{len(keys)} devices"
+                raise DeviceNotFound(f"{what} of {account} match fingerprint {prefix}")
+            # Only the two fixed column names below reach the SQL text.
+            db.execute(
+                f"UPDATE devices SET {column}=? WHERE account=? AND device_key=?",  # noqa: S608
+                (value, account, keys[0]),
+            )
+            device = self._device(db, account, keys[0])
+        assert device is not None
+        return device
+
+    def set_state(self, account: str, fingerprint: str, state: str) -> Device:
+        if state not in STATES:
+            raise ValueError(f"unknown device state {state!r}")
+        return self._change(account, fingerprint, "state", state)
+
+    def set_label(self, account: str, fingerprint: str, label: str) -> Device:
+        return self._change(account, fingerprint, "label", label)
+
+    def devices_of(self, account: str) -> list[Device]:
+        with self._locked() as db:
+            rows = db.execute(
+                "SELECT * FROM devices WHERE account=? ORDER BY first_seen", (account,)
+            ).fetchall()
+        return [Device(**dict(row)) for row in rows]
+
+    def delete_account(self, account: str) -> int:
+        with self._locked() as db:
+            return db.execute("DELETE FROM devices WHERE account=?", (account,)).rowcount
+
+
+@implementer(IAuditStore)
+class SQLiteAuditStore(_Repository):
+    def add_audit(self, entries: list[AuditEntry]) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (e.time, e.account, e.fingerprint, e.network, e.outcome, e.reason)
+                    for e in entries
+                ],
+            )
+
+    def prune_audit(self, before: float) -> int:
+        with self._locked() as db:
+            return db.execute("DELETE FROM audit WHERE time < ?", (before,)).rowcount
+
+    def audit(
+        self,
+        account: str | None = None,
+        fingerprint: str | None = None,
+        since: float | None = None,
+        limit: int = 1000,
+    ) -> list[AuditEntry]:
+        # Only fixed condition strings are joined into the SQL; values go in as parameters.
+        where: list[str] = ["1=1"]
+        args: list[object] = []
+        if account is not None:
+            where.append("account = ?")
+            args.append(account)
+        if fingerprint is not None:
+            prefix = parse_fingerprint(fingerprint)
+            where.append("substr(fingerprint, 1, ?) = ?")
+            args += [len(prefix), prefix]
+        if since is not None:
+            where.append("time >= ?")
+            args.append(since)
+        sql = f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY time DESC LIMIT ?"  # noqa: S608
+        with self._locked() as db:
+            rows = db.execute(sql, (*args, limit)).fetchall()
+        return [AuditEntry(**dict(row)) for row in reversed(rows)]
+
+
+@implementer(IBudgetStore)
+class SQLiteBudgetStore(_Repository):
+    # A budget is not worth an fsync per login; WAL still keeps the table consistent.
+    synchronous = "NORMAL"
+
+    def _rows(self, db: sqlite3.Connection, keys: list[str]) -> dict[str, BudgetRow | None]:
+        marks = ",".join("?" * len(keys))
+        sql = f"SELECT key, tokens, updated FROM throttle WHERE key IN ({marks})"  # noqa: S608
+        return {key: (tokens, updated) for key, tokens, updated in db.execute(sql, keys)}
+
+    def _apply(
+        self, budgets: Mapping[str, Budget], now: float, change: float
+    ) -> tuple[bool, dict[str, BudgetRow]]:
+        if not budgets:
+            return True, {}
+        with self._transaction() as db:
+            applied, rows = change_budgets(budgets, self._rows(db, list(budgets)), now, change)
+            if applied:
+                db.executemany(
+                    "INSERT OR REPLACE INTO throttle VALUES (?, ?, ?)",
+                    [(key, tokens, updated) for key, (tokens, updated) in rows.items()],
+                )
+        return applied, rows
+
+    def take(self, budgets: Mapping[str, Budget], now: float) -> tuple[bool, dict[str, BudgetRow]]:
+        return self._apply(budgets, now, -1.0)
+
+    def refund(self, budgets: Mapping[str, Budget], now: float) -> dict[str, BudgetRow]:
+        return self._apply(budgets, now, +1.0)[1]
+
+    def prune(self, kinds: Mapping[str, Budget], now: float) -> int:
+        with self._transaction() as db:
+            stale = []
+            for key, tokens, updated in db.execute("SELECT key, tokens, updated FROM throttle"):
+                budget = kinds.get(key.partition(":")[0])
+                if budget is None or budget.level(tokens, now - updated) >= budget.burst:
+                    stale.append((key,))
+            db.executemany("DELETE FROM throttle WHERE key = ?", stale)
+        return len(stale)
+
+    def save(self, rows: list[tuple[str, float, float]]) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM throttle")
+            db.executemany("INSERT INTO throttle VALUES (?, ?, ?)", rows)
+
+    def load(self) -> list[tuple[str, float, float]]:
+        with self._locked() as db:
+            return [
+                (key, tokens, updated)
+                for key, tokens, updated in db.execute("SELECT key, tokens, updated FROM throttle")
+            ]
+
+
+@implementer(IApprovalCodes)
+class SQLiteApprovalCodes(_Repository):
+    def add_approval_code(
+        self, code_hash: str, account: str, device_key: str, expires: float
+    ) -> None:
+        with self._locked() as db:
+            db.execute(
+                "INSERT INTO approval_codes VALUES (?, ?, ?, ?, NULL)",
+                (code_hash, account, device_key, expires),
+            )
+
+    def redeem_approval_code(self, code_hash: str, account: str, now: float) -> str | None:
+        with self._locked() as db:
+            row = db.execute(
+                "UPDATE approval_codes SET used=? WHERE code_hash=? AND account=? AND used IS NULL"
+                " AND expires > ? RETURNING device_key",
+                (now, code_hash, account, now),
+            ).fetchone()
+        return str(row[0]) if row else None
+
+
+@implementer(ISharedDeviceStore)
+class SQLiteSharedDevices(_Repository):
+    # Sightings are a heuristic's counters, not worth an fsync per login attempt.
+    synchronous = "NORMAL"
+
+    def saw(self, device_key: str, account: str, now: float, window: float) -> int:
+        with self._transaction() as db:
+            # Every expired sighting goes (by the index on time), so the table holds at
+            # most one window's worth of attempts.
+            db.execute("DELETE FROM device_sightings WHERE seen < ?", (now - window,))
+            db.execute(
+                "INSERT INTO device_sightings VALUES (?, ?, ?) ON CONFLICT(device_key, account)"
+                " DO UPDATE SET seen=max(seen, excluded.seen)",
+                (device_key, account, now),
+            )
+            row = db.execute(
+                "SELECT COUNT(*) FROM device_sightings WHERE device_key=?", (device_key,)
+            ).fetchone()
+        return int(row[0])
+
+    def flag(self, device_key: str, accounts: int, now: float) -> bool:
+        with self._locked() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO shared_devices VALUES (?, ?, ?)",
+                (device_key, now, accounts),
+            )
+        return cursor.rowcount == 1
+
+    def is_flagged(self, device_key: str) -> bool:
+        with self._locked() as db:
+            row = db.execute(
+                "SELECT 1 FROM shared_devices WHERE device_key=?", (device_key,)
+            ).fetchone()
+        return row is not None
+
+    def unflag(self, fingerprint: str) -> int:
+        prefix = parse_fingerprint(fingerprint)
+        with self._transaction() as db:
+            keys = [
+                (row[0],)
+                for row in db.execute(
+                    "DELETE FROM shared_devices WHERE substr(device_key, 1, ?)=?"
+                    " RETURNING device_key",
+                    (len(prefix), prefix),
+                ).fetchall()
+            ]
+            # Counting starts afresh: the accounts tried before the flag was cleared are
+            # what the operator just forgave.
+            db.executemany("DELETE FROM device_sightings WHERE device_key=?", keys)
+        return len(keys)
+
+
+def open_sqlite_stores(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> Stores:
+    """Every repository on the one file at ``path`` (created if missing)."""
+    try:
+        create_schema(path)
+    except sqlite3.Error as problem:
+        raise SQLiteStoreUnavailable(str(problem)) from problem
+    with contextlib.ExitStack() as undo:  # a connection that fails closes those before it
+
+        def opened(repository: _R) -> _R:
+            undo.callback(repository.close)
+            return repository
+
+        stores = Stores(
+            opened(SQLiteDeviceRegistry(path, busy_timeout)),
+            opened(SQLiteAuditStore(path, busy_timeout)),
+            opened(SQLiteBudgetStore(path, busy_timeout)),
+            opened(SQLiteApprovalCodes(path, busy_timeout)),
+            opened(SQLiteSharedDevices(path, busy_timeout)),
+        )
+        undo.pop_all()
+    return stores
