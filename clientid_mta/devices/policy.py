@@ -1,4 +1,4 @@
-"""The device policy: may this device use this account? (DESIGN.md, "Device policy").
+"""The device policy: may this device use this account? (docs/architecture.md).
 
 Asked only after the password was verified. Blocking (it reads and writes the store,
 and may deliver a notice), so the checker runs it in a thread.

@@ -1,6 +1,6 @@
 """The device registry and its companions: audit log, throttle state, approval codes.
 
-Kept apart from the password file, keyed by account (CONFORMANCE C15). Tokens are
+Kept apart from the password file, keyed by account (docs/conformance.md, C15). Tokens are
 never stored: a row holds the HMAC device key (see clientid.device_key), and approval
 codes are kept as SHA-256 hashes. Calls are synchronous and short; the server runs
 them in a thread, the admin command directly. SQLite in WAL mode, so the admin command
