@@ -1,4 +1,4 @@
-"""CONFORMANCE.md rows C1..C16: the CLIENTID extension on the wire.
+"""docs/conformance.md, rows C1..C16: the CLIENTID extension on the wire.
 
 Every test talks to a real server over real sockets and TLS with the raw ``Wire``
 client, so that reply codes and enhanced status codes are checked exactly.

@@ -1,4 +1,4 @@
-"""Issue 6 point 5: floods and slow clients, small enough for CI (CONFORMANCE S8, S13).
+"""Issue 6 point 5: floods and slow clients, small enough for CI (docs/conformance.md, S8, S13).
 
 - hundreds of connections that never speak: the ones over the per-address or overall cap
   get ``421 4.7.0`` and are closed, the others time out with ``421 4.4.2``;

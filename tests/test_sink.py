@@ -1,5 +1,5 @@
 """The relay's test peers themselves: the SMTP sink (tests/sink.py) and the DNS server
-(tests/dnsserver.py). They cover no CONFORMANCE row; they make sure the peers the relay's
+(tests/dnsserver.py). They cover no docs/conformance.md row; they make sure the peers the relay's
 end-to-end tests rely on behave as scripted."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 6 point 4: SMTP smuggling and injection (CONFORMANCE S2, S4, S10, S15, C5, C14).
+"""Issue 6 point 4: SMTP smuggling and injection (docs/conformance.md, S2, S4, S10, S15, C5, C14).
 
 Builds on tests/test_conformance_submission.py, which already sends the odd endings in
 the middle of a body (S10) and a few commands pipelined after STARTTLS (S2). Here:

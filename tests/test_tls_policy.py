@@ -6,7 +6,7 @@ start with one sentence naming it; SIGHUP reloads certificate and key without dr
 sessions, and a broken new pair leaves the old one in use; Debian's testssl.sh rates no
 protocol or cipher weak.
 
-No CONFORMANCE row covers TLS policy (S1 only names the two ports), so the tests are named
+No docs/conformance.md row covers TLS policy (S1 only names the two ports), so the tests are named
 ``I6_3`` after the issue point.
 
 Clients: ``openssl s_client`` for what the local OpenSSL can still offer, and a hand-built

@@ -83,7 +83,7 @@ def _unavailable(failure: Failure) -> Failure:
 class ClientIdChecker:
     """Password hash AND device policy AND the abuse defences.
 
-    Order (docs/architecture.md, the path of one message): the device's failure budget
+    Order (docs/architecture.md, "The path of one message"): the device's failure budget
     is checked on the reactor, at the cost of a dict look-up; the account's budget,
     the password hash, the policy and the notices run in a thread. Any refusal is one
     ``UnauthorizedLogin``; a spent budget is ``LoginThrottled``. The verdict is left

@@ -1,4 +1,4 @@
-"""Durable Maildir delivery (CONFORMANCE S11).
+"""Durable Maildir delivery (docs/conformance.md, S11).
 
 A message is written to ``tmp/``, then fsynced, renamed into ``new/``, and ``new/``
 is fsynced: only then does the caller reply 250. A crash at any moment leaves either

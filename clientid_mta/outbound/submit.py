@@ -3,7 +3,7 @@
 All remote recipients of one transaction share one ``OutboundMessage``, so the queue
 holds one copy per message. The message is signed with DKIM (when a key exists for
 the domain of its ``From:`` address) before it is committed, and ``eomReceived``
-fires only once the entry is durable: the 250 follows it (CONFORMANCE S11).
+fires only once the entry is durable: the 250 follows it (docs/conformance.md, S11).
 """
 
 from __future__ import annotations

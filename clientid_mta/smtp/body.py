@@ -1,4 +1,4 @@
-"""Reading one DATA block (CONFORMANCE S7, S8, S10).
+"""Reading one DATA block (docs/conformance.md, S7, S8, S10).
 
 The only end of data is ``CRLF . CRLF``. Lines are split on CRLF alone: a bare CR or
 LF stays inside its line, where it is detected and the message refused, so no

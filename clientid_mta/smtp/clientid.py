@@ -1,6 +1,6 @@
 """The CLIENTID command: its grammar (draft section 5), the identity value, and the keyed hash.
 
-The token is a secret (CONFORMANCE C14). ``ClientIdentity`` never shows it in repr
+The token is a secret (docs/conformance.md, C14). ``ClientIdentity`` never shows it in repr
 or str, and everything that persists or logs uses ``device_key``/``fingerprint``:
 HMAC-SHA256(server key, TYPE ":" token), never the token itself.
 """

@@ -3,7 +3,7 @@
 Built on ``twisted.mail.smtp.ESMTP`` for its vocabulary (``IMessageDelivery``,
 ``IMessage``, ``Address``/``User``, the ``do_<VERB>`` dispatch), but it replaces the
 input path and every command handler, because Twisted 26.10's versions are unsafe
-(DESIGN.md, "Twisted: what to keep, what to replace"):
+(docs/architecture.md, "The Twisted defects we override"):
 
 - input is framed by a bounded buffer of our own: over-long lines are answered and
   skipped, never buffered without limit, and DATA is never re-read as commands;
@@ -13,7 +13,7 @@ input path and every command handler, because Twisted 26.10's versions are unsaf
 - the session knows it is encrypted from its own flag, also on implicit TLS (S1);
 - AUTH is our own PLAIN/LOGIN decoder: every malformed input gets a reply (S4).
 
-The CONFORMANCE.md row ids are given where a rule is implemented.
+The row ids of docs/conformance.md are given where a rule is implemented.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Decoding SASL PLAIN and LOGIN responses (RFC 4616, RFC 4954).
 
 Pure functions: every malformed input raises ``SaslError`` with the reply text, and
-nothing else, so the protocol can always answer (CONFORMANCE S4).
+nothing else, so the protocol can always answer (docs/conformance.md, S4).
 """
 
 from __future__ import annotations
