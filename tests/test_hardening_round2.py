@@ -392,6 +392,8 @@ def test_m4_rewrite_keeps_an_unreadable_line_as_a_comment(
     passwd = passwd_of(config_file)
     passwd.path.parent.mkdir(parents=True, exist_ok=True)
     passwd.path.write_text(f'"x:y"@example.org:{{ARGON2ID}}h\n{ALICE}:{{ARGON2ID}}a\n')
+    run_admin(config_file, "user", "list")
+    assert "line 1" in capsys.readouterr().err
     run_admin(config_file, "user", "add", BOB, stdin="pw\n")
     assert "line 1" in capsys.readouterr().err
     run_admin(config_file, "user", "send-as", BOB, "sales@example.org")

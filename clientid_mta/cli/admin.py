@@ -21,6 +21,7 @@ from clientid_mta.auth.passwd_file import (
     Account,
     PasswdFile,
     PasswdFileError,
+    UnreadableLine,
     address_problem,
     hash_password,
     normalise_address,
@@ -105,22 +106,32 @@ class Admin:
         except PasswdFileError as problem:
             raise AdminError(f"cannot write {address}: {problem}; nothing was changed") from None
 
-    def _kept_lines(self) -> list[str]:
-        """Comments for the lines of the file the server skips, with a warning each."""
+    def _passwd_bytes(self) -> bytes:
         try:
-            data = self.passwd.path.read_bytes()
+            return self.passwd.path.read_bytes()
         except FileNotFoundError:
-            return []
+            return b""
+
+    def _warn_unreadable(self, data: bytes, consequence: str) -> list[UnreadableLine]:
+        """The lines the server skips, each with a warning: the server's own warning is
+        in its log, which whoever runs this command may not be reading."""
+        unreadable = parse_accounts(data)[1]
+        for line in unreadable:
+            print(
+                f"clientid-mta: warning: {self.passwd.path} {line.reason}: {consequence}",
+                file=sys.stderr,
+            )
+        return unreadable
+
+    def _kept_lines(self) -> list[str]:
+        """Comments for the lines of the file the server skips (see KEPT_PREFIX)."""
+        data = self._passwd_bytes()
         kept = [
             line
             for line in data.decode("utf-8", "backslashreplace").splitlines()
             if line.startswith(KEPT_PREFIX)
         ]
-        for line in parse_accounts(data)[1]:
-            print(
-                f"clientid-mta: warning: {self.passwd.path} {line.reason}: kept as a comment",
-                file=sys.stderr,
-            )
+        for line in self._warn_unreadable(data, "kept as a comment"):
             kept.append(KEPT_PREFIX + _printable(line.text))
         return kept
 
@@ -163,6 +174,7 @@ class Admin:
         print(f"deleted {account.address} and its {removed} device record(s)", file=self.out)
 
     def user_list(self) -> None:
+        self._warn_unreadable(self._passwd_bytes(), "skipped")
         for account in self.passwd.accounts():
             extra = f"  send-as: {','.join(sorted(account.send_as))}" if account.send_as else ""
             print(f"{account.address}{extra}", file=self.out)

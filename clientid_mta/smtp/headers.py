@@ -104,20 +104,22 @@ def tokenize(text: str) -> list[Token]:
     return tokens
 
 
-def _local_part(words: list[Token]) -> str:
-    """word *("." word), as one string; quoted only where a dot-atom cannot say it."""
-    parts: list[str] = []
+def _dotted(words: list[Token], kinds: tuple[str, ...], what: str) -> list[str]:
+    """The values of ``word *("." word)``, each word of one of ``kinds``."""
+    values: list[str] = []
     for index, (kind, value) in enumerate(words):
-        if index % 2:
-            if (kind, value) != (_SPECIAL, "."):
-                raise HeaderSyntaxError("malformed local part")
-        elif kind in (_ATOM, _QUOTED):
-            parts.append(value)
-        else:
-            raise HeaderSyntaxError("malformed local part")
-    if not parts or len(words) % 2 == 0:
-        raise HeaderSyntaxError("malformed local part")
-    local = ".".join(parts)
+        if index % 2 == 0 and kind in kinds:
+            values.append(value)
+        elif index % 2 == 0 or (kind, value) != (_SPECIAL, "."):
+            raise HeaderSyntaxError(f"malformed {what}")
+    if not values or len(words) % 2 == 0:
+        raise HeaderSyntaxError(f"malformed {what}")
+    return values
+
+
+def _local_part(words: list[Token]) -> str:
+    """The local part as one string, quoted only where a dot-atom cannot say it."""
+    local = ".".join(_dotted(words, (_ATOM, _QUOTED), "local part"))
     if _DOT_ATOM.match(local):
         return local
     return '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -126,18 +128,7 @@ def _local_part(words: list[Token]) -> str:
 def _domain(words: list[Token]) -> str:
     if len(words) == 1 and words[0][0] == _LITERAL:
         return f"[{words[0][1]}]"
-    labels: list[str] = []
-    for index, (kind, value) in enumerate(words):
-        if index % 2:
-            if (kind, value) != (_SPECIAL, "."):
-                raise HeaderSyntaxError("malformed domain")
-        elif kind == _ATOM:
-            labels.append(value)
-        else:
-            raise HeaderSyntaxError("malformed domain")
-    if not labels or len(words) % 2 == 0:
-        raise HeaderSyntaxError("malformed domain")
-    return ".".join(labels)
+    return ".".join(_dotted(words, (_ATOM,), "domain"))
 
 
 def _addr_spec(tokens: list[Token]) -> str:
