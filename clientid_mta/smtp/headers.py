@@ -149,6 +149,13 @@ def _angle_addr(tokens: list[Token]) -> str:
     return _addr_spec(tokens)
 
 
+def _is_display_name(phrase: list[Token]) -> bool:
+    """Words and dots only (obs-phrase). An unquoted '@' or a [literal] there (``bob@x
+    <alice@y>``) is not RFC 5322, and readers then show or take an address we did not
+    check."""
+    return all(kind in (_ATOM, _QUOTED) or value == "." for kind, value in phrase)
+
+
 _STOPS = frozenset({(_SPECIAL, "<"), (_SPECIAL, ":"), (_SPECIAL, ","), (_SPECIAL, ";")})
 
 
@@ -181,12 +188,14 @@ def parse_address_list(text: str) -> list[str]:
         phrase = tokens[start:pos]
         stop = tokens[pos] if pos < count else None
         if stop == (_SPECIAL, ":"):  # display-name ":" starts a group
-            if in_group or not phrase or any(kind == _SPECIAL for kind, _ in phrase):
+            if in_group or not phrase or not _is_display_name(phrase):
                 raise HeaderSyntaxError("malformed group")
             in_group = True
             pos += 1
             continue
         if stop == (_SPECIAL, "<"):
+            if not _is_display_name(phrase):
+                raise HeaderSyntaxError("malformed display name")
             close = pos + 1
             while close < count and tokens[close] != (_SPECIAL, ">"):
                 if tokens[close] == (_SPECIAL, "<"):
