@@ -891,7 +891,7 @@ class SubmissionESMTP(smtp.ESMTP):
         authors = body.headers.author_addresses()
         check = getattr(self.delivery, "may_use_header_from", None)
         if authors is not None and check is not None and not check(authors):
-            return 550, "5.7.1 From: header address not owned by you"  # S6
+            return 550, "5.7.1 From:/Sender: header address not owned by you"  # S6
         return None
 
     def _stored(
