@@ -119,7 +119,8 @@ def _address(text: str, lineno: int, account: bool) -> str:
     problem = address_problem(address, account)
     if problem is not None:
         # No text from the line: a mangled line may hold part of a hash here.
-        raise PasswdFileError(f"line {lineno}: {'send-as ' if not account else ''}{problem}")
+        role = "the account" if account else "a send-as address"
+        raise PasswdFileError(f"line {lineno}: {role}: {problem}")
     return address
 
 
