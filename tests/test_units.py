@@ -160,7 +160,7 @@ def test_S6_body_reader_collects_from_header() -> None:
     reader, _lines, _ = read_body(
         [b"From: A <a@Example.org>,\r\n b@example.org\r\nX: y\r\n\r\nFrom: c@d\r\n.\r\n"]
     )
-    assert reader.headers.from_addresses() == ["a@example.org", "b@example.org"]
+    assert reader.headers.author_addresses() == ["a@example.org", "b@example.org"]
 
 
 def test_body_without_headers_is_separated_from_received() -> None:

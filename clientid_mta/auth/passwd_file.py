@@ -9,18 +9,29 @@ use as sender, or ``*`` for any. Schemes: ``{ARGON2ID}`` (what we write) and
 ``{BLF-CRYPT}``/``{BCRYPT}`` (accepted). The file is re-read when it changes, so
 ``clientid-mta user ...`` takes effect on a running server.
 
+Addresses are plain ``local@domain.name`` (a dot-atom local part, no quoting, no
+domain literal), lower case: then no address can hold the ``:`` and ``,`` that
+separate the fields, and every account's local part is a safe Maildir folder name.
+The writer refuses what the reader would not read back identically, and the reader
+skips (and logs) a line it cannot read instead of failing the whole file.
+
 Hash verification is slow on purpose: callers run ``verify_password`` in a thread.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import argon2
 import bcrypt
+from twisted.logger import Logger
+
+log = Logger()
 
 _hasher = argon2.PasswordHasher()
 
@@ -82,22 +93,95 @@ def verify_password(stored: str | None, password: str) -> bool:
     return ok and stored is not None
 
 
+_ATOM = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_ADDRESS_RE = re.compile(rf"(?P<local>{_ATOM}(?:\.{_ATOM})*)@{_LABEL}(?:\.{_LABEL})*\Z")
+_HASH_RE = re.compile(r"\{[A-Za-z0-9-]+\}[\x21-\x39\x3b-\x7e]+\Z")  # printable, no ':'
+MAX_ADDRESS = 254
+MAX_LOCALPART = 64
+
+
+def address_problem(address: str, account: bool = False) -> str | None:
+    """Why ``address`` (normalised) cannot be stored, as an account if ``account``
+    (which must also be a mailbox folder and cannot start a comment), or None."""
+    match = _ADDRESS_RE.match(address)
+    if match is None or len(address) > MAX_ADDRESS or len(match["local"]) > MAX_LOCALPART:
+        return "only plain addresses like alice@example.org (no quotes, no [literal])"
+    if account and "/" in match["local"]:
+        return "a '/' cannot be part of a mailbox name"
+    if account and address.startswith("#"):
+        return "an account cannot start with '#'"
+    return None
+
+
+def _address(text: str, lineno: int, account: bool) -> str:
+    address = normalise_address(text)
+    problem = address_problem(address, account)
+    if problem is not None:
+        # No text from the line: a mangled line may hold part of a hash here.
+        role = "the account" if account else "a send-as address"
+        raise PasswdFileError(f"line {lineno}: {role}: {problem}")
+    return address
+
+
 def parse_line(line: str, lineno: int) -> Account | None:
+    """The account on one line, None for a comment or blank line."""
     text = line.strip()
     if not text or text.startswith("#"):
         return None
     fields = text.split(":")
-    if len(fields) < 2 or "@" not in fields[0] or not fields[1].startswith("{"):
+    while len(fields) > 2 and not fields[-1]:
+        fields.pop()  # trailing empty fields say nothing
+    if len(fields) not in (2, 3):
         raise PasswdFileError(f"line {lineno}: expected address:{{SCHEME}}hash[:send-as]")
+    if not _HASH_RE.match(fields[1]):
+        raise PasswdFileError(f"line {lineno}: the hash must look like {{SCHEME}}...")
+    address = _address(fields[0], lineno, account=True)
     send_as = frozenset(
-        normalise_address(a) for a in (fields[2].split(",") if len(fields) > 2 else []) if a.strip()
+        entry if entry == "*" else _address(entry, lineno, account=False)
+        for entry in (a.strip() for a in (fields[2].split(",") if len(fields) > 2 else []))
+        if entry
     )
-    return Account(normalise_address(fields[0]), fields[1], send_as)
+    return Account(address, fields[1], send_as)
 
 
 def format_line(account: Account) -> str:
+    """The account's line; PasswdFileError if the reader would not read it back as is."""
     extra = ":" + ",".join(sorted(account.send_as)) if account.send_as else ""
-    return f"{account.address}:{account.password_hash}{extra}\n"
+    line = f"{account.address}:{account.password_hash}{extra}"
+    if "\n" in line or "\r" in line:
+        raise PasswdFileError(f"{account.address!r}: line breaks cannot be stored")
+    if parse_line(line, 0) != account:  # e.g. upper case, an empty or '*'-like alias
+        raise PasswdFileError(f"{account.address!r}: the account would not read back as given")
+    return line + "\n"
+
+
+@dataclass(frozen=True)
+class UnreadableLine:
+    lineno: int
+    reason: str
+    text: str  # as found, undecodable bytes escaped
+
+
+def parse_accounts(data: bytes) -> tuple[dict[str, Account], list[UnreadableLine]]:
+    """The accounts of a whole file, and the lines that had to be skipped: one bad line
+    (a hand edit, an older writer) must never take the other accounts down with it."""
+    accounts: dict[str, Account] = {}
+    unreadable: list[UnreadableLine] = []
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            account = parse_line(raw.decode("utf-8"), lineno)
+        except UnicodeDecodeError:
+            reason = f"line {lineno}: not UTF-8"
+        except PasswdFileError as problem:
+            reason = str(problem)
+        else:
+            if account is not None:
+                accounts[account.address] = account
+            continue
+        text = raw.rstrip(b"\r").decode("utf-8", "backslashreplace")
+        unreadable.append(UnreadableLine(lineno, reason, text))
+    return accounts, unreadable
 
 
 class PasswdFile:
@@ -122,12 +206,14 @@ class PasswdFile:
             return self._accounts
 
     def _read(self) -> dict[str, Account]:
-        accounts: dict[str, Account] = {}
-        with open(self.path, encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                account = parse_line(line, lineno)
-                if account is not None:
-                    accounts[account.address] = account
+        accounts, unreadable = parse_accounts(self.path.read_bytes())
+        for line in unreadable:  # the reason names the line; never the line (it has a hash)
+            log.warn(
+                "passwd file {path}: skipped {reason}",
+                path=str(self.path),
+                lineno=line.lineno,
+                reason=line.reason,
+            )
         return accounts
 
     def get(self, address: str) -> Account | None:
@@ -141,15 +227,21 @@ class PasswdFile:
 
     # --- writing (the admin command) -------------------------------------------
 
-    def save(self, accounts: list[Account]) -> None:
-        """Replace the file atomically: write, fsync, rename, fsync the folder."""
+    def save(self, accounts: list[Account], comments: Sequence[str] = ()) -> None:
+        """Replace the file atomically: write, fsync, rename, fsync the folder.
+
+        Every line is checked before the file is touched: an account the reader would
+        not read back raises PasswdFileError and the old file stays. ``comments`` are
+        written after the header, each as one ``#`` line.
+        """
+        lines = [format_line(account) for account in sorted(accounts, key=lambda a: a.address)]
+        notes = ["#" + " ".join(c.lstrip("#").splitlines()) + "\n" for c in comments]
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write("# clientid-mta accounts: address:{SCHEME}hash[:send-as]\n")
-            for account in sorted(accounts, key=lambda a: a.address):
-                handle.write(format_line(account))
+            handle.writelines(notes + lines)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, self.path)

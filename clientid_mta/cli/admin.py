@@ -18,7 +18,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO
 
-from clientid_mta.auth.passwd_file import Account, PasswdFile, hash_password, normalise_address
+from clientid_mta.auth.passwd_file import (
+    Account,
+    PasswdFile,
+    PasswdFileError,
+    UnreadableLine,
+    address_problem,
+    hash_password,
+    normalise_address,
+    parse_accounts,
+)
 from clientid_mta.config import Config, ConfigError, load_config
 from clientid_mta.devices.keys import load_or_create_server_key
 from clientid_mta.devices.sqlite_store import open_sqlite_stores
@@ -66,6 +75,24 @@ def _address(text: str) -> str:
     return normalise_address(path.address)
 
 
+def _storable(text: str, account: bool) -> str:
+    """An address the passwd file can hold, as an account (also a Maildir folder) or
+    as a send-as entry; AdminError with one clear line otherwise."""
+    if account or text != "*":
+        address = _address(text)
+        problem = address_problem(address, account)
+        if problem is not None:
+            role = "an account" if account else "a send-as address"
+            raise AdminError(f"{text!r} cannot be {role}: {problem}; nothing was changed")
+        return address
+    return text
+
+
+# Lines of the passwd file the server cannot read are kept, commented out, on a rewrite
+# (never silently dropped: a typo must not cost the account its hash).
+KEPT_PREFIX = "#! unreadable, kept by clientid-mta: "
+
+
 class Admin:
     def __init__(self, config: Config, out: TextIO, stdin: TextIO) -> None:
         self.config = config
@@ -89,16 +116,48 @@ class Admin:
 
     def _replace(self, address: str, account: Account | None) -> None:
         others = [a for a in self.passwd.accounts() if a.address != address]
-        self.passwd.save(others + ([account] if account else []))
+        try:
+            self.passwd.save(others + ([account] if account else []), self._kept_lines())
+        except PasswdFileError as problem:
+            raise AdminError(f"cannot write {address}: {problem}; nothing was changed") from None
+
+    def _passwd_bytes(self) -> bytes:
+        try:
+            return self.passwd.path.read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def _warn_unreadable(self, data: bytes, consequence: str) -> list[UnreadableLine]:
+        """The lines the server skips, each with a warning: the server's own warning is
+        in its log, which whoever runs this command may not be reading."""
+        unreadable = parse_accounts(data)[1]
+        for line in unreadable:
+            print(
+                f"clientid-mta: warning: {self.passwd.path} {line.reason}: {consequence}",
+                file=sys.stderr,
+            )
+        return unreadable
+
+    def _kept_lines(self) -> list[str]:
+        """Comments for the lines of the file the server skips (see KEPT_PREFIX)."""
+        data = self._passwd_bytes()
+        kept = [
+            line
+            for line in data.decode("utf-8", "backslashreplace").splitlines()
+            if line.startswith(KEPT_PREFIX)
+        ]
+        for line in self._warn_unreadable(data, "kept as a comment"):
+            kept.append(KEPT_PREFIX + _printable(line.text))
+        return kept
 
     # --- users -------------------------------------------------------------------
 
     def user_add(self, address: str, send_as: list[str]) -> None:
-        address = _address(address)
+        address = _storable(address, account=True)
         if self.passwd.get(address) is not None:
             raise AdminError(f"{address} exists already; change its password with: user passwd")
+        aliases = frozenset(_storable(a, account=False) for a in send_as)
         password = _read_secret("Password", True, self.stdin)
-        aliases = frozenset(a if a == "*" else _address(a) for a in send_as)
         self._replace(address, Account(address, hash_password(password), aliases))
         print(f"added {address}", file=self.out)
 
@@ -112,7 +171,7 @@ class Admin:
 
     def user_send_as(self, address: str, send_as: list[str]) -> None:
         account = self._existing(_address(address))
-        aliases = frozenset(a if a == "*" else _address(a) for a in send_as)
+        aliases = frozenset(_storable(a, account=False) for a in send_as)
         self._replace(account.address, Account(account.address, account.password_hash, aliases))
         print(
             f"{account.address} may send as: {', '.join(sorted(aliases)) or '(itself only)'}",
@@ -127,6 +186,7 @@ class Admin:
         print(f"deleted {account.address} and its {removed} device record(s)", file=self.out)
 
     def user_list(self) -> None:
+        self._warn_unreadable(self._passwd_bytes(), "skipped")
         for account in self.passwd.accounts():
             extra = f"  send-as: {','.join(sorted(account.send_as))}" if account.send_as else ""
             print(f"{account.address}{extra}", file=self.out)

@@ -112,8 +112,10 @@ class AccountDelivery:
         return factory
 
     def may_use_header_from(self, addresses: Iterable[str]) -> bool:
-        """The From: header check at end of DATA (S6)."""
-        return all(self.account.may_send_as(a) for a in addresses)
+        """The author check at end of DATA (S6): every address of From:, Sender:,
+        Resent-From: and Resent-Sender: is the account's own or in its send-as list."""
+        addresses = list(addresses)
+        return bool(addresses) and all(self.account.may_send_as(a) for a in addresses)
 
 
 def delivery_factory(

@@ -1,4 +1,4 @@
-"""Reading one DATA block (docs/conformance.md, S7, S8, S10).
+"""Reading one DATA block (docs/conformance.md, rows S6, S7, S8, S10).
 
 The only end of data is ``CRLF . CRLF``. Lines are split on CRLF alone: a bare CR or
 LF stays inside its line, where it is detected and the message refused, so no
@@ -15,56 +15,124 @@ parser fuzz tests hold both paths to the same reference framer.
 
 from __future__ import annotations
 
-import email.utils
 from collections.abc import Callable
 
+from clientid_mta.smtp.headers import HeaderSyntaxError, parse_address_list
+
+# A From:, Sender: or Resent-From: field longer than this is refused, not cut: the
+# ownership check must see every address a mail reader will show.
 MAX_FROM_FIELD = 8192
+# Resent-From: may repeat (one per resending); more than this is no real message.
+MAX_SENDER_FIELDS = 16
+
+# The fields whose addresses must belong to the account (S6), and whether a message
+# may carry more than one of them (RFC 5322 section 3.6).
+_CHECKED_FIELDS = {b"from": False, b"sender": False, b"resent-from": True, b"resent-sender": True}
+_FTEXT = frozenset(range(33, 127)) - {ord(":")}
+
+
+def field_name(line: bytes) -> bytes | None:
+    """The lower-cased name of the field ``line`` starts, or None if it starts none.
+
+    White space between the name and the colon is allowed (RFC 5322 obs-optional):
+    mail readers take ``From : x`` for a From: field, so the check must too.
+    """
+    name, colon, _ = line.partition(b":")
+    name = name.rstrip(b" \t")
+    if not colon or not name or not _FTEXT.issuperset(name):
+        return None
+    return name.lower()
+
+
+def looks_like_header(line: bytes) -> bool:
+    return field_name(line) is not None
 
 
 class HeaderScanner:
-    """Watches the header section for the From: field (for the S6 check)."""
+    """Watches the header section for the fields that name the author (S6).
+
+    Each watched field is unfolded, kept up to ``MAX_FROM_FIELD`` bytes and parsed when
+    it ends, so memory stays bounded whatever the client sends. ``refusal`` says why
+    the section cannot be checked; ``author_addresses`` lists what must be owned.
+    """
 
     def __init__(self) -> None:
         self.in_headers = True
         self.first_line = True
-        self._from: bytearray | None = None
-        self._collecting = False
+        self._field: bytes | None = None  # the watched field being read, if any
+        self._value = bytearray()
+        self._seen: dict[bytes, int] = {}
+        self._addresses: list[str] = []
+        self._refusal: tuple[int, str] | None = None
 
     def line(self, line: bytes) -> None:
         if not self.in_headers:
             return
-        self.first_line = False
-        if not line:
-            self.in_headers = False
-            return
-        if line[:1] in (b" ", b"\t"):
-            if self._collecting and self._from is not None:
+        first, self.first_line = self.first_line, False
+        if line[:1] in (b" ", b"\t") and not first:
+            if self._field is not None:
                 self._append(line)
             return
-        self._collecting = line[:5].lower() == b"from:"
-        if self._collecting:
-            if self._from is None:
-                self._from = bytearray()
-            else:
-                self._from += b","  # a second From: field: check its addresses too
-            self._append(line[5:])
+        self._finish_field()
+        name = field_name(line)
+        if not line or (first and name is None):
+            # The end of the header section, or a message without one (the protocol
+            # puts an empty line before it: it is all body).
+            self.in_headers = False
+            return
+        if name in _CHECKED_FIELDS:
+            self._start_field(name, line.partition(b":")[2])
+
+    def _start_field(self, name: bytes, value: bytes) -> None:
+        seen = self._seen[name] = self._seen.get(name, 0) + 1
+        shown = name.decode().title()
+        if seen > 1 and not _CHECKED_FIELDS[name]:
+            self._refuse(550, f"5.6.0 More than one {shown}: field")
+        elif sum(self._seen.values()) > MAX_SENDER_FIELDS:
+            self._refuse(550, "5.6.0 Too many sender fields")
+        self._field = name
+        self._value = bytearray()
+        self._append(value)
 
     def _append(self, data: bytes) -> None:
-        assert self._from is not None
-        room = MAX_FROM_FIELD - len(self._from)
-        self._from += data[: max(room, 0)]
+        room = MAX_FROM_FIELD + 1 - len(self._value)
+        if room > 0:
+            self._value += data[:room]
 
-    def from_addresses(self) -> list[str] | None:
-        """Addresses in From: (lower-cased), None if there was no From: field."""
-        if self._from is None:
-            return None
-        text = self._from.decode("ascii", "replace")
-        return [addr.lower() for _name, addr in email.utils.getaddresses([text]) if addr]
+    def _finish_field(self) -> None:
+        name, self._field = self._field, None
+        if name is None or self._refusal is not None:
+            return
+        shown = name.decode().title()
+        if len(self._value) > MAX_FROM_FIELD:
+            # 5.7.1, not 552: the message is within SIZE; what fails is the ownership
+            # check, which will not pass a field it could not read to its end.
+            self._refuse(550, f"5.7.1 {shown}: field too long to check")
+            return
+        try:
+            addresses = parse_address_list(self._value.decode("utf-8", "replace"))
+        except HeaderSyntaxError as bad:
+            self._refuse(550, f"5.6.0 Malformed {shown}: field: {bad}")
+            return
+        if not addresses or (name in (b"sender", b"resent-sender") and len(addresses) != 1):
+            self._refuse(550, f"5.6.0 Malformed {shown}: field")
+            return
+        self._addresses.extend(addresses)
 
+    def _refuse(self, code: int, text: str) -> None:
+        if self._refusal is None:
+            self._refusal = (code, text)
 
-def looks_like_header(line: bytes) -> bool:
-    name, colon, _ = line.partition(b":")
-    return bool(colon) and bool(name) and b" " not in name and b"\t" not in name
+    def refusal(self) -> tuple[int, str] | None:
+        """Why the author fields cannot be accepted (read once the data has ended)."""
+        self._finish_field()
+        return self._refusal
+
+    def author_addresses(self) -> list[str] | None:
+        """Every address of From:, Sender:, Resent-From: and Resent-Sender: (lower case),
+        None if the message has none of these fields."""
+        self._finish_field()
+        return list(self._addresses) if self._seen else None
 
 
 class BodyReader:

@@ -885,10 +885,13 @@ class SubmissionESMTP(smtp.ESMTP):
             return 500, "5.5.2 Line too long"  # S8
         if body.bare_newline:
             return 550, "5.6.0 Bare CR or LF in message; use CRLF line endings"  # S10
-        authors = body.headers.from_addresses()
+        refusal = body.headers.refusal()  # malformed, duplicate or over-long author field
+        if refusal is not None:
+            return refusal
+        authors = body.headers.author_addresses()
         check = getattr(self.delivery, "may_use_header_from", None)
-        if authors is not None and check is not None and not (authors and check(authors)):
-            return 550, "5.7.1 From: header address not owned by you"  # S6
+        if authors is not None and check is not None and not check(authors):
+            return 550, "5.7.1 From:/Sender: header address not owned by you"  # S6
         return None
 
     def _stored(
