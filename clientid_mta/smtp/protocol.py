@@ -933,26 +933,16 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
             if storage_failed:
                 self.reply(*LOCAL_ERROR)
                 return None
-            messages, results = list(unsettled), []
-            while unsettled:
-                results.append(self._store(unsettled.pop(0)))
+            # A store that raises at once fails like one that fails later: ``_stored``
+            # discards every copy whose store failed.
+            results = [defer.maybeDeferred(message.eomReceived) for message in unsettled]
+            messages, unsettled = unsettled, []
         finally:
             for message in unsettled:
                 _discard(message)
         stored = defer.DeferredList(results, consumeErrors=True)
         stored.addCallback(self._stored, messages, message_id, sender, recipients, body.size)
         return stored
-
-    @staticmethod
-    def _store(message: IMessageSMTP) -> defer.Deferred[Any]:
-        """``eomReceived``; a message whose store raised at once is discarded here."""
-        try:
-            result = message.eomReceived()
-        except Exception:
-            failed: defer.Deferred[Any] = defer.fail()
-            _discard(message)  # it never began storing: nothing else closes its file
-            return failed
-        return result if isinstance(result, defer.Deferred) else defer.succeed(result)
 
     def _refusal(self, body: BodyReader) -> tuple[int, str] | None:
         if body.too_big:
@@ -987,7 +977,8 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         failures = [result for ok, result in results if not ok]
         for (ok, _result), message in zip(results, messages, strict=True):
             if not ok:
-                _discard(message)  # its store has finished failing: drop what it left
+                # Its store has finished failing (or never began): drop what it left open.
+                _discard(message)
         if failures:
             # One line for the message, not a traceback per recipient.
             log.error(
