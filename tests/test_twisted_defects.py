@@ -1,5 +1,5 @@
-"""The defects of Twisted 26.10's stock ``twisted.mail.smtp.ESMTP`` that SubmissionESMTP overrides
-(DESIGN.md, "Twisted: what to keep, what to replace").
+"""The defects of Twisted 26.10's stock ``twisted.mail.smtp.ESMTP``, the reason SubmissionESMTP is a
+protocol of its own rather than a subclass of it.
 
 Each defect has ONE check: a function that drives a server over a real socket and says whether
 the server behaved as CONFORMANCE.md requires. Every check runs twice:
