@@ -957,7 +957,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
             log.warn(
                 "unreadable From: header in session {session}: {problem}",
                 session=self.session_id,
-                problem=_describe(problem),
+                problem=type(problem).__name__,  # its text may quote the message
             )
             return 550, "5.6.0 Malformed From: header"
         check = getattr(self.delivery, "may_use_header_from", None)
