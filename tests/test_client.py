@@ -20,10 +20,12 @@ from typing import Any, BinaryIO, cast
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import formatEvent, globalLogPublisher
 
 from clientid_mta.client.submit import (
+    QUIT_WAIT,
     ConnectionFailed,
     DataEncoder,
     RecipientResult,
@@ -641,6 +643,67 @@ def test_S12_the_results_do_not_wait_for_the_quit_reply(
     assert result.code == 250
     assert time.monotonic() - started < 5
     server.join()  # and the client closes the connection itself
+
+
+# --- timers: on the reactor the caller gives -------------------------------------------
+
+
+@dataclass
+class Scripted:
+    """send_message on a MemoryReactorClock; its protocol on a StringTransport, greeted."""
+
+    timeout: float
+    clock: MemoryReactorClock = field(default_factory=MemoryReactorClock)
+    transport: StringTransport = field(default_factory=StringTransport)
+    outcome: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        sending = send_message(
+            "mx.example.org",
+            587,
+            "a@example.org",
+            ["b@example.org"],
+            b"Hi\n",
+            tls="none",
+            timeout=self.timeout,
+            reactor=self.clock,
+        )
+        sending.addBoth(self.outcome.append)
+        [(host, port, factory, connect_timeout, _bind)] = self.clock.tcpClients
+        assert (host, port, connect_timeout) == ("mx.example.org", 587, 30)
+        self.client = factory.buildProtocol(None)
+        self.client.makeConnection(self.transport)
+        self.client.dataReceived(b"220 mx.example.org ESMTP\r\n")
+        assert self.transport.value() == b"EHLO localhost\r\n"
+
+
+def test_S13_a_silent_server_times_out_on_the_injected_reactor() -> None:
+    session = Scripted(timeout=30)
+    session.clock.advance(29.9)
+    assert session.outcome == []
+    session.clock.advance(0.1)
+    [failure] = session.outcome
+    assert failure.check(ConnectionFailed)
+    assert str(failure.value) == "no reply within 30 s (EHLO)"
+    assert session.transport.disconnecting
+
+
+def test_S13_the_wait_for_the_close_after_quit_is_on_the_injected_reactor() -> None:
+    session = Scripted(timeout=300)
+    client, transport, clock = session.client, session.transport, session.clock
+    for reply in (b"250 mx.example.org", b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"354 Go ahead"):
+        client.dataReceived(reply + b"\r\n")
+    while transport.producer is not None:  # a pull producer: the transport asks for more
+        transport.producer.resumeProducing()
+    assert transport.value().endswith(b"DATA\r\nHi\r\n.\r\n")
+    client.dataReceived(b"250 2.0.0 Ok: queued as 1234\r\n")
+    [[result]] = session.outcome
+    assert result.delivered and transport.value().endswith(b"QUIT\r\n")
+    assert transport.disconnecting and not transport.disconnected  # a clean close, asked for
+    clock.advance(QUIT_WAIT - 0.1)
+    assert not transport.disconnected
+    clock.advance(0.1)
+    assert transport.disconnected  # the server never closed: aborted
 
 
 # --- send_messages: several transactions over one connection ---------------------------

@@ -647,6 +647,20 @@ def test_S11_unwritable_maildir_is_451_then_retry_is_stored(
     assert [m["Subject"] for m in server.messages(BOB)] == ["retry"]
 
 
+def test_S11_H3_an_unparsable_from_header_gets_a_reply_and_leaves_no_file(
+    server: RunningServer,
+) -> None:
+    """A From: of 8,000 "(" once raised RecursionError at the end of data: no reply, a
+    dropped connection and the spilled message files left open in tmp/."""
+    wire = logged_in(server)
+    lines = b"".join(b"%07d " % n + b"x" * 70 + b"\r\n" for n in range(4000))  # spills to disk
+    data = b"From: " + b"(" * 8000 + b"\r\nSubject: h3\r\n\r\n" + lines
+    code, _ = transaction(wire, data, recipients=(BOB, ALICE))
+    assert code == 550  # refused as content, whichever way the header parser says no
+    assert_in_sync(wire)
+    assert_nothing_stored(server, BOB, ALICE)
+
+
 # --- S12: the small commands ---------------------------------------------------------------
 
 

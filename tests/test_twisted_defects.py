@@ -1,5 +1,6 @@
-"""The defects of Twisted 26.10's stock ``twisted.mail.smtp.ESMTP`` that SubmissionESMTP overrides
-(docs/architecture.md, "The Twisted defects we override").
+"""The defects of Twisted 26.10's stock ``twisted.mail.smtp.ESMTP``, the reason SubmissionESMTP is a
+protocol of its own rather than a subclass of it (docs/architecture.md, "The Twisted defects we
+override").
 
 Each defect has ONE check: a function that drives a server over a real socket and says whether
 the server behaved as docs/conformance.md requires. Every check runs twice:

@@ -26,8 +26,7 @@ sent over TLS.
 Certificates are verified (the name and the chain) except in ``opportunistic`` mode.
 
 Secrets: the password and the token are never logged and never put in an exception;
-a server reply that echoes one has it replaced by ``[redacted]``. Twisted's own session
-log (``SMTPClient.log``, which keeps every line sent) is switched off for this reason.
+a server reply that echoes one has it replaced by ``[redacted]``. No line sent is kept.
 
 Every step has a timeout (``connect_timeout`` for the TCP connection, ``timeout`` for
 each reply, including the TLS handshake and the sending of the message data), so a
@@ -54,7 +53,8 @@ from twisted.internet import defer, error, protocol, ssl, task
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTCP, IReactorTime
 from twisted.logger import Logger
-from twisted.mail.smtp import ESMTPClient
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -246,19 +246,16 @@ class _BodyProducer:
         self.source = None
 
 
-class _SubmissionClient(ESMTPClient):
-    """One session; built on Twisted's ESMTPClient (EHLO, STARTTLS, reply dispatch).
+class _SubmissionClient(LineReceiver, TimeoutMixin):
+    """One session, on its own reply dispatch (Twisted's ESMTPClient is not used: its
+    state machine retries, falls back to HELO and keeps a log of the lines sent).
 
-    Twisted's reply dispatch is kept: each command sets ``_expected`` (the codes that go
-    to ``_okresponse``) and ``_failresponse``. The transactions are this class's own, since
-    it reports one result per recipient and never retries: it walks ``job.mails`` in order
-    (SMTPClient's getMailFrom/smtpState_msgSent loop is not used), with RSET before the next
-    one when a transaction ended before the end of data, and reports once: either what
-    stopped the session before the first MAIL FROM, or one outcome per transaction.
+    Each command says which reply codes go on (``expected`` -> ``on_ok``) and what any
+    other reply does (``on_fail``). The session walks ``job.mails`` in order, with RSET
+    before the next one when a transaction ended before the end of data, and reports
+    once: either what stopped the session before the first MAIL FROM, or one outcome per
+    transaction. Every timer runs on ``clock``.
     """
-
-    debug = False  # Twisted's line log would keep every line sent, AUTH and CLIENTID included
-    heloFallback = False
 
     def __init__(
         self,
@@ -266,20 +263,25 @@ class _SubmissionClient(ESMTPClient):
         report: Callable[[list[_Outcome] | BaseException], None],
         clock: IReactorTime,
     ) -> None:
-        ESMTPClient.__init__(self, None, job.tls_options, job.helo)
         self.job = job
         self.report = report
         self.clock = clock
-        self.requireTransportSecurity = job.tls in ("starttls", "implicit")
+        self.identity = job.helo.encode("ascii")  # the EHLO name
+        self.context = job.tls_options  # for STARTTLS; None: never
+        self.require_tls = job.tls in ("starttls", "implicit")
+        self.secure = job.tls == "implicit"  # TLS is on (from the connect, or after STARTTLS)
         self.reported = False
         self.step = "greeting"
+        self.expected: Sequence[int] = SUCCESS  # the greeting: 2xx goes on to EHLO
+        self.on_ok: Callable[[int, bytes], object] = self.send_ehlo
+        self.on_fail: Callable[[int, bytes], object] = self.refused
         self.items: dict[bytes, bytes | None] = {}
         self.in_transactions = False  # the first MAIL FROM has been sent
         self.outcomes: list[_Outcome] = []  # one per finished transaction
         self.rcpt_replies: list[tuple[int, str]] = []
         self.producer: _BodyProducer | None = None
-        self._lines: list[bytes] = []
-        self._code = b""
+        self.reply_lines: list[bytes] = []  # of a multi-line reply so far
+        self.reply_code = b""
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -289,6 +291,7 @@ class _SubmissionClient(ESMTPClient):
         return self.transport
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        """TimeoutMixin's timer, on the injected clock."""
         return self.clock.callLater(period, func)
 
     def command(
@@ -300,9 +303,9 @@ class _SubmissionClient(ESMTPClient):
         fail: Callable[[int, bytes], object] | None = None,
     ) -> None:
         self.step = step
-        self._expected = list(expected)
-        self._okresponse = ok
-        self._failresponse = fail or self.refused
+        self.expected = list(expected)
+        self.on_ok = ok
+        self.on_fail = fail or self.refused
         self.sendLine(line)
 
     def lineReceived(self, line: bytes) -> None:
@@ -310,24 +313,24 @@ class _SubmissionClient(ESMTPClient):
         if not (code.isdigit() and code[:1] in b"12345" and line[3:4] in (b"", b" ", b"-")):
             self.fail(f"the server sent something that is not an SMTP reply ({self.step})")
             return
-        if self._lines and code != self._code:
+        if self.reply_lines and code != self.reply_code:
             self.fail(f"the server's multi-line reply changed its code ({self.step})")
             return
-        self._code = code
-        self._lines.append(line[4:])
+        self.reply_code = code
+        self.reply_lines.append(line[4:])
         if line[3:4] == b"-":
-            if len(self._lines) > MAX_REPLY_LINES:
+            if len(self.reply_lines) > MAX_REPLY_LINES:
                 self.fail(f"the server's reply is longer than {MAX_REPLY_LINES} lines")
             return
-        resp, self._lines = b"\n".join(self._lines), []
+        resp, self.reply_lines = b"\n".join(self.reply_lines), []
         self.resetTimeout()  # the timeout is per reply, not per line
         number = int(code)
         if number == 421 and self.step != "QUIT" and not self.closing_is_a_result:
             self.fail(f"the server is closing the session ({self.step}): 421 {self.text(resp)}")
-        elif number in self._expected:
-            self._okresponse(number, resp)
+        elif number in self.expected:
+            self.on_ok(number, resp)
         else:
-            self._failresponse(number, resp)
+            self.on_fail(number, resp)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.fail(f"the server sent a reply line over {self.MAX_LENGTH} bytes ({self.step})")
@@ -382,7 +385,7 @@ class _SubmissionClient(ESMTPClient):
         self.link.abortConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        ESMTPClient.connectionLost(self, reason)
+        self.setTimeout(None)
         if self.producer is not None:
             self.producer.stopProducing()
         if not self.reported:
@@ -391,60 +394,51 @@ class _SubmissionClient(ESMTPClient):
     # --- greeting, EHLO, STARTTLS ------------------------------------------------
 
     def connectionMade(self) -> None:
-        ESMTPClient.connectionMade(self)  # the greeting goes on to esmtpState_ehlo
-        self.setTimeout(self.job.timeout)
-        self._tlsMode = self.job.tls == "implicit"
-        self._expected = SUCCESS
-        self._failresponse = self.refused
+        self.setTimeout(self.job.timeout)  # the greeting, then each reply
 
-    def esmtpState_ehlo(self, code: int, resp: bytes) -> None:
-        self.command("EHLO", b"EHLO " + self.identity, SUCCESS, self.esmtpState_serverConfig)
+    def send_ehlo(self, code: int, resp: bytes) -> None:
+        self.command("EHLO", b"EHLO " + self.identity, SUCCESS, self.ehlo_reply)
 
-    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+    def ehlo_reply(self, code: int, resp: bytes) -> None:
         self.items = {}
         for line in resp.splitlines()[1:]:
             keyword, _, params = line.partition(b" ")
             self.items[keyword.upper()] = params or None
-        self.tryTLS(code, resp, self.items)
+        self.try_tls(code, resp, self.items)
 
-    def tryTLS(self, code: int, resp: bytes, items: dict[bytes, bytes | None]) -> None:
-        if self._tlsMode or self.context is None:
+    def try_tls(self, code: int, resp: bytes, items: dict[bytes, bytes | None]) -> None:
+        if self.secure or self.context is None:
             self.authenticate(code, resp, items)
         elif b"STARTTLS" in items:
-            self.command(
-                "STARTTLS", b"STARTTLS", [220], self.esmtpState_starttls, self.esmtpTLSFailed
-            )
-        elif self.requireTransportSecurity:
-            self.esmtpTLSRequired()
+            self.command("STARTTLS", b"STARTTLS", [220], self.start_tls, self.tls_refused)
+        elif self.require_tls:
+            self.fail("TLS is required but the server does not offer STARTTLS", polite=True)
         else:
             self.authenticate(code, resp, items)  # opportunistic: plaintext
 
-    def esmtpTLSRequired(self, code: int = -1, resp: bytes | None = None) -> None:
-        self.fail("TLS is required but the server does not offer STARTTLS", polite=True)
-
-    def esmtpTLSFailed(self, code: int = -1, resp: bytes | None = None) -> None:
+    def tls_refused(self, code: int, resp: bytes) -> None:
         if self.job.tls != "opportunistic":
-            self.refused(code, resp or b"")
+            self.refused(code, resp)
             return
         log.info(
             "STARTTLS refused by {host} ({code}); going on without TLS",
             host=self.job.host,
             code=code,
         )
-        self.authenticate(code, resp or b"", self.items)
+        self.authenticate(code, resp, self.items)
 
-    def esmtpState_starttls(self, code: int, resp: bytes) -> None:
+    def start_tls(self, code: int, resp: bytes) -> None:
         self.step = "TLS handshake"
         # A failed handshake or certificate check ends in connectionLost.
         self.link.startTLS(self.context)
-        self._tlsMode = True
-        self.esmtpState_ehlo(code, resp)
+        self.secure = True
+        self.send_ehlo(code, resp)
 
     # --- CLIENTID and AUTH -------------------------------------------------------------
 
     def authenticate(self, code: int, resp: bytes, items: dict[bytes, bytes | None]) -> None:
         """CLIENTID first (when advertised, and only over TLS), then AUTH."""
-        if self.job.client_id is not None and self._tlsMode and b"CLIENTID" in items:
+        if self.job.client_id is not None and self.secure and b"CLIENTID" in items:
             client_type, token = self.job.client_id
             line = f"CLIENTID {client_type} {token}".encode("ascii")
             self.command("CLIENTID", line, [250], self.after_clientid, self.after_clientid)
@@ -466,7 +460,7 @@ class _SubmissionClient(ESMTPClient):
         if job.username is None or job.password is None:
             self.start_mail()
             return
-        if not self._tlsMode:
+        if not self.secure:
             self.fail("the server does not offer STARTTLS, and AUTH is only sent over TLS", True)
             return
         mechanisms = (self.items.get(b"AUTH") or b"").upper().split()
@@ -525,8 +519,8 @@ class _SubmissionClient(ESMTPClient):
 
     def send_data(self, code: int, resp: bytes) -> None:
         self.step = "message data"
-        self._expected = ANY_REPLY
-        self._okresponse = self._failresponse = self.data_reply
+        self.expected = ANY_REPLY
+        self.on_ok = self.on_fail = self.data_reply
         self.producer = _BodyProducer(self, self.mail.message)
         self.link.registerProducer(self.producer, False)
 

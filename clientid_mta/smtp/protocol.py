@@ -1,9 +1,9 @@
 """SubmissionESMTP: the SMTP submission protocol with CLIENTID, and its factory.
 
-Built on ``twisted.mail.smtp.ESMTP`` for its vocabulary (``IMessageDelivery``,
-``IMessage``, ``Address``/``User``, the ``do_<VERB>`` dispatch), but it replaces the
-input path and every command handler, because Twisted 26.10's versions are unsafe
-(docs/architecture.md, "The Twisted defects we override"):
+It speaks twisted.mail's vocabulary (``IMessageDelivery``, ``IMessage``,
+``smtp.Address``/``smtp.User``) but is its own ``Protocol``: Twisted's ``ESMTP`` is not
+a base, because every part of it (line framing, command dispatch, AUTH, STARTTLS,
+DATA) is replaced here, Twisted's versions being unsafe for a submission server:
 
 - input is framed by a bounded buffer of our own: over-long lines are answered and
   skipped, never buffered without limit, and DATA is never re-read as commands;
@@ -11,9 +11,12 @@ input path and every command handler, because Twisted 26.10's versions are unsaf
   processed, so replies always come in command order (S9);
 - STARTTLS resets the whole session and discards the plaintext that followed it (S2);
 - the session knows it is encrypted from its own flag, also on implicit TLS (S1);
-- AUTH is our own PLAIN/LOGIN decoder: every malformed input gets a reply (S4).
+- AUTH is our own PLAIN/LOGIN decoder: every malformed input gets a reply (S4);
+- the end of data always gets a reply, and every message opened for it is either
+  handed to its store or discarded (S11).
 
-The row ids of docs/conformance.md are given where a rule is implemented.
+Every timer (idle timeout, close grace) runs on the clock the factory was given.
+The row ids (C1..C16, S1..S15) are those of docs/conformance.md.
 """
 
 from __future__ import annotations
@@ -22,15 +25,16 @@ import base64
 import secrets
 from collections.abc import Callable
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 from twisted.cred import error as cred_error
 from twisted.cred.portal import Portal
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from clientid_mta.auth.credentials import (
@@ -105,13 +109,33 @@ VERBS = frozenset(
 )
 
 
-class SessionClosed(Exception):
-    """Raised inside a handler after it closed the connection."""
+LOCAL_ERROR = (451, "4.3.0 Local error in processing, try again later")
 
 
 def _resp_text(resp: str | bytes) -> str:
     """SMTPServerError.resp is str on the MAIL/RCPT path and bytes on DATA (Twisted 26.10)."""
     return resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp)
+
+
+def _global_reactor() -> IReactorTime:
+    """The default clock, imported only when none is injected."""
+    from twisted.internet import reactor
+
+    return cast(IReactorTime, reactor)
+
+
+def _describe(problem: BaseException | None) -> str:
+    """An exception on one short line for the log (its text is ours or the parser's)."""
+    text = " ".join(str(problem).split())
+    return f"{type(problem).__name__}: {text[:200]}" if text else type(problem).__name__
+
+
+def _discard(message: IMessageSMTP) -> None:
+    """``connectionLost``: the message is thrown away, and its file closed."""
+    try:
+        message.connectionLost()
+    except Exception as problem:
+        log.error("discarding a message failed: {problem}", problem=_describe(problem))
 
 
 def _tls_info(transport: Any) -> TLSInfo | None:
@@ -124,12 +148,11 @@ def _tls_info(transport: Any) -> TLSInfo | None:
     return TLSInfo(str(version), str(cipher))
 
 
-class SubmissionESMTP(smtp.ESMTP):
+class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
     """One submission session. Created by ``SubmissionFactory``."""
 
-    # Twisted types these loosely; we use TCP/TLS transports (pause, resume, startTLS).
+    # Twisted types this loosely; we use TCP/TLS transports (pause, resume, startTLS).
     transport: Any
-    portal: Any  # a Portal, or None (no logins possible)
 
     def __init__(
         self,
@@ -139,11 +162,14 @@ class SubmissionESMTP(smtp.ESMTP):
         implicit_tls: bool = False,
         server_key: bytes | None = None,
         sessions: SessionLimits | None = None,
+        *,
+        clock: IReactorTime | None = None,
     ) -> None:
-        smtp.ESMTP.__init__(self, contextFactory=tls_context)
-        self.portal = portal
+        self.portal = portal  # None: no logins possible
+        self.tls_context = tls_context  # None: no STARTTLS
+        self.clock = clock if clock is not None else _global_reactor()
         self.hostname = config.server.hostname
-        self.host = self.hostname.encode("ascii")
+        self.host = self.hostname.encode("ascii")  # smtp.User reads it as the default domain
         self.implicit_tls = implicit_tls
         self.clientid_settings = config.clientid
         self.limits = config.limits
@@ -164,11 +190,14 @@ class SubmissionESMTP(smtp.ESMTP):
         self._in_process = False
         self._closing = False
         self._abort_later: IDelayedCall | None = None
-        self._clock: IReactorTime = reactor
+        self._logout: Callable[[], None] | None = None  # the avatar's, once logged in
         self.input_mode = Mode.COMMAND
         self.errors = 0
         self.auth_failures = 0
+        self._messages: list[IMessageSMTP] = []
         self.tls = False
+        self.can_start_tls = False
+        self.session_id = ""
         self._reset_session()
 
     # --- session state -----------------------------------------------------------
@@ -196,9 +225,11 @@ class SubmissionESMTP(smtp.ESMTP):
         self._reset_transaction()
 
     def _reset_transaction(self) -> None:
+        self._abort_messages()  # a transaction never ends with a message left open
+        self._storage_failed = False  # a message store failed while the data came in
         self._sender: Path | None = None
         self._recipients: list[tuple[smtp.User, Callable[[], IMessageSMTP]]] = []
-        self._messages: list[IMessageSMTP] = []
+        self._messages = []
         self._body: BodyReader | None = None
         self._message_id = ""
 
@@ -221,7 +252,7 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def connectionMade(self) -> None:
         self.tls = self.implicit_tls  # a WrappingFactory hides ISSLTransport: keep our own flag
-        self.canStartTLS = self.ctx is not None and not self.implicit_tls
+        self.can_start_tls = self.tls_context is not None and not self.implicit_tls
         self.session_id = secrets.token_hex(6)
         log.info(
             "session {session} from {network} on {port}",
@@ -247,9 +278,9 @@ class SubmissionESMTP(smtp.ESMTP):
         self._abort_messages()
         self._forget_device()
         self._release_session()
-        if self._onLogout:
-            self._onLogout()
-            self._onLogout = None
+        if self._logout is not None:
+            logout, self._logout = self._logout, None
+            logout()
         self.setTimeout(None)
 
     def _release_session(self) -> None:
@@ -264,6 +295,10 @@ class SubmissionESMTP(smtp.ESMTP):
             self.reply(421, f"4.7.0 {self.hostname} Error: server busy, try again later")
             self._close()
 
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        """TimeoutMixin's timer, on the factory's clock rather than the global reactor."""
+        return self.clock.callLater(period, func)
+
     def timeoutConnection(self) -> None:
         self.reply(421, f"4.4.2 {self.hostname} Error: timeout exceeded")
         self._close()
@@ -275,7 +310,7 @@ class SubmissionESMTP(smtp.ESMTP):
         if self.tls and self._abort_later is None:
             # Over TLS, loseConnection waits for the client's close_notify, which an idle or
             # hostile client never sends (S13). Give the reply a moment to leave, then cut.
-            self._abort_later = self._clock.callLater(CLOSE_GRACE, self._abort)
+            self._abort_later = self.clock.callLater(CLOSE_GRACE, self._abort)
 
     def _abort(self) -> None:
         self._abort_later = None
@@ -289,10 +324,6 @@ class SubmissionESMTP(smtp.ESMTP):
             f"{code}{'-' if i < len(lines) - 1 else ' '}{line}\r\n" for i, line in enumerate(lines)
         ]
         self.transport.write("".join(out).encode("utf-8", "replace"))
-
-    def sendCode(self, code: int, message: bytes = b"") -> None:
-        # Anything inherited that still calls sendCode goes through reply().
-        self.reply(code, message.decode("utf-8", "replace").splitlines() or [""])
 
     def error(self, code: int, text: str) -> None:
         """An error reply that counts towards the session's limit (S13)."""
@@ -404,7 +435,7 @@ class SubmissionESMTP(smtp.ESMTP):
             self.transport.resumeProducing()
         self._process()
 
-    def lookupMethod(self, command: bytes) -> Callable[[bytes], Any] | None:
+    def _handler(self, command: bytes) -> Callable[[bytes], Any] | None:
         verb = command.decode("ascii", "replace").upper()
         if verb not in VERBS:
             return None
@@ -412,7 +443,7 @@ class SubmissionESMTP(smtp.ESMTP):
 
     def _command(self, line: bytes) -> Any:
         verb, _, rest = line.strip(b" \t").partition(b" ")
-        handler = self.lookupMethod(verb)
+        handler = self._handler(verb)
         if handler is None:
             self.error(*UNKNOWN_COMMAND)
             return None
@@ -428,7 +459,7 @@ class SubmissionESMTP(smtp.ESMTP):
         ext[b"SIZE"] = [str(self.limits.max_message_size).encode()]
         ext[b"8BITMIME"] = None
         ext[b"ENHANCEDSTATUSCODES"] = None
-        if self.canStartTLS and not self.tls:
+        if self.can_start_tls and not self.tls:
             ext[b"STARTTLS"] = None
         if self.tls:  # S3: AUTH only under TLS
             ext[b"AUTH"] = [b"PLAIN", b"LOGIN"]
@@ -477,16 +508,15 @@ class SubmissionESMTP(smtp.ESMTP):
         if rest:
             self.error(501, "5.5.4 Syntax: STARTTLS")
             return
-        if not self.canStartTLS:
+        if not self.can_start_tls:
             self.reply(454, "4.7.0 TLS not available")
             return
         self.reply(220, "2.0.0 Ready to start TLS")
         # S2: whatever followed STARTTLS in plaintext is discarded, never run inside TLS.
         self._inbuf.clear()
         self._skip_line = False
-        self.transport.startTLS(self.ctx)
+        self.transport.startTLS(self.tls_context)
         self.tls = True
-        self.startedTLS = True
         self._reset_session()
 
     # --- CLIENTID (C1-C16) -------------------------------------------------------
@@ -638,7 +668,7 @@ class SubmissionESMTP(smtp.ESMTP):
             logout()
             return
         self.delivery = avatar
-        self._onLogout = logout
+        self._logout = logout
         self.authenticated = True
         self.sessions.logged_in(self)
         self.account = getattr(getattr(avatar, "account", None), "address", None)
@@ -793,13 +823,11 @@ class SubmissionESMTP(smtp.ESMTP):
         except (OSError, LocalDeliveryError) as problem:
             self._abort_messages()
             log.error("cannot open mailbox: {problem}", problem=str(problem))
-            self.reply(451, "4.3.0 Local error in processing, try again later")
+            self.reply(*LOCAL_ERROR)
             self._reset_transaction()
             return
-        header = self.received_header()
-        for message in self._messages:
-            for line in header:
-                message.lineReceived(line)
+        for line in self.received_header():
+            self._write_line(line)
         self._body = BodyReader(
             self._write_line,
             self.limits.max_message_size,
@@ -828,19 +856,36 @@ class SubmissionESMTP(smtp.ESMTP):
         ]
 
     def _write_line(self, line: bytes) -> None:
-        for message in self._messages:
-            message.lineReceived(line)
+        self._to_messages(lambda message: message.lineReceived(line))
 
     def _write_block(self, data: bytes) -> None:
         """Many body lines at once, LF-terminated; messages without ``write_block``
         (Twisted's plain IMessage) get them line by line."""
-        for message in self._messages:
+
+        def write(message: IMessageSMTP) -> None:
             write_block = getattr(message, "write_block", None)
             if write_block is not None:
                 write_block(data)
             else:
                 for line in data.split(b"\n")[:-1]:
                     message.lineReceived(line)
+
+        self._to_messages(write)
+
+    def _to_messages(self, write: Callable[[IMessageSMTP], None]) -> None:
+        """Hand data to every open message. A store that raises loses all the copies:
+        the rest of the data is read and dropped, and the end of data gets a 451."""
+        try:
+            for message in self._messages:
+                write(message)
+        except Exception as problem:
+            log.error(
+                "storing a message failed in session {session}: {problem}",
+                session=self.session_id,
+                problem=_describe(problem),
+            )
+            self._storage_failed = True
+            self._abort_messages()
 
     def _process_data(self) -> bool:
         assert self._body is not None
@@ -852,30 +897,51 @@ class SubmissionESMTP(smtp.ESMTP):
         return False
 
     def _run_end_of_data(self) -> None:
+        """The end of data always gets a reply (S11): a refusal, 451 for our own trouble,
+        or the outcome of storing the message."""
         self.input_mode = Mode.COMMAND
         self.setTimeout(self.limits.command_timeout)
-        result = self._end_of_data()
+        try:
+            result = self._end_of_data()
+        except Exception as problem:
+            log.error(
+                "end of data failed in session {session}: {problem}",
+                session=self.session_id,
+                problem=_describe(problem),
+            )
+            self.reply(*LOCAL_ERROR)
+            return
         if result is not None:
             self._waiting = True
-            result.addErrback(self._internal_error)
+            result.addErrback(self._storing_failed)
             result.addBoth(self._resume)
 
     def _end_of_data(self) -> defer.Deferred[Any] | None:
-        body, messages, message_id = self._body, self._messages, self._message_id
-        sender = self._sender
+        body, message_id, sender = self._body, self._message_id, self._sender
         recipients = len(self._recipients)
-        self._messages = []
+        storage_failed = self._storage_failed
+        # The messages are ours from here: each is either handed to its store
+        # (eomReceived returned) or discarded, whatever is raised on the way.
+        unsettled, self._messages = self._messages, []
         self._reset_transaction()
-        assert body is not None and sender is not None
-        refusal = self._refusal(body)
-        if refusal is not None:
-            for message in messages:
-                message.connectionLost()
-            self.error(*refusal)
-            return None
-        results = [defer.maybeDeferred(message.eomReceived) for message in messages]
+        try:
+            assert body is not None and sender is not None
+            refusal = self._refusal(body)
+            if refusal is not None:
+                self.error(*refusal)
+                return None
+            if storage_failed:
+                self.reply(*LOCAL_ERROR)
+                return None
+            # A store that raises at once fails like one that fails later: ``_stored``
+            # discards every copy whose store failed.
+            results = [defer.maybeDeferred(message.eomReceived) for message in unsettled]
+            messages, unsettled = unsettled, []
+        finally:
+            for message in unsettled:
+                _discard(message)
         stored = defer.DeferredList(results, consumeErrors=True)
-        stored.addCallback(self._stored, message_id, sender, recipients, body.size)
+        stored.addCallback(self._stored, messages, message_id, sender, recipients, body.size)
         return stored
 
     def _refusal(self, body: BodyReader) -> tuple[int, str] | None:
@@ -888,7 +954,15 @@ class SubmissionESMTP(smtp.ESMTP):
         refusal = body.headers.refusal()  # malformed, duplicate or over-long author field
         if refusal is not None:
             return refusal
-        authors = body.headers.author_addresses()
+        try:
+            authors = body.headers.author_addresses()
+        except Exception as problem:  # a parser bug must still end in a reply
+            log.warn(
+                "unreadable author header in session {session}: {problem}",
+                session=self.session_id,
+                problem=type(problem).__name__,  # its text may quote the message
+            )
+            return 550, "5.6.0 Malformed From: header"
         check = getattr(self.delivery, "may_use_header_from", None)
         if authors is not None and check is not None and not check(authors):
             return 550, "5.7.1 From:/Sender: header address not owned by you"  # S6
@@ -897,20 +971,27 @@ class SubmissionESMTP(smtp.ESMTP):
     def _stored(
         self,
         results: list[tuple[bool, Any]],
+        messages: list[IMessageSMTP],
         message_id: str,
         sender: Path,
         recipients: int,
         size: int,
     ) -> None:
         failures = [result for ok, result in results if not ok]
-        for failure in failures:
-            if failure.check(OSError, smtp.SMTPServerError, LocalDeliveryError):  # disk full...
-                log.error(
-                    "delivery of {id} failed: {problem}", id=message_id, problem=failure.value
-                )
-            else:
-                log.failure("delivery of {id} failed", failure, id=message_id)
-        if not failures:
+        for (ok, _result), message in zip(results, messages, strict=True):
+            if not ok:
+                # Its store has finished failing (or never began): drop what it left open.
+                _discard(message)
+        if failures:
+            # One line for the message, not a traceback per recipient.
+            log.error(
+                "delivery of {id} failed for {failed} of {copies} copies: {problem}",
+                id=message_id,
+                failed=len(failures),
+                copies=len(results),
+                problem=_describe(failures[0].value),
+            )
+        else:
             log.info(
                 "accepted {id} from account={account} sender=<{sender}> recipients={recipients}"
                 " size={size}",
@@ -929,15 +1010,22 @@ class SubmissionESMTP(smtp.ESMTP):
         if refused is not None and 400 <= refused.code < 600:
             self.reply(refused.code, _resp_text(refused.resp))
         else:
-            self.reply(451, "4.3.0 Local error in processing, try again later")  # S11
+            self.reply(*LOCAL_ERROR)  # S11
+
+    def _storing_failed(self, failure: Failure) -> None:
+        """Our own reporting of a stored message failed: still one line and one reply."""
+        log.error(
+            "end of data failed in session {session}: {problem}",
+            session=self.session_id,
+            problem=_describe(failure.value),
+        )
+        if not self._closing:
+            self.reply(*LOCAL_ERROR)
 
     def _abort_messages(self) -> None:
         messages, self._messages = self._messages, []
         for message in messages:
-            try:
-                message.connectionLost()
-            except Exception:
-                log.failure("discarding a message failed")
+            _discard(message)
 
     # --- the rest (S12) ----------------------------------------------------------
 
@@ -982,8 +1070,12 @@ class SubmissionFactory(protocol.ServerFactory):
         server_key: bytes | None = None,
         implicit_tls: bool = False,
         sessions: SessionLimits | None = None,
+        *,
+        reactor: IReactorTime | None = None,
     ) -> None:
         self.config = config
+        # The one clock of every session's timers; tests give a task.Clock.
+        self.reactor = reactor if reactor is not None else _global_reactor()
         self.portal = portal
         self.tls_context = tls_context
         self.server_key = server_key
@@ -998,6 +1090,7 @@ class SubmissionFactory(protocol.ServerFactory):
             self.implicit_tls,
             self.server_key,
             self.sessions,
+            clock=self.reactor,
         )
         session.factory = self
         return session
