@@ -660,7 +660,7 @@ def test_S6_from_header_not_owned_is_550_and_the_copy_discarded(session: Session
     session.login()
     session.envelope()
     assert session.send(message(author="mallory@example.org")) == [
-        "550 5.7.1 From: header address not owned by you"
+        "550 5.7.1 From:/Sender: header address not owned by you"
     ]
     [refused] = session.delivery.messages
     assert refused.discarded == 1 and not refused.stored
@@ -832,7 +832,7 @@ def _end_of_data_raises(
     def unreadable(self: HeaderScanner) -> list[str] | None:
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(HeaderScanner, "from_addresses", unreadable)
+    monkeypatch.setattr(HeaderScanner, "author_addresses", unreadable)
     return "550 5.6.0 Malformed From: header", message()
 
 
