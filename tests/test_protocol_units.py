@@ -472,12 +472,15 @@ def test_C11_a_failed_auth_keeps_the_identity_for_the_retry(session: Session) ->
 
 
 def test_C14_the_token_is_never_echoed(session: Session, logged: list[dict[str, Any]]) -> None:
-    session.login()
-    session.cmd(f"CLIENTID UUID {TOKEN}")
-    session.cmd(f"CLIENTID UUID {TOKEN} {TOKEN}")
+    session.starttls()
+    session.cmd("EHLO client.example")
+    replies = session.cmd(f"CLIENTID UUID {TOKEN}")
+    replies += session.cmd(f"CLIENTID UUID {TOKEN} {TOKEN}")
+    replies += session.cmd(f"AUTH PLAIN {plain()}")
+    replies += session.cmd(f"CLIENTID UUID {TOKEN}")
     session.envelope()
-    session.send(message())
-    assert TOKEN not in "".join(session.take())
+    replies += session.send(message())
+    assert len(replies) == 5 and TOKEN not in "\n".join(replies)
     assert TOKEN not in repr(logged)
     assert all(TOKEN.encode() not in line for line in session.delivery.messages[0].lines)
 
