@@ -1097,15 +1097,14 @@ def reloads_logged(output: str) -> collections.Counter[str]:
 
 def wait_for_workers(server: ServerProcess, processes: int) -> None:
     """Until each worker of the latest start has logged its start (its SIGHUP handler is
-    installed by then)."""
-    starts = server.output().count("processes serve the ports") if processes > 1 else 0
+    installed by then); a start killed before its workers were up has no such lines."""
 
     def ready() -> bool | None:
-        output = server.output()
-        started = [output.count(f"{name}: clientid-mta ") for name in process_names(processes)[1:]]
-        return all(count >= starts for count in started) or None
+        latest = server.output().rpartition("processes serve the ports")[2]
+        names = process_names(processes)[1:]
+        return all(f"{name}: clientid-mta " in latest for name in names) or None
 
-    wait_until(ready, 15, f"{processes - 1} worker(s) to start")
+    wait_until(ready, 30, f"{processes - 1} worker(s) to start")
 
 
 def soak_config(maildir_root: Path | None) -> str:
