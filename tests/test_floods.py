@@ -33,6 +33,7 @@ from clientid_mta.smtp.protocol import CLOSE_GRACE
 from tests import test_conformance_submission as conformance
 from tests.conftest import HOSTNAME, RunningServer, Wire
 from tests.serverproc import ServerProcess, running
+from tests.sink import wait_until
 from tests.test_conformance_submission import (
     ALICE,
     BOB,
@@ -182,19 +183,6 @@ def until_closed(sock: socket.socket, deadline: float) -> tuple[bytes, bool]:
     return received, False
 
 
-def wait_for(condition: Callable[[], bool], seconds: float = 5) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def sessions_open(server: RunningServer) -> int:
-    return server.service.components.sessions.total
-
-
 # --- S13: connections that never speak --------------------------------------------------------
 
 
@@ -228,7 +216,7 @@ def test_S13_idle_flood_over_the_address_cap_is_421_4_7_0_and_the_rest_times_out
         assert closed and received.startswith(b"421 4.4.2 "), received
     assert_normal_latency(before, during, overlapping)
     assert_each_good_message_stored_once(server, len(before) + len(during))
-    assert wait_for(lambda: sessions_open(server) == 0)  # every slot was given back
+    server.wait_for_sessions(lambda s: s.total == 0, "every slot given back")
     assert first_line(connect(server))[:4] == b"220 "
 
 
@@ -244,7 +232,7 @@ def test_S13_full_server_pushes_out_the_oldest_session_not_logged_in(
     busy = f"421 4.7.0 {HOSTNAME} Error: server busy, try again later\r\n".encode()
     assert [first_line(sock) for sock in first[:10]] == [busy] * 10  # the oldest ten
     good_session(server)  # a client that logs in is served even when the server is full
-    assert sessions_open(server) <= 30
+    assert server.service.components.sessions.total <= 30
     assert_each_good_message_stored_once(server, 1)
 
 
@@ -264,7 +252,7 @@ def test_S13_logged_in_sessions_are_never_pushed_out(
     for client in clients:
         assert client.noop()[0] == 250  # none of them was pushed out
     clients.pop().quit()
-    assert wait_for(lambda: sessions_open(server) == 2)
+    server.wait_for_sessions(lambda s: s.total == 2, "the quit session uncounted")
     good_session(server)
 
 
@@ -361,7 +349,7 @@ def test_S13_slowloris_clients_are_closed_within_the_command_timeout(
         assert not payload or sent >= COMMAND_TIMEOUT / DRIBBLE / 2, (kind, sent)
     assert_normal_latency(before, during, overlapping)
     assert_each_good_message_stored_once(server, len(before) + len(during))
-    assert wait_for(lambda: sessions_open(server) == 0)
+    server.wait_for_sessions(lambda s: s.total == 0, "every session uncounted")
 
 
 # --- S8: an endless line, a body that never ends ----------------------------------------------
@@ -421,7 +409,7 @@ def finish_flood(server: RunningServer, wire: Wire, name: str) -> None:
     check(wire.reply(), code, status)  # one reply for the whole flood
     assert_in_sync(wire)
     assert stored_files(server, BOB) == []
-    assert wait_for(lambda: tmp_bytes(server) == 0)
+    wait_until(lambda: tmp_bytes(server) == 0 or None, 5, "the partial copy removed")
 
 
 @pytest.fixture
