@@ -31,6 +31,7 @@ from clientid_mta.smtp.clientid import (
 )
 from clientid_mta.smtp.protocol import MAX_COMMAND_LINE, SubmissionESMTP
 from tests.conftest import HOSTNAME, THUNDERBIRD_UUID, RunningServer, Wire, merge_toml
+from tests.sink import wait_until
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -501,11 +502,13 @@ def test_S8_command_line_over_512_octets_is_500_and_connection_keeps_working(
     assert_in_sync(wire)
 
 
-def unit_session(root: Path) -> tuple[SubmissionESMTP, StringTransport]:
+def unit_session(
+    root: Path, extra_toml: str = ""
+) -> tuple[SubmissionESMTP, StringTransport, task.Clock]:
     """A session on a StringTransport, after the greeting (no sockets, a Clock for timers)."""
     root.mkdir(parents=True, exist_ok=True)
     config_path = root / "clientid-mta.toml"
-    config_path.write_text(merge_toml(""))
+    config_path.write_text(merge_toml(extra_toml))
     clock = task.Clock()
     protocol = SubmissionESMTP(load_config(config_path), None, None)
     protocol.callLater = clock.callLater  # the idle timer (TimeoutMixin)
@@ -514,12 +517,12 @@ def unit_session(root: Path) -> tuple[SubmissionESMTP, StringTransport]:
     protocol.makeConnection(transport)
     assert transport.value().startswith(b"220 ")
     transport.clear()
-    return protocol, transport
+    return protocol, transport, clock
 
 
 def test_S8_huge_command_line_keeps_the_pending_input_bounded(tmp_path: Path) -> None:
     """32 MiB without a line end: the session never holds more than a line's worth of it."""
-    protocol, transport = unit_session(tmp_path)
+    protocol, transport, _clock = unit_session(tmp_path)
     largest = 0
     for _ in range(512):
         protocol.dataReceived(b"x" * 65536)
@@ -761,10 +764,26 @@ def test_S13_idle_data_is_421_4_4_2_then_close_and_nothing_stored(
     assert time.monotonic() - started > 1.5  # the DATA timeout (2 s), not the command one (1 s)
     assert stored_files(impatient_server, BOB) == []
     assert_closed_by_server(wire)
-    deadline = time.monotonic() + 2
-    while stored_files(impatient_server, BOB, "tmp") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(  # removed by a disk thread after the reply
+        lambda: not stored_files(impatient_server, BOB, "tmp") or None, 2, "tmp/ emptied"
+    )
     assert_nothing_stored(impatient_server)  # the partial copy in tmp/ is gone too
+
+
+def test_S13_idle_timer_restarts_per_line_not_per_byte(tmp_path: Path) -> None:
+    """The command timeout, on a Clock: a complete line restarts it, dribbled bytes do not."""
+    protocol, transport, clock = unit_session(tmp_path, "[limits]\ncommand_timeout = 10")
+    clock.advance(9)
+    protocol.dataReceived(b"NOOP\r\n")
+    clock.advance(9)
+    assert transport.value() == b"250 2.0.0 Ok\r\n" and not transport.disconnecting
+    transport.clear()
+    protocol.dataReceived(b"VRFY")  # bytes, but no complete line
+    clock.advance(0.5)
+    assert transport.value() == b"" and not transport.disconnecting
+    protocol.dataReceived(b" x")
+    clock.advance(0.5)  # 10 s since the NOOP
+    assert transport.value().startswith(b"421 4.4.2 ") and transport.disconnecting
 
 
 @pytest.mark.parametrize("layer", LAYERS)

@@ -31,15 +31,18 @@ def _hash(code: str) -> str:
 
 
 class Approvals:
-    def __init__(self, store: SQLiteDeviceStore, lifetime: int) -> None:
+    def __init__(
+        self, store: SQLiteDeviceStore, lifetime: int, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store = store
         self.lifetime = lifetime
+        self.clock = clock  # wall-clock seconds: expiry times are stored
 
     def issue(self, account: str, device_key: str) -> tuple[str, float]:
         """A new code for a pending device: (code, expiry time). Blocking."""
         raw = "".join(secrets.choice(_ALPHABET) for _ in range(10))
         code = f"{raw[:5]}-{raw[5:]}"
-        expires = time.time() + self.lifetime
+        expires = self.clock() + self.lifetime
         self.store.add_approval_code(_hash(code), account, device_key, expires)
         return code, expires
 
@@ -48,7 +51,7 @@ class Approvals:
         approved = []
         for match in _CODE_RE.finditer(text[:MAX_MESSAGE]):
             code = f"{match[1]}-{match[2]}"
-            device_key = self.store.redeem_approval_code(_hash(code), account, time.time())
+            device_key = self.store.redeem_approval_code(_hash(code), account, self.clock())
             if device_key is not None:
                 device = self.store.get(account, device_key)
                 if device is not None:
