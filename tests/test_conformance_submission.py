@@ -1,4 +1,4 @@
-"""CONFORMANCE.md, submission rows S1..S15: exact replies on real sockets, real TLS, real Maildir.
+"""docs/conformance.md, submission rows S1..S15: exact replies on real sockets, TLS, Maildir.
 
 Every test is named after the row it covers. The raw ``Wire`` client is used where exact
 codes, pipelining or malformed input matter; ``smtplib`` where a real client matters.

@@ -1,11 +1,12 @@
-"""Issue 6 point 5: floods and slow clients, small enough for CI (CONFORMANCE S8, S13).
+"""Issue 6 point 5: floods and slow clients, small enough for CI (docs/conformance.md S8, S13).
 
 - hundreds of connections that never speak: the ones over the per-address or overall cap
   get ``421 4.7.0`` and are closed, the others time out with ``421 4.4.2``;
 - slowloris clients (a byte at a time, in plaintext, inside TLS, or of the TLS
   handshake) are closed within the command timeout, though they never stop sending;
 - an endless line (no CRLF) in every input mode, and a DATA body that never ends: the
-  server's memory (it runs in this process) and its Maildir ``tmp/`` stay bounded;
+  server's peak memory (a twistd child, measured in its own /proc) and its Maildir
+  ``tmp/`` stay bounded;
 - during each attack a well-behaved client, from another loopback address so that the
   per-address cap does not apply to it, logs in and sends a message within its normal
   latency.

@@ -1,4 +1,4 @@
-"""Issue 6, point 1: stateful fuzzing of the SMTP session against a model of CONFORMANCE.md.
+"""Issue 6, point 1: stateful fuzzing of the SMTP session against a model of docs/conformance.md.
 
 A Hypothesis ``RuleBasedStateMachine`` drives one real server (in-process, real sockets,
 real TLS, real Maildir) with random sequences of valid, malformed and out-of-order
@@ -7,9 +7,9 @@ DATA with random bodies sent in random TCP segments, RSET, NOOP, HELP, VRFY, EXP
 garbage with NUL and 8-bit bytes, over-long lines and pipelined batches. Every example
 opens a new connection (and reconnects after the server closes one).
 
-``Model`` is a small SMTP server written from the CONFORMANCE rows, not from the code: it
+``Model`` is a small SMTP server written from the rows of docs/conformance.md, not from the code: it
 reads the same byte stream the server reads and predicts every reply code (and the
-enhanced status code where CONFORMANCE gives one). Where the standards leave the server
+enhanced status code where a row gives one). Where the standards leave the server
 a choice, the model allows exactly the codes that are legitimate, and follows the one
 the server chose. On top of that, the machine checks these invariants on every reply:
 
@@ -328,7 +328,7 @@ def help_check(tls: bool) -> Callable[[int, list[str]], None]:
 
 
 class Model:
-    """What CONFORMANCE.md says one session must answer, fed the bytes the server gets."""
+    """What docs/conformance.md says one session must answer, fed the bytes the server gets."""
 
     def __init__(self, implicit: bool) -> None:
         self.implicit = implicit
@@ -481,7 +481,7 @@ class Model:
         return []
 
     def cmd_CLIENTID(self, what: str, rest: bytes) -> list[Expect]:
-        # The check order of CONFORMANCE.md: C3, C4, C7, C8, C6, C5, C9.
+        # The check order of docs/conformance.md: C3, C4, C7, C8, C6, C5, C9.
         if not self.tls:
             return self.unknown(what)
         if not self.advertised or self.auth_seen or self.account or self.sender:

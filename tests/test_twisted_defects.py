@@ -1,8 +1,8 @@
 """The defects of Twisted 26.10's stock ``twisted.mail.smtp.ESMTP`` that SubmissionESMTP overrides
-(DESIGN.md, "Twisted: what to keep, what to replace").
+because they break the wire rules of docs/conformance.md.
 
 Each defect has ONE check: a function that drives a server over a real socket and says whether
-the server behaved as CONFORMANCE.md requires. Every check runs twice:
+the server behaved as docs/conformance.md requires. Every check runs twice:
 
 - ``test_defect_fixed``: against our server (the harness's ``server`` fixture), it passes;
 - ``test_defect_present_in_stock_twisted``: against a stock ``smtp.ESMTP`` on the same reactor,
@@ -11,7 +11,7 @@ the server behaved as CONFORMANCE.md requires. Every check runs twice:
 
 A check distinguishes the step under test from its set-up: when a set-up step goes wrong (the
 stock fixture could not even log in, say) the test errors instead of "proving" the defect.
-Enhanced status codes are required where CONFORMANCE gives them, and only from a server that
+Enhanced status codes are required where docs/conformance.md gives them, and only from a server that
 advertised ENHANCEDSTATUSCODES in its last EHLO (RFC 2034), so both servers face the same check.
 """
 
@@ -50,7 +50,7 @@ STOCK_CHECK_DELAY = 0.3  # the stock checker answers late, like our threaded pas
 MESSAGE = f"From: {USER}\r\nTo: {RECIPIENT}\r\nSubject: defects\r\n\r\nHello.\r\n".encode()
 
 Reply = tuple[int, list[str]]
-Expected = tuple[int, str]  # (reply code, enhanced status code, "" where CONFORMANCE gives none)
+Expected = tuple[int, str]  # (reply code, enhanced status code, "" where no row gives one)
 
 
 def plain_token(user: str = USER, password: str = PASSWORD) -> str:
@@ -62,7 +62,7 @@ def _show(data: bytes) -> str:
 
 
 class Misbehaved(Exception):
-    """The server did not do what CONFORMANCE requires at the step under test."""
+    """The server did not do what docs/conformance.md requires at the step under test."""
 
 
 class SetupFailed(Exception):
@@ -333,7 +333,7 @@ CHECKS: dict[str, Callable[[Target], None]] = {
 
 
 def behaves_correctly(check: Callable[[Target], None], target: Target) -> bool:
-    """Run one check: True if the server did what CONFORMANCE requires.
+    """Run one check: True if the server did what docs/conformance.md requires.
 
     SetupFailed propagates: the test errors rather than pass on a check that could not run.
     """
