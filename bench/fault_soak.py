@@ -78,6 +78,7 @@ if str(ROOT) not in sys.path:  # run as a script: make ``tests`` importable
 
 from tests.conftest import Wire  # noqa: E402
 from tests.serverproc import USERS, ServerProcess  # noqa: E402
+from tests.sink import wait_until  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "fault_soak.md"
 DOMAIN = "example.org"
@@ -695,7 +696,11 @@ class Soak:
         self.finish(fault)
 
     def reloads(self, count: float) -> None:
-        before = self.server.output().count(RELOADED)
+        # Every process (the twistd one and its workers) logs each reload: with workers the
+        # expected number of lines is the count times the number of processes.
+        processes = self.server.config.server.worker_count
+        wait_for_workers(self.server, processes)  # a worker not started yet would miss one
+        before = reloads_logged(self.server.output())
         fault = self.begin(SIGHUP, f"{count:g} x SIGHUP, 0.5 s apart, during load")
         assert self.server.process is not None
         for _ in range(int(count)):
@@ -705,10 +710,18 @@ class Soak:
             time.sleep(max(0.0, 0.5 - (now() - fault.events[-1])))
         fault.removed = now()
         self.recover(fault, fault.events[0])
-        deadline = now() + 5
-        while self.server.output().count(RELOADED) - before < count and now() < deadline:
-            time.sleep(0.05)
-        fault.notes.append(f"{self.server.output().count(RELOADED) - before} reloads logged")
+        expected = {name: int(count) for name in process_names(processes)}
+
+        def new_reloads() -> dict[str, int]:
+            after = reloads_logged(self.server.output())
+            return {name: after[name] - before[name] for name in after}
+
+        with contextlib.suppress(TimeoutError):  # a missing line is reported below
+            wait_until(lambda: new_reloads() == expected or None, 5, "a reload line per process")
+        reloads = new_reloads()
+        fault.notes.append(f"{sum(reloads.values())} reloads logged")
+        if reloads != expected:
+            fault.notes.append(f"per process {reloads}, expected {expected}")
         self.finish(fault)
 
     def store_lock(self, seconds: float) -> None:
@@ -975,7 +988,7 @@ def check_recovery(
         problems.append(f"[{fault.label}] the fault had no effect: no 451")
     if fault.kind == STORE_LOCK and not store_lock_felt(fault, authed):
         problems.append(f"[{fault.label}] the fault had no effect: no AUTH held or refused")
-    if fault.kind == SIGHUP and fault.notes != [f"{len(fault.events)} reloads logged"]:
+    if fault.kind == SIGHUP and len(fault.notes) != 1:
         problems.append(f"[{fault.label}] {len(fault.events)} SIGHUP sent, {fault.notes}")
     return problems
 
@@ -1069,6 +1082,29 @@ def scan_log(log: str) -> tuple[collections.Counter[str], collections.Counter[st
 
 
 # --- the whole run ----------------------------------------------------------------
+
+
+def process_names(processes: int) -> list[str]:
+    """How ``reloads_logged`` names the processes of a server with ``processes`` of them."""
+    return ["main", *(f"worker {number}" for number in range(1, processes))]
+
+
+def reloads_logged(output: str) -> collections.Counter[str]:
+    """Reload lines per process: "main", or "worker N" for a line a worker relayed."""
+    found = re.findall(rf"(worker \d+): {re.escape(RELOADED)}|{re.escape(RELOADED)}", output)
+    return collections.Counter(worker or "main" for worker in found)
+
+
+def wait_for_workers(server: ServerProcess, processes: int) -> None:
+    """Until each worker of the latest start has logged its start (its SIGHUP handler is
+    installed by then); a start killed before its workers were up has no such lines."""
+
+    def ready() -> bool | None:
+        latest = server.output().rpartition("processes serve the ports")[2]
+        names = process_names(processes)[1:]
+        return all(f"{name}: clientid-mta " in latest for name in names) or None
+
+    wait_until(ready, 30, f"{processes - 1} worker(s) to start")
 
 
 def soak_config(maildir_root: Path | None) -> str:

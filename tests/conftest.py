@@ -13,7 +13,6 @@ import smtplib
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,13 @@ from typing import Any
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.threads import blockingCallFromThread
 
 from clientid_mta.cli import admin
 from clientid_mta.config import Config, load_config
 from clientid_mta.server.service import SubmissionService
+from clientid_mta.smtp.limits import SessionLimits
 
 HOSTNAME = "mail.example.org"
 THUNDERBIRD_UUID = "23bf83be-aad7-46aa-9e0f-39191ccf402f"
@@ -50,6 +51,7 @@ tls = "opportunistic"
 """
 
 _reactor_lock = threading.Lock()
+UNCOUNTING = ("close", "remove_device")  # the SessionLimits methods that lower a count
 
 
 def _ensure_reactor() -> None:
@@ -57,11 +59,12 @@ def _ensure_reactor() -> None:
     with _reactor_lock:
         if reactor.running:
             return
+        started = threading.Event()
+        reactor.callWhenRunning(started.set)
         threading.Thread(
             target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True
         ).start()
-        while not reactor.running:
-            time.sleep(0.01)
+        assert started.wait(10), "the reactor thread did not start"
 
 
 def merge_toml(extra: str) -> str:
@@ -149,6 +152,44 @@ class RunningServer:
             self.stopped = True
             blockingCallFromThread(reactor, self.service.stopService)
 
+    def wait_for_sessions(
+        self, condition: Callable[[SessionLimits], bool], what: str, timeout: float = 5
+    ) -> None:
+        """Until ``condition`` holds for the server's session counts. No polling: it is
+        checked again each time the server uncounts a session or a device."""
+        sessions = self.service.components.sessions
+
+        def wait() -> Deferred[None]:
+            done: Deferred[None] = Deferred()
+
+            def recheck(real: Callable[..., None]) -> Callable[..., None]:
+                def uncount(*args: Any) -> None:
+                    real(*args)
+                    if not done.called and condition(sessions):
+                        done.callback(None)
+
+                return uncount
+
+            for name in UNCOUNTING:
+                setattr(sessions, name, recheck(getattr(sessions, name)))
+
+            def restore(result: object) -> object:
+                for name in UNCOUNTING:
+                    vars(sessions).pop(name, None)
+                return result
+
+            done.addBoth(restore)
+            if condition(sessions):
+                done.callback(None)
+            done.addTimeout(timeout, reactor)
+            return done
+
+        try:
+            blockingCallFromThread(reactor, wait)
+        except CancelledError:
+            counts = (sessions.total, dict(sessions.by_address), dict(sessions.by_device))
+            raise AssertionError(f"{what}: not within {timeout} s; counts {counts}") from None
+
 
 def start_server(root: Path, extra_toml: str = "") -> RunningServer:
     _ensure_reactor()
@@ -211,6 +252,78 @@ def server(make_server: Callable[..., RunningServer]) -> RunningServer:
     running.add_user("alice@example.org", "alice-password")
     running.add_user("bob@example.org", "bob-password")
     return running
+
+
+class ServerReads:
+    """What the in-process server's sessions have read, per client port: a test that must
+    send a second piece only once the server has read the first (so that it arrives in a
+    later read, as from a slow client) waits for that read instead of sleeping."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._read: dict[int, int] = {}
+        self._lost: set[int] = set()
+
+    def install(self, monkeypatch: pytest.MonkeyPatch, *protocols: type[Any]) -> ServerReads:
+        """Count what each of these protocol classes receives (their own dataReceived)."""
+        for cls in protocols:
+            monkeypatch.setattr(cls, "connectionMade", self._made(cls.connectionMade))
+            monkeypatch.setattr(cls, "dataReceived", self._received(cls.dataReceived))
+            monkeypatch.setattr(cls, "connectionLost", self._lost_hook(cls.connectionLost))
+        return self
+
+    def _note(self, session: Any, read: int = 0, made: bool = False, lost: bool = False) -> None:
+        port = session.transport.getPeer().port
+        with self._changed:
+            if made:  # a port used again by a new connection
+                self._read[port] = 0
+                self._lost.discard(port)
+            self._read[port] = self._read.get(port, 0) + read
+            if lost:
+                self._lost.add(port)
+            self._changed.notify_all()
+
+    def _made(self, real: Callable[..., Any]) -> Callable[..., Any]:
+        def made(session: Any) -> Any:
+            self._note(session, made=True)
+            return real(session)
+
+        return made
+
+    def _received(self, real: Callable[..., Any]) -> Callable[..., Any]:
+        def received(session: Any, data: bytes) -> Any:
+            self._note(session, len(data))
+            return real(session, data)
+
+        return received
+
+    def _lost_hook(self, real: Callable[..., Any]) -> Callable[..., Any]:
+        def lost(session: Any, *args: Any) -> Any:
+            self._note(session, lost=True)
+            return real(session, *args)
+
+        return lost
+
+    def count(self, sock: socket.socket) -> int:
+        with self._changed:
+            return self._read.get(sock.getsockname()[1], 0)
+
+    def wait(self, sock: socket.socket, count: int, timeout: float = 5) -> bool:
+        """Until the server has read ``count`` bytes from ``sock`` (or closed it): False if
+        it has not within ``timeout`` seconds."""
+        port = sock.getsockname()[1]
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self._read.get(port, 0) >= count or port in self._lost, timeout
+            )
+
+
+@pytest.fixture
+def server_reads(monkeypatch: pytest.MonkeyPatch) -> ServerReads:
+    """``ServerReads`` of our sessions (``SubmissionESMTP``)."""
+    from clientid_mta.smtp.protocol import SubmissionESMTP
+
+    return ServerReads().install(monkeypatch, SubmissionESMTP)
 
 
 class Wire:

@@ -14,7 +14,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from clientid_mta.smtp.clientid import (
     parse_clientid,
 )
 from tests.conftest import RunningServer, merge_toml
+from tests.sink import wait_until
 
 BIN = Path(sys.executable).parent
 TWISTD = BIN / "twistd"
@@ -112,11 +112,10 @@ class ServerProcess(RunningServer):
 
     def wait_for_output(self, pattern: str, timeout: float = 5) -> re.Match[str]:
         """The first match of ``pattern`` in the output, once it has been written."""
-        deadline = time.monotonic() + timeout
-        while (found := re.search(pattern, self.output())) is None:
-            assert time.monotonic() < deadline, f"no {pattern!r} in:\n{self.output()}"
-            time.sleep(0.05)
-        return found
+        try:
+            return wait_until(lambda: re.search(pattern, self.output()), timeout, pattern)
+        except TimeoutError:
+            raise AssertionError(f"no {pattern!r} in:\n{self.output()}") from None
 
     def start(self) -> None:
         """Start twistd and wait until both ports accept connections."""
@@ -130,15 +129,21 @@ class ServerProcess(RunningServer):
                 stderr=subprocess.STDOUT,
             )
         self.stopped = False
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (accepts(self.port) and accepts(self.tls_port)):
-            if self.process.poll() is not None:
-                status = self.process.returncode
+        process = self.process
+
+        def listening() -> bool | None:
+            if process.poll() is not None:
+                status = process.returncode
                 raise RuntimeError(f"twistd exited with {status}:\n{self.output()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"twistd did not listen in {START_TIMEOUT} s:\n{self.output()}")
-            time.sleep(0.05)
+            return (accepts(self.port) and accepts(self.tls_port)) or None
+
+        try:
+            wait_until(listening, START_TIMEOUT, "twistd to listen", interval=0.05)
+        except TimeoutError:
+            self.kill()
+            raise RuntimeError(
+                f"twistd did not listen in {START_TIMEOUT} s:\n{self.output()}"
+            ) from None
 
     def _end(self, sig: signal.Signals) -> None:
         process = self.process

@@ -164,8 +164,14 @@ def read_record(path: Path) -> list[Message]:
     return messages
 
 
-def wait_until(probe: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``probe`` until it returns something other than None, or time out."""
+def wait_until(
+    probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.02
+) -> T:
+    """Poll ``probe`` until it returns something other than None, or time out.
+
+    The one place tests sleep: for what only polling can see (another process's output
+    or files, a port that starts to accept). Never wait here for something not to happen.
+    """
     deadline = time.monotonic() + timeout
     while True:
         result = probe()
@@ -173,7 +179,7 @@ def wait_until(probe: Callable[[], T | None], timeout: float, what: str) -> T:
             return result
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(interval)
 
 
 # --- certificates -------------------------------------------------------------------

@@ -24,6 +24,7 @@ from zope.interface import provider
 from clientid_mta.auth.passwd_file import Account, PasswdFile, hash_password
 from clientid_mta.smtp.clientid import ClientIdentity, device_key, fingerprint
 from tests.conftest import RunningServer, Wire, start_server
+from tests.sink import wait_until
 
 ALICE, ALICE_PW = "alice@example.org", "alice-password"
 BOB, BOB_PW = "bob@example.org", "bob-password"
@@ -107,18 +108,15 @@ def attempts(server: RunningServer, token: str | None, user: str, count: int) ->
 
 
 def admitted(server: RunningServer, token: str, user: str, password: str) -> Wire:
-    """A session that logged in with ``token``; retried while the server still counts a
-    session of that device that was just closed."""
-    deadline = time.monotonic() + 5
-    while True:
-        wire = session(server, token)
-        reply = auth(wire, user, password)
-        if reply[0] != 421:
-            assert reply == ACCEPTED
-            return wire
-        wire.close()
-        assert time.monotonic() < deadline, "a closed session was never uncounted"
-        time.sleep(0.05)
+    """A session that logged in with ``token``, once the server has uncounted the sessions
+    of that device that were just closed (every device below its cap)."""
+    cap = server.config.limits.max_sessions_per_device
+    server.wait_for_sessions(
+        lambda s: max(s.by_device.values(), default=0) < cap, "a closed session uncounted"
+    )
+    wire = session(server, token)
+    assert auth(wire, user, password) == ACCEPTED
+    return wire
 
 
 def serve(make_server: Serve, extra_toml: str = "") -> RunningServer:
@@ -147,13 +145,17 @@ def audit_rows(server: RunningServer, account: str, count: int) -> list[tuple[st
     ``count`` of them are written (the server writes them in batches)."""
     audit = server.service.components.defences.audit
     assert audit is not None
-    deadline = time.monotonic() + 5
-    while True:
-        audit.flush()
+
+    def written() -> list[str] | None:
+        audit.flush()  # a housekeeping flush may be writing a batch at the same moment
         lines = server.admin("audit", "--account", account).splitlines()[1:]
-        if len(lines) >= count or time.monotonic() > deadline:
-            return [(cols[2], cols[4], cols[6]) for cols in (line.split() for line in lines)]
-        time.sleep(0.1)
+        return lines if len(lines) >= count else None
+
+    try:
+        lines = wait_until(written, 5, f"{count} audit rows", interval=0.1)
+    except TimeoutError:
+        lines = server.admin("audit", "--account", account).splitlines()[1:]
+    return [(cols[2], cols[4], cols[6]) for cols in (line.split() for line in lines)]
 
 
 @pytest.fixture
@@ -228,10 +230,16 @@ def test_throttled_attempts_compute_no_hash(
 def test_device_budget_refills_over_time(make_server: Serve, hashes: list[str | None]) -> None:
     refill = 2
     server = serve(make_server, f"[throttle]\ndevice_burst = 2\ndevice_refill = {refill}")
+    throttle = server.service.components.defences.throttle
+    assert throttle is not None
+    now = time.time()
+    throttle._clock = lambda: now  # the budgets' clock, moved by the test
     device = new_token()
     assert attempts(server, device, ALICE, 3) == [REFUSED, REFUSED, THROTTLED]
     assert len(hashes) == 2
-    time.sleep(refill + 0.2)
+    now += refill * 0.8
+    assert attempts(server, device, ALICE, 1) == [THROTTLED]  # not yet
+    now += refill * 0.2 + 0.01
     # One attempt came back (and was hashed); the burst did not.
     assert attempts(server, device, ALICE, 2) == [REFUSED, THROTTLED]
     assert len(hashes) == 3
@@ -414,11 +422,10 @@ def test_sessions_per_address_are_capped_with_421(make_server: Serve) -> None:
         other_address.close()
 
         open_sessions.pop().close()
-        deadline = time.monotonic() + 5
-        while (fresh := From(server, implicit=False)).greeting[0] == 421:
-            fresh.close()
-            assert time.monotonic() < deadline, "a closed session was never uncounted"
-            time.sleep(0.05)
+        server.wait_for_sessions(
+            lambda s: s.by_address["127.0.0.1"] < 3, "the closed session uncounted"
+        )
+        fresh = From(server, implicit=False)
         open_sessions.append(fresh)
         assert fresh.greeting[0] == 220
     finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
@@ -197,10 +196,15 @@ def test_auth_cache_ttl_expiry_on_a_running_server(
 ) -> None:
     server = make_server("[auth]\ncache_ttl = 2")
     server.add_user(*ALICE)
+    clock = Clock()
+    cache_of(server).clock = clock
     assert cache_of(server).ttl == 2
     assert [login(server, ALICE) for _ in range(2)] == [ACCEPTED, ACCEPTED]
     assert len(hashes) == 1
-    time.sleep(2.05)
+    clock.now += 1.9
+    assert login(server, ALICE) == ACCEPTED
+    assert len(hashes) == 1  # still cached just before the TTL
+    clock.now += 0.15
     assert login(server, ALICE) == ACCEPTED
     assert len(hashes) == 2
 

@@ -14,7 +14,7 @@ import random
 import secrets
 import smtplib
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.serverproc import ServerProcess, running
@@ -51,13 +51,17 @@ class Sender(threading.Thread):
         self.accepted: list[str] = []
         self.refused: list[tuple[str, int, bytes | str]] = []
         self.errors: list[BaseException] = []
+        self.started = 0  # messages whose transaction has begun
+        self.progress = threading.Condition()  # notified at each start and each 250
 
     def run(self) -> None:
         try:
             while not self.stopping.is_set():
                 client = self._connect()
                 if client is None:
-                    time.sleep(0.02)
+                    # The server is down: try again soon (it is a separate process, which
+                    # only polling can see come back); stop() ends the wait at once.
+                    self.stopping.wait(0.02)
                     continue
                 try:
                     self._session(client)
@@ -81,6 +85,7 @@ class Sender(threading.Thread):
                 return
             message_id, body, data = make_message(next(self.numbers), self.recipient)
             self.bodies[message_id] = body
+            self._progressed(started=True)
             try:
                 client.sendmail(SENDER, [self.recipient], data)  # raises unless DATA got 250
             except smtplib.SMTPResponseException as refused:
@@ -92,6 +97,16 @@ class Sender(threading.Thread):
             except (OSError, smtplib.SMTPException):  # killed mid-message: outcome unknown
                 return
             self.accepted.append(message_id)
+            self._progressed()
+
+    def _progressed(self, started: bool = False) -> None:
+        with self.progress:
+            self.started += started
+            self.progress.notify_all()
+
+    def wait(self, condition: Callable[[], bool], timeout: float = 10) -> bool:
+        with self.progress:
+            return self.progress.wait_for(condition, timeout)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -100,9 +115,19 @@ class Sender(threading.Thread):
 
 
 def wait_for_more(sender: Sender, than: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while len(sender.accepted) <= than and time.monotonic() < deadline:
-        time.sleep(0.05)
+    """Until more than ``than`` messages got 250 (or ``timeout``: the test checks the count)."""
+    sender.wait(lambda: len(sender.accepted) > than, timeout)
+
+
+def wait_for_a_kill_moment(sender: Sender, rng: random.Random) -> None:
+    """A random moment while mail flows, a few messages on: right after a 250, or as a
+    message's transaction begins. Events, not a random sleep."""
+    more = rng.randint(0, 3)
+    if rng.random() < 0.5:
+        wait_for_more(sender, len(sender.accepted) + more)
+    else:
+        started = sender.started
+        sender.wait(lambda: sender.started > started + more)
 
 
 def test_S11_sigkill_keeps_every_acknowledged_message_whole_and_once(tmp_path: Path) -> None:
@@ -116,7 +141,7 @@ def test_S11_sigkill_keeps_every_acknowledged_message_whole_and_once(tmp_path: P
         try:
             for _ in range(kills):
                 wait_for_more(sender, len(sender.accepted))  # kill while mail is flowing
-                time.sleep(rng.uniform(0.0, 0.5))
+                wait_for_a_kill_moment(sender, rng)
                 server.kill()
                 server.start()
             after_last_restart = len(sender.accepted)

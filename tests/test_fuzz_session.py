@@ -43,7 +43,6 @@ import os
 import re
 import socket
 import ssl
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -61,12 +60,17 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from twisted.internet import reactor
-from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from clientid_mta.smtp.protocol import SubmissionESMTP
-from tests.conftest import HOSTNAME, THUNDERBIRD_UUID, RunningServer, Wire, start_server
+from tests.conftest import (
+    HOSTNAME,
+    THUNDERBIRD_UUID,
+    RunningServer,
+    ServerReads,
+    Wire,
+    start_server,
+)
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 
@@ -924,6 +928,7 @@ class SessionMachine(RuleBasedStateMachine):
     bad_events: ClassVar[list[dict[str, Any]]]
     unknown_reply: ClassVar[list[str]]
     context: ClassVar[ssl.SSLContext]
+    reads: ClassVar[ServerReads]
 
     def __init__(self) -> None:
         super().__init__()
@@ -959,17 +964,10 @@ class SessionMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if self.wire is not None:
             self.wire.close()
-        sessions = _sessions(self.server)
-
-        def count() -> tuple[int, dict[str, int], dict[str, int]]:
-            return sessions.total, dict(sessions.by_address), dict(sessions.by_device)
-
-        deadline = time.monotonic() + 5
-        counts = blockingCallFromThread(reactor, count)
-        while counts != (0, {}, {}) and time.monotonic() < deadline:
-            time.sleep(0.005)
-            counts = blockingCallFromThread(reactor, count)
-        assert counts == (0, {}, {}), f"session counters did not return to zero: {counts}"
+        self.server.wait_for_sessions(
+            lambda s: (s.total, s.by_address, s.by_device) == (0, {}, {}),
+            "session counters back to zero",
+        )
         events, self.bad_events[:] = list(self.bad_events), []
         assert not events, "the server logged errors:\n" + "\n".join(map(describe, events))
 
@@ -980,10 +978,12 @@ class SessionMachine(RuleBasedStateMachine):
         assert self.wire is not None
         self.transcript.append(f">>> {data[:300]!r}" + (" ..." if len(data) > 300 else ""))
         bounds = sorted({c for c in cuts or [] if 0 < c < len(data)})
+        read_before = self.reads.count(self.wire.sock)
         for start, stop in zip([0, *bounds], [*bounds, len(data)], strict=True):
             self.wire.send(data[start:stop])
-            if stop < len(data):
-                time.sleep(0.005)
+            if stop < len(data):  # the next piece comes in a later read of the server
+                read = self.reads.wait(self.wire.sock, read_before + stop)
+                assert read, self.report("the server did not read the first piece")
         self.model.buffer += data
         while (expects := self.model.step()) is not None:
             self.check(expects)
@@ -1272,7 +1272,9 @@ def machine(fuzz_server: RunningServer) -> Iterator[type[SessionMachine]]:
     SessionMachine.server = fuzz_server
     SessionMachine.bad_events = watch.events
     SessionMachine.context = fuzz_server.ssl_context()
-    yield SessionMachine
+    with pytest.MonkeyPatch.context() as patches:
+        SessionMachine.reads = ServerReads().install(patches, SubmissionESMTP)
+        yield SessionMachine
     globalLogPublisher.removeObserver(watch)
 
 

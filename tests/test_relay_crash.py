@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tests.serverproc import running
 from tests.sink import running_sink, wait_until
-from tests.test_crash import Sender, wait_for_more
+from tests.test_crash import Sender, wait_for_a_kill_moment, wait_for_more
 
 REMOTE = "carol@example.net"
 KILL_WINDOW = 1.0  # seconds from the sink's 250 to our saved envelope, generously
@@ -50,7 +50,7 @@ def test_S11_relay_sigkill_delivers_every_acknowledged_message_once_or_bounces_i
             try:
                 for _ in range(kills):
                     wait_for_more(sender, len(sender.accepted))
-                    time.sleep(rng.uniform(0.0, 0.5))
+                    wait_for_a_kill_moment(sender, rng)
                     killed_at.append(time.time())
                     server.kill()
                     server.start()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import errno
 import ssl
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from clientid_mta.smtp.tls import server_context
-from tests.conftest import HOSTNAME, RunningServer, Wire
+from tests.conftest import HOSTNAME, RunningServer, ServerReads, Wire
 
 USER, PASSWORD = "alice@example.org", "alice-password"
 RECIPIENT = "bob@example.org"
@@ -82,6 +81,7 @@ class Target:
     tls_port: int
     cafile: Path
     break_mailbox: Callable[[str], None]  # make delivery to an address fail temporarily
+    reads: ServerReads  # what the server has read of each connection
     transcript: list[str] = field(default_factory=list)
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -287,8 +287,12 @@ def check_body_reread_as_commands(target: Target) -> None:
     with tls_session(target) as session:
         session.login()
         session.open_data()
-        session.send(MESSAGE + b"x" * 20_000 + b"\r\n")  # over our 8192 and Twisted's 16384
-        time.sleep(0.5)  # the rest comes in a later read, as from any slow client
+        first = MESSAGE + b"x" * 20_000 + b"\r\n"  # over our 8192 and Twisted's 16384
+        read_before = target.reads.count(session.wire.sock)
+        session.send(first)
+        # The rest comes in a later read, as from any slow client.
+        if not target.reads.wait(session.wire.sock, read_before + len(first)):
+            raise Misbehaved("the server did not read the body line")
         session.send(b"RSET\r\n.\r\n")
         session.expect_reply((500, "5.5.2"))
         session.expect("QUIT", (221, ""))  # not the 250 of a body line run as RSET
@@ -438,14 +442,20 @@ class StockFactory(protocol.ServerFactory):
 
 
 @pytest.fixture
-def ours(server: RunningServer) -> Target:
+def ours(server: RunningServer, server_reads: ServerReads) -> Target:
     return Target(
-        server.port, server.tls_port, server.cafile, lambda address: break_maildir(server, address)
+        server.port,
+        server.tls_port,
+        server.cafile,
+        lambda address: break_maildir(server, address),
+        server_reads,
     )
 
 
 @pytest.fixture
-def stock(make_server: Callable[..., RunningServer]) -> Iterator[Target]:
+def stock(
+    make_server: Callable[..., RunningServer], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Target]:
     """A stock ``smtp.ESMTP`` on both kinds of port, on the harness's reactor thread.
 
     It borrows the certificate a harness server generates (``make_server`` rather than
@@ -475,6 +485,7 @@ def stock(make_server: Callable[..., RunningServer]) -> Iterator[Target]:
         implicit.getHost().port,
         certificate_source.cafile,
         delivery.break_mailbox,
+        ServerReads().install(monkeypatch, smtp.ESMTP),
     )
     for port in (plain, implicit):
         blockingCallFromThread(reactor, port.stopListening)

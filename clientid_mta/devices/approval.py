@@ -31,16 +31,23 @@ def _hash(code: str) -> str:
 
 
 class Approvals:
-    def __init__(self, codes: IApprovalCodes, devices: IDeviceRegistry, lifetime: int) -> None:
+    def __init__(
+        self,
+        codes: IApprovalCodes,
+        devices: IDeviceRegistry,
+        lifetime: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.codes = codes
         self.devices = devices
         self.lifetime = lifetime
+        self.clock = clock  # wall-clock seconds: expiry times are stored
 
     def issue(self, account: str, device_key: str) -> tuple[str, float]:
         """A new code for a pending device: (code, expiry time). Blocking."""
         raw = "".join(secrets.choice(_ALPHABET) for _ in range(10))
         code = f"{raw[:5]}-{raw[5:]}"
-        expires = time.time() + self.lifetime
+        expires = self.clock() + self.lifetime
         self.codes.add_approval_code(_hash(code), account, device_key, expires)
         return code, expires
 
@@ -50,7 +57,7 @@ class Approvals:
         for match in _CODE_RE.finditer(text[:MAX_MESSAGE]):
             code = f"{match[1]}-{match[2]}"
             # One UPDATE ... RETURNING: a code raced by two messages approves once.
-            device_key = self.codes.redeem_approval_code(_hash(code), account, time.time())
+            device_key = self.codes.redeem_approval_code(_hash(code), account, self.clock())
             if device_key is not None:
                 device = self.devices.get(account, device_key)
                 if device is not None:
