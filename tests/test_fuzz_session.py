@@ -188,12 +188,15 @@ def greeting_name(name: bytes) -> set[int]:
     return {250, 501}  # printable but not a domain: servers may be lenient
 
 
-def from_verdict(lines: list[bytes], account: str) -> tuple[bool, bool]:
-    """S6 at the end of data: (the From: check must refuse, it may refuse).
+def from_verdict(lines: list[bytes], account: str) -> tuple[str, bool]:
+    """S6 at the end of data: (the status the check must refuse with, "" if none; whether
+    a cautious server may refuse anyway).
 
     The header section is the run of RFC 5322 fields (and folded lines) before the first
-    empty line. If it ends at a line that is no header field (a malformed message), a
-    cautious server may also refuse on a From: line further down.
+    empty line. More than one From:, or one without an address, is malformed (5.6.0);
+    an address not the account's is 5.7.1. If the section ends at a line that is no
+    header field (a malformed message), a cautious server may also refuse on a From:
+    line further down, with either status.
     """
     fields: list[bytes] = []
     malformed = False
@@ -208,11 +211,15 @@ def from_verdict(lines: list[bytes], account: str) -> tuple[bool, bool]:
             malformed = True
             break
     values = [f.partition(b":")[2] for f in fields if f.partition(b":")[0].lower() == b"from"]
-    if not values:
-        return False, malformed
-    text = b",".join(values).decode("ascii", "replace")
-    authors = [addr.lower() for _name, addr in email.utils.getaddresses([text]) if addr]
-    return not authors or any(a != account for a in authors), malformed
+    authors = [
+        [addr.lower() for _name, addr in email.utils.getaddresses([v.decode("ascii", "replace")])]
+        for v in values
+    ]
+    if len(values) > 1 or any(not found or not all(found) for found in authors):
+        return "5.6.0", malformed
+    if any(a != account for found in authors for a in found):
+        return "5.7.1", malformed
+    return "", malformed
 
 
 @dataclass(frozen=True)
@@ -710,11 +717,14 @@ class Model:
             refusals.append((552, "5.3.4"))  # S7
         if any(b"\r" in line or b"\n" in line for line in kept):
             refusals.append((550, "5.6.0"))  # S10
+        others = bool(refusals)
         must, may = from_verdict(kept, account)
-        if must or may:
-            refusals.append((550, "5.7.1"))  # S6
+        if must:
+            refusals.append((550, must))  # S6
+        elif may:
+            refusals += [(550, "5.6.0"), (550, "5.7.1")]
         options = self.refusals(*refusals)
-        if not refusals or (may and not must and len(refusals) == 1):
+        if not others and not must:
             options[250] = Outcome("2.0.0")
         message = Message(recipients, kept, (self.token,) if self.token else ())
         return [Expect("(end of data)", options, message=message)]

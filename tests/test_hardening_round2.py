@@ -501,3 +501,8 @@ def test_m4_whatever_user_add_accepts_the_reader_reads_back(
     # ...and it is a mailbox the Maildir code can create.
     local = account_address.rpartition("@")[0]
     assert local and not local.startswith(".") and "/" not in local
+
+
+def test_m1_from_after_a_line_that_is_no_field_is_still_checked() -> None:
+    data = b"Subject: x\r\nnot a field\r\nFrom: bob@example.org\r\n\r\nbody\r\n"
+    assert verdict(data) == [BOB]

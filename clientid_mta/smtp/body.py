@@ -80,6 +80,8 @@ class HeaderScanner:
             # puts an empty line before it: it is all body).
             self.in_headers = False
             return
+        # A line that is no field further down is passed over, not taken for the end of
+        # the section: readers differ there, so the check looks on to the empty line.
         if name in _CHECKED_FIELDS:
             self._start_field(name, line.partition(b":")[2])
 
