@@ -1,4 +1,5 @@
-"""The outbound queue on disk (issue 4 points 1 and 4): commit order, recovery, corruption."""
+"""The outbound queue on disk (issue 4 points 1 and 4): commit order, recovery, corruption;
+and the sweep of what a crash leaves in Maildir ``tmp/`` folders (L4)."""
 
 from __future__ import annotations
 
@@ -140,3 +141,46 @@ def test_queue_header_then_file_reads_in_any_chunk_size() -> None:
             if size < 0:
                 break
         assert b"".join(chunks) == b"DKIM-Signature: x\r\nSubject: y\n\nz\n"
+
+
+def test_l4_maildir_tmp_swept(tmp_path: Path) -> None:
+    """Files older than 36 hours leave every Maildir tmp/ at start and then daily (in a
+    thread); younger ones, and anything outside tmp/, stay. Each sweep logs its count."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from clientid_mta.delivery.maildir import MaildirRoot
+    from clientid_mta.delivery.sweep import TmpSweeper
+    from tests.test_runner_units import FakeReactor
+
+    hour = 3600.0
+    reactor = FakeReactor()
+    reactor.advance(1_000_000_000.0)
+    start = reactor.seconds()
+    maildirs = MaildirRoot(tmp_path / "mail")
+    alice = maildirs.maildir("example.org", "alice")
+    bob = maildirs.maildir("example.net", "bob")
+
+    def leftover(path: Path, age_hours: float) -> Path:
+        path.write_bytes(b"half a message")
+        os.utime(path, (start - age_hours * hour, start - age_hours * hour))
+        return path
+
+    old = [leftover(alice / "tmp" / "old1", 37), leftover(bob / "tmp" / "old2", 100)]
+    young = leftover(alice / "tmp" / "young", 35)
+    delivered = leftover(alice / "new" / "kept", 1000)
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    sweeper = TmpSweeper(maildirs, reactor=reactor)
+    try:
+        sweeper.startService()
+        assert not any(path.exists() for path in old)
+        assert young.exists() and delivered.exists()
+        reactor.advance(12 * hour)  # young is 47 hours old now, but no sweep is due
+        assert young.exists()
+        reactor.advance(12 * hour)  # the daily sweep
+        assert not young.exists() and delivered.exists()
+    finally:
+        sweeper.stopService()
+        globalLogPublisher.removeObserver(events.append)
+    counts = [str(formatEvent(e)) for e in events if "leftover files" in str(formatEvent(e))]
+    assert [text.split()[1] for text in counts] == ["2", "1"]
