@@ -184,3 +184,60 @@ def test_l4_maildir_tmp_swept(tmp_path: Path) -> None:
         globalLogPublisher.removeObserver(events.append)
     counts = [str(formatEvent(e)) for e in events if "leftover files" in str(formatEvent(e))]
     assert [text.split()[1] for text in counts] == ["2", "1"]
+
+
+class RecordingFile:
+    def __init__(self) -> None:
+        self.data = b""
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_spill_of_a_large_message_runs_in_a_thread_in_order() -> None:
+    """Past SPILL bytes the buffer goes to a thread (opening the file there); the end
+    writes the rest after every spill; the caller never opens or writes a file."""
+    from twisted.internet import defer
+
+    from clientid_mta.delivery.spool import MAX_IN_FLIGHT, SPILL, LateFile
+
+    pending: list[tuple[defer.Deferred[object], object, tuple[object, ...]]] = []
+
+    def later(function: object, *args: object) -> defer.Deferred[object]:
+        done: defer.Deferred[object] = defer.Deferred()
+        pending.append((done, function, args))
+        return done
+
+    def run_one() -> None:
+        done, function, args = pending.pop(0)
+        done.callback(function(*args))  # type: ignore[operator]
+
+    opened: list[RecordingFile] = []
+
+    def open_file() -> RecordingFile:
+        opened.append(RecordingFile())
+        return opened[-1]
+
+    spool: LateFile[RecordingFile] = LateFile(open_file, later)
+    chunk = b"x" * (SPILL // 2)
+    for _ in range(3):
+        spool.write(chunk)
+    assert opened == [] and len(pending) == 1  # handed over, not written here
+    spool.write(b"tail")
+    finished = spool.finish(lambda handle: handle.data)
+    assert opened == [] and len(pending) == 1  # the end waits for the spill
+    run_one()
+    assert len(opened) == 1 and len(pending) == 1
+    run_one()
+    results: list[object] = []
+    finished.addCallback(results.append)
+    assert results == [chunk * 3 + b"tail"]
+
+    flood: LateFile[RecordingFile] = LateFile(open_file, later)
+    for _ in range(2 * MAX_IN_FLIGHT // SPILL):
+        flood.write(b"y" * (SPILL + 1))  # a disk that never finishes a write
+    assert isinstance(flood.error, OSError)  # a 451 at the end, not unbounded memory

@@ -175,3 +175,25 @@ def test_reactor_guard_whole_session_tls_clientid_auth_1mib_local_and_relayed(
         assert stored["Subject"] == "big"
         guard.active = False
     assert guard.violations == [], "\n".join(guard.violations)
+
+
+def test_reactor_guard_passwd_change_reaches_the_reactor_within_a_second_off_thread(
+    guard: ReactorGuard, make_server: Callable[..., RunningServer]
+) -> None:
+    """The reactor reads accounts from a snapshot; a thread notices the admin command's
+    write (at most a second later) without any file call on the reactor."""
+    guard.active = False
+    server = make_server()
+    guard.active = True
+    passwords = server.service.components.passwords
+
+    def on_reactor() -> bool:
+        return passwords.get("dora@example.org") is not None
+
+    assert not blockingCallFromThread(reactor, on_reactor)
+    server.add_user("dora@example.org", "dora-password")
+    wait_until(
+        lambda: blockingCallFromThread(reactor, on_reactor) or None, 3, "dora on the reactor"
+    )
+    guard.active = False
+    assert guard.violations == [], "\n".join(guard.violations)
