@@ -63,6 +63,21 @@ def test_queue_restart_removes_half_written_entries(tmp_path: Path) -> None:
     assert os.listdir(queue.tmp) == []
 
 
+def test_queue_recovery_keeps_files_written_since_it_began(tmp_path: Path) -> None:
+    """Under twistd the port is bound before recovery ends: a session's spill file (or a
+    message renamed into msg/ just before its envelope) newer than recovery stays."""
+    queue = make_queue(tmp_path)
+    crashed = queue.new_message()
+    crashed.write(b"left by a crash")
+    crashed.sync()
+    os.utime(crashed.temp_path, (1000.0, 1000.0))
+    live = queue.new_message()
+    live.write(b"a session writing now")
+    live.sync()
+    assert queue.recover(older_than=2000.0) == 1
+    assert os.listdir(queue.tmp) == [live.temp_path.name]
+
+
 def test_queue_unreadable_envelope_is_set_aside_never_delivered(tmp_path: Path) -> None:
     queue = make_queue(tmp_path)
     good = commit(queue)

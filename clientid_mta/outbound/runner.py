@@ -228,10 +228,11 @@ class QueueRunner(service.Service):
     def recover(self) -> defer.Deferred[None]:
         """Take the queue lock, delete what a crash left half-written and load the
         entries, all in a thread. Call it before the listeners start: it deletes the
-        files in ``tmp/``, where new sessions write. ``startService`` calls it if nobody
+        files in ``tmp/``, where new sessions write (files newer than the call are kept,
+        for a listener already bound, as under twistd). ``startService`` calls it if nobody
         did. Fires when done (errback: the queue cannot be used)."""
         if self._recovery is None:
-            found = self._in_thread(self._recover_disk)
+            found = self._in_thread(self._recover_disk, time.time())
             self._recovery = found.addCallback(self._resume).addErrback(self._keep_recovery_failure)
         done: defer.Deferred[None] = defer.Deferred()
         self._recovery.addCallback(lambda _: self._tell_recovered(done))
@@ -246,14 +247,14 @@ class QueueRunner(service.Service):
         else:
             waiting.callback(None)
 
-    def _recover_disk(self) -> Recovered:
+    def _recover_disk(self, started: float) -> Recovered:
         password = ""
         if self.relay.password_file is not None:
             password = self.relay.password_file.read_text(encoding="utf-8").strip("\r\n")
         lock_fd = self.queue.lock_forever()
         if lock_fd is None:
             return Recovered(password, None)
-        removed = self.queue.recover()
+        removed = self.queue.recover(older_than=started)
         envelopes, corrupt = self.queue.load_all()
         return Recovered(password, lock_fd, removed, envelopes, corrupt)
 
