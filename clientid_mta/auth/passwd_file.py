@@ -32,7 +32,7 @@ log = Logger()
 _hasher = argon2.PasswordHasher()
 
 # Verified against when the account does not exist, so an unknown user costs the
-# same time as a wrong password (C12: same timing class).
+# same time as a wrong password (docs/conformance.md, row C12: same timing class).
 _DUMMY_HASH = "{ARGON2ID}" + _hasher.hash("clientid-mta timing equaliser")
 
 

@@ -1,8 +1,9 @@
 """Where an authenticated account's mail goes: its ``IMessageDelivery``.
 
-``validateFrom`` enforces the sender (S6) and opens the transaction; ``validateTo``
-routes each recipient to a local Maildir or to the outbound queue, where all remote
-recipients of the transaction share one queued copy.
+``validateFrom`` enforces the sender (docs/conformance.md, row S6) and opens the
+transaction; ``validateTo`` routes each recipient to a local Maildir or to the outbound
+queue, where all remote recipients of the transaction share one queued copy. Account
+look-ups read the passwd file's in-memory snapshot: nothing here touches the disk.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class AccountDelivery:
         return factory
 
     def may_use_header_from(self, addresses: Iterable[str]) -> bool:
-        """The From: header check at end of DATA (S6)."""
+        """The From: header check at end of DATA (docs/conformance.md, row S6)."""
         return all(self.account.may_send_as(a) for a in addresses)
 
 
