@@ -1,4 +1,5 @@
-"""The outbound queue on disk (issue 4 points 1 and 4): commit order, recovery, corruption."""
+"""The outbound queue on disk (issue 4 points 1 and 4): commit order, recovery, corruption;
+and the sweep of what a crash leaves in Maildir ``tmp/`` folders (L4)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,21 @@ def test_queue_restart_removes_half_written_entries(tmp_path: Path) -> None:
     assert queue.ids() == [kept.id]
     assert sorted(os.listdir(queue.msg)) == [kept.id]
     assert os.listdir(queue.tmp) == []
+
+
+def test_queue_recovery_keeps_files_written_since_it_began(tmp_path: Path) -> None:
+    """Under twistd the port is bound before recovery ends: a session's spill file (or a
+    message renamed into msg/ just before its envelope) newer than recovery stays."""
+    queue = make_queue(tmp_path)
+    crashed = queue.new_message()
+    crashed.write(b"left by a crash")
+    crashed.sync()
+    os.utime(crashed.temp_path, (1000.0, 1000.0))
+    live = queue.new_message()
+    live.write(b"a session writing now")
+    live.sync()
+    assert queue.recover(older_than=2000.0) == 1
+    assert os.listdir(queue.tmp) == [live.temp_path.name]
 
 
 def test_queue_unreadable_envelope_is_set_aside_never_delivered(tmp_path: Path) -> None:
@@ -140,3 +156,103 @@ def test_queue_header_then_file_reads_in_any_chunk_size() -> None:
             if size < 0:
                 break
         assert b"".join(chunks) == b"DKIM-Signature: x\r\nSubject: y\n\nz\n"
+
+
+def test_l4_maildir_tmp_swept(tmp_path: Path) -> None:
+    """Files older than 36 hours leave every Maildir tmp/ at start and then daily (in a
+    thread); younger ones, and anything outside tmp/, stay. Each sweep logs its count."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from clientid_mta.delivery.maildir import MaildirRoot
+    from clientid_mta.delivery.sweep import TmpSweeper
+    from tests.test_runner_units import FakeReactor
+
+    hour = 3600.0
+    reactor = FakeReactor()
+    reactor.advance(1_000_000_000.0)
+    start = reactor.seconds()
+    maildirs = MaildirRoot(tmp_path / "mail")
+    alice = maildirs.maildir("example.org", "alice")
+    bob = maildirs.maildir("example.net", "bob")
+
+    def leftover(path: Path, age_hours: float) -> Path:
+        path.write_bytes(b"half a message")
+        os.utime(path, (start - age_hours * hour, start - age_hours * hour))
+        return path
+
+    old = [leftover(alice / "tmp" / "old1", 37), leftover(bob / "tmp" / "old2", 100)]
+    young = leftover(alice / "tmp" / "young", 35)
+    delivered = leftover(alice / "new" / "kept", 1000)
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    sweeper = TmpSweeper(maildirs, reactor=reactor)
+    try:
+        sweeper.startService()
+        assert not any(path.exists() for path in old)
+        assert young.exists() and delivered.exists()
+        reactor.advance(12 * hour)  # young is 47 hours old now, but no sweep is due
+        assert young.exists()
+        reactor.advance(12 * hour)  # the daily sweep
+        assert not young.exists() and delivered.exists()
+    finally:
+        sweeper.stopService()
+        globalLogPublisher.removeObserver(events.append)
+    counts = [str(formatEvent(e)) for e in events if "leftover files" in str(formatEvent(e))]
+    assert [text.split()[1] for text in counts] == ["2", "1"]
+
+
+class RecordingFile:
+    def __init__(self) -> None:
+        self.data = b""
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_spill_of_a_large_message_runs_in_a_thread_in_order() -> None:
+    """Past SPILL bytes the buffer goes to a thread (opening the file there); the end
+    writes the rest after every spill; the caller never opens or writes a file."""
+    from twisted.internet import defer
+
+    from clientid_mta.delivery.spool import MAX_IN_FLIGHT, SPILL, LateFile
+
+    pending: list[tuple[defer.Deferred[object], object, tuple[object, ...]]] = []
+
+    def later(function: object, *args: object) -> defer.Deferred[object]:
+        done: defer.Deferred[object] = defer.Deferred()
+        pending.append((done, function, args))
+        return done
+
+    def run_one() -> None:
+        done, function, args = pending.pop(0)
+        done.callback(function(*args))  # type: ignore[operator]
+
+    opened: list[RecordingFile] = []
+
+    def open_file() -> RecordingFile:
+        opened.append(RecordingFile())
+        return opened[-1]
+
+    spool: LateFile[RecordingFile] = LateFile(open_file, later)
+    chunk = b"x" * (SPILL // 2)
+    for _ in range(3):
+        spool.write(chunk)
+    assert opened == [] and len(pending) == 1  # handed over, not written here
+    spool.write(b"tail")
+    finished = spool.finish(lambda handle: handle.data)
+    assert opened == [] and len(pending) == 1  # the end waits for the spill
+    run_one()
+    assert len(opened) == 1 and len(pending) == 1
+    run_one()
+    results: list[object] = []
+    finished.addCallback(results.append)
+    assert results == [chunk * 3 + b"tail"]
+
+    flood: LateFile[RecordingFile] = LateFile(open_file, later)
+    for _ in range(2 * MAX_IN_FLIGHT // SPILL):
+        flood.write(b"y" * (SPILL + 1))  # a disk that never finishes a write
+    assert isinstance(flood.error, OSError)  # a 451 at the end, not unbounded memory

@@ -23,20 +23,24 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import argon2
 import bcrypt
+from twisted.internet import threads
 from twisted.logger import Logger
+from twisted.python import threadable
+from twisted.python.failure import Failure
 
 log = Logger()
 
 _hasher = argon2.PasswordHasher()
 
 # Verified against when the account does not exist, so an unknown user costs the
-# same time as a wrong password (C12: same timing class).
+# same time as a wrong password (docs/conformance.md, row C12: same timing class).
 _DUMMY_HASH = "{ARGON2ID}" + _hasher.hash("clientid-mta timing equaliser")
 
 
@@ -185,25 +189,75 @@ def parse_accounts(data: bytes) -> tuple[dict[str, Account], list[UnreadableLine
 
 
 class PasswdFile:
-    """The accounts in a passwd file, re-read whenever the file changes on disk."""
+    """The accounts in a passwd file, re-read whenever the file changes on disk.
+
+    Readers get an in-memory snapshot. On the reactor thread nothing touches the disk:
+    at most once a second a thread checks the file's inode, mtime and size and swaps
+    in a new snapshot if they changed, so the admin command's writes show within a
+    second. Any other thread (the login checks, the admin command, start-up) checks
+    the file itself before reading, so a login right after ``user add`` sees the
+    account. Readers never take a lock; only concurrent refreshes share one.
+    """
+
+    CHECK_INTERVAL = 1.0  # seconds between the reactor's look-ups of the file
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._signature: tuple[int, int, int] | None = None
-        self._accounts: dict[str, Account] = {}
+        self._accounts: dict[str, Account] = {}  # replaced whole, never changed in place
+        self._next_check = 0.0
+        self._refreshing = False
+        self._broken: str | None = None  # the last read error, logged once
 
-    def _current(self) -> dict[str, Account]:
+    def refresh(self) -> bool:
+        """Re-read the file if it changed; True if the snapshot was replaced. Blocking."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            return {}
-        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
-        with self._lock:
-            if signature != self._signature:
-                self._accounts = self._read()
-                self._signature = signature
-            return self._accounts
+            signature = None
+        else:
+            signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        with self._refresh_lock:
+            if signature == self._signature:
+                return False
+            accounts = self._read() if signature is not None else {}
+            self._accounts, self._signature = accounts, signature
+            return True
+
+    def _current(self) -> dict[str, Account]:
+        if threadable.isInIOThread():
+            self._refresh_soon()
+        else:
+            self.refresh()
+        return self._accounts
+
+    def _refresh_soon(self) -> None:
+        """On the reactor: start a refresh in a thread if the last look is a second old."""
+        now = time.monotonic()
+        if self._refreshing or now < self._next_check:
+            return
+        self._refreshing, self._next_check = True, now + self.CHECK_INTERVAL
+        done = threads.deferToThread(self.refresh)
+        done.addCallbacks(self._refreshed, self._refresh_failed)
+
+    def _refreshed(self, _changed: bool) -> None:
+        self._refreshing = False
+        if self._broken is not None:
+            self._broken = None
+            log.info("passwd file {path} is readable again", path=str(self.path))
+
+    def _refresh_failed(self, failure: Failure) -> None:
+        """Keep serving the last good snapshot; say so once per distinct problem."""
+        self._refreshing = False
+        problem = str(failure.value)
+        if problem != self._broken:
+            self._broken = problem
+            log.error(
+                "cannot read passwd file {path}, keeping the accounts read before: {problem}",
+                path=str(self.path),
+                problem=problem,
+            )
 
     def _read(self) -> dict[str, Account]:
         accounts, unreadable = parse_accounts(self.path.read_bytes())

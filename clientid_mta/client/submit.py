@@ -618,17 +618,19 @@ class _ClientFactory(protocol.ClientFactory):
             self.connector.disconnect()
 
 
-def _trust_root(trust_roots: str | Path | None) -> Any:
-    """The CAs to verify against: every certificate in a PEM file, or the system's."""
+def _trust_root(trust_roots: str | Path | bytes | None) -> Any:
+    """The CAs to verify against: every certificate in a PEM file (or PEM bytes already
+    read, so a caller on the reactor need not open a file), or the system's."""
     if trust_roots is None:
         return ssl.platformTrust()
-    certificates = x509.load_pem_x509_certificates(Path(trust_roots).read_bytes())
+    pem = trust_roots if isinstance(trust_roots, bytes) else Path(trust_roots).read_bytes()
+    certificates = x509.load_pem_x509_certificates(pem)
     return ssl.trustRootFromCertificates(
         [ssl.Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates]
     )
 
 
-def _tls_options(tls: str, hostname: str, trust_roots: str | Path | None) -> Any:
+def _tls_options(tls: str, hostname: str, trust_roots: str | Path | bytes | None) -> Any:
     if tls in ("starttls", "implicit"):
         return ssl.optionsForClientTLS(
             hostname,

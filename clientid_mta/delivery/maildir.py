@@ -17,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.mail.interfaces import IMessageSMTP
 from zope.interface import implementer
 
@@ -26,6 +26,8 @@ from clientid_mta.delivery.spool import LateFile
 from clientid_mta.smtp.errors import LocalDeliveryError
 
 _counter = itertools.count()
+
+TMP_MAX_AGE = 36 * 3600  # seconds a file may stay in tmp/ before it is a crash's leftover
 
 
 class UnsafeMailboxName(LocalDeliveryError, ValueError):
@@ -85,6 +87,27 @@ class MaildirRoot:
         if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
             raise UnsafeMailboxName(f"{path} leads out of the Maildir root")
 
+    def sweep_tmp(self, now: float, max_age: float = TMP_MAX_AGE) -> int:
+        """Delete files older than ``max_age`` seconds from every Maildir's ``tmp/``
+        (what a crash mid-DATA leaves; the Maildir convention says 36 hours). Returns
+        the count. Blocking: call it from a thread."""
+        removed = 0
+        for tmp in self.root.glob("*/*/tmp"):
+            if tmp.is_symlink() or not tmp.is_dir():
+                continue
+            with os.scandir(tmp) as entries:
+                for entry in entries:
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                        if now - info.st_mtime > max_age and not entry.is_dir(
+                            follow_symlinks=False
+                        ):
+                            os.unlink(entry.path)
+                            removed += 1
+                    except FileNotFoundError:
+                        continue  # removed meanwhile
+        return removed
+
     def open_new(self, domain: str, localpart: str) -> MaildirFile:
         return MaildirFile(self.maildir(domain, localpart))
 
@@ -117,9 +140,10 @@ class MaildirMessage:
     """Twisted's IMessage for one local recipient.
 
     Lines arrive without their line ending and are stored with LF, the Maildir
-    convention. The data waits in memory (``spool.LateFile``) and is written, fsynced
-    and renamed in a thread at the end. A write error (disk full, I/O error) is kept
-    and reported by ``eomReceived``, so that the reply is a 451, never a lost message.
+    convention. The data waits in memory (``spool.LateFile``, which spills a large
+    message in a thread) and is written, fsynced and renamed in a thread at the end. A
+    write error (disk full, I/O error) is kept and reported by ``eomReceived``, so that
+    the reply is a 451, never a lost message.
     """
 
     def __init__(self, maildirs: MaildirRoot, domain: str, localpart: str) -> None:
@@ -136,14 +160,7 @@ class MaildirMessage:
         if self._data.error is not None:
             self._data.abort()
             return defer.fail(self._data.error)
-        return threads.deferToThread(self._commit)
-
-    def _commit(self) -> Path:
-        try:
-            return self._data.written().commit()
-        except BaseException:
-            self._data.abort()
-            raise
+        return self._data.finish(MaildirFile.commit)
 
     def connectionLost(self) -> None:
         self._data.abort()

@@ -1,8 +1,9 @@
 """Where an authenticated account's mail goes: its ``IMessageDelivery``.
 
-``validateFrom`` enforces the sender (S6) and opens the transaction; ``validateTo``
-routes each recipient to a local Maildir or to the outbound queue, where all remote
-recipients of the transaction share one queued copy.
+``validateFrom`` enforces the sender (docs/conformance.md, row S6) and opens the
+transaction; ``validateTo`` routes each recipient to a local Maildir or to the outbound
+queue, where all remote recipients of the transaction share one queued copy. Account
+look-ups read the passwd file's in-memory snapshot: nothing here touches the disk.
 """
 
 from __future__ import annotations

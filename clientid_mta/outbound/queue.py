@@ -207,16 +207,27 @@ class QueueDir:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(path, self.corrupt / path.name)
 
-    def recover(self) -> int:
+    def recover(self, older_than: float | None = None) -> int:
         """Delete what a crash left half-written: ``tmp/`` files and message files that
-        have no envelope. Only the queue's owner may call this. Returns the count."""
+        have no envelope. Only the queue's owner may call this. Returns the count.
+
+        With ``older_than`` (a time.time()), files modified since then are kept: they
+        belong to sessions of this process that started while recovery ran."""
+
+        def stale(path: Path) -> bool:
+            try:
+                return older_than is None or path.stat().st_mtime < older_than
+            except FileNotFoundError:
+                return False
+
         removed = 0
         for path in self.tmp.iterdir():
-            path.unlink(missing_ok=True)
-            removed += 1
+            if stale(path):
+                path.unlink(missing_ok=True)
+                removed += 1
         committed = set(self.ids())
         for path in self.msg.iterdir():
-            if path.name not in committed:
+            if path.name not in committed and stale(path):
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed

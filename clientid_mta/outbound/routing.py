@@ -87,9 +87,17 @@ class Router:
             answers, _auth, _add = await self.resolver.lookupMailExchange(domain)
         except error.DNSNameError:
             raise RouteFailed(f"domain {domain} does not exist", "5.1.2", True) from None
-        except (error.DomainError, error.DNSQueryRefusedError):
+        except (
+            error.DNSServerError,
+            error.DNSQueryRefusedError,
+            error.DNSFormatError,
+            error.DNSNotImplementedError,
+            error.DNSUnknownError,
+        ) as problem:  # SERVFAIL and the like say nothing of the MX: not an implicit MX
+            raise RouteFailed(f"DNS lookup of {domain} failed: {problem}", "4.4.3", False) from None
+        except error.DomainError:
             answers = []  # no MX records: the implicit MX below
-        except Exception as problem:  # timeouts, SERVFAIL: try again later
+        except Exception as problem:  # timeouts: try again later
             raise RouteFailed(f"DNS lookup of {domain} failed: {problem}", "4.4.3", False) from None
         records = [
             (a.payload.preference, random.random(), str(a.payload.name).rstrip("."))

@@ -19,16 +19,19 @@ saving that; the restart then delivers it again (RFC 5321 6.1 prefers that to lo
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
 from twisted.application import service
 from twisted.internet import defer, task, threads
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from clientid_mta.config import Config
 from clientid_mta.outbound import bounces as dsn
@@ -51,7 +54,22 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+T = TypeVar("T")
+
 BATCH = 20  # queue entries sent over one connection to one destination
+# Queued messages are read into memory (in a thread) before a connection sends them;
+# a batch stops growing at this many bytes, so a connection holds at most about this.
+BATCH_BYTES = 32 * 1024 * 1024
+# After a failed save (full disk...), the entry waits this long before the next try,
+# doubling up to the maximum: a broken disk costs a few tries a minute, not thousands.
+CONCLUDE_RETRY_FIRST = 1.0
+CONCLUDE_RETRY_MAX = 300.0
+
+
+def conclude_retry_delay(failures: int) -> float:
+    """Seconds to wait after the ``failures``-th failure in a row to conclude an entry."""
+    return min(CONCLUDE_RETRY_MAX, CONCLUDE_RETRY_FIRST * 2 ** min(failures - 1, 30))
+
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -92,6 +110,54 @@ class Entry:
     busy: bool = False
     deleted: bool = False
     unsaved: bool = False  # the last save failed: try it again before anything else
+    conclude_failures: int = 0  # failed conclusions in a row (saving, bouncing, removing)
+    retry_at: float = 0.0  # after a failed conclusion: not touched again before this
+
+
+class Trouble:
+    """A kind of failure that is retried: logged when it starts and when it ends, not at
+    every try (a full disk once gave 4,180 tracebacks in a second)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failing: set[str] = set()  # the keys (queue ids) failing now
+
+    def failed(self, key: str, failure: Failure) -> None:
+        if not self.failing:
+            log.failure(
+                "{what} failed (first: {key}); retrying with back-off, quiet until it works",
+                failure,
+                level=LogLevel.error,
+                what=self.what,
+                key=key,
+            )
+        self.failing.add(key)
+
+    def worked(self, key: str) -> None:
+        if key in self.failing:
+            self.failing.discard(key)
+            if not self.failing:
+                log.info("{what} works again", what=self.what)
+
+
+@dataclass
+class Loaded:
+    """What one delivery sends, read in a thread: the CA file (PEM) and each message."""
+
+    trust_roots: bytes | None = None
+    messages: dict[str, bytes | OSError] = field(default_factory=dict)
+    size: int = 0
+
+
+@dataclass
+class Recovered:
+    """What ``QueueRunner.recover`` found on disk (read in a thread)."""
+
+    password: str
+    lock_fd: int | None
+    removed: int = 0
+    envelopes: list[Envelope] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +174,9 @@ Send = Callable[..., "defer.Deferred[list[list[client.RecipientResult] | client.
 
 
 class QueueRunner(service.Service):
+    """``reactor`` (default: the global one) gives the clock, the connections and the
+    threads; tests pass a fake one."""
+
     name = "queue"
 
     def __init__(
@@ -116,19 +185,21 @@ class QueueRunner(service.Service):
         queue: QueueDir,
         local: LocalBounceTarget,
         router: Router | None = None,
-        clock: IReactorTime | None = None,
+        *,
+        reactor: Any = None,
         send: Send | None = None,
         tick_interval: float = 1.0,
     ) -> None:
-        from twisted.internet import reactor
-
+        if reactor is None:
+            from twisted.internet import reactor
         self.config = config
         self.relay = config.relay
         self.settings = config.queue_config
         self.queue = queue
         self.local = local
         self.router = router or Router(config.relay)
-        self.clock: IReactorTime = clock or reactor
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
         if send is None:
             from clientid_mta.client.submit import send_messages
 
@@ -141,25 +212,62 @@ class QueueRunner(service.Service):
         self.owner = False
         self._lock_fd: int | None = None
         self._loop: task.LoopingCall | None = None
+        self._recovery: defer.Deferred[None] | None = None
+        self._recovery_failure: Failure | None = None
         self._scanning = False
         self._password = ""
+        self.scan_trouble = Trouble("scanning the queue")
+        self.conclude_trouble = Trouble("saving queue entries")
+
+    def _in_thread(self, function: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        pool = cast(IReactorThreads, self.reactor).getThreadPool()
+        return threads.deferToThreadPool(self.reactor, pool, function, *args)
 
     # --- life ---------------------------------------------------------------------
 
-    def startService(self) -> None:
-        super().startService()
+    def recover(self) -> defer.Deferred[None]:
+        """Take the queue lock, delete what a crash left half-written and load the
+        entries, all in a thread. Call it before the listeners start: it deletes the
+        files in ``tmp/``, where new sessions write (files newer than the call are kept,
+        for a listener already bound, as under twistd). ``startService`` calls it if nobody
+        did. Fires when done (errback: the queue cannot be used)."""
+        if self._recovery is None:
+            found = self._in_thread(self._recover_disk, time.time())
+            self._recovery = found.addCallback(self._resume).addErrback(self._keep_recovery_failure)
+        done: defer.Deferred[None] = defer.Deferred()
+        self._recovery.addCallback(lambda _: self._tell_recovered(done))
+        return done
+
+    def _keep_recovery_failure(self, failure: Failure) -> None:
+        self._recovery_failure = failure
+
+    def _tell_recovered(self, waiting: defer.Deferred[None]) -> None:
+        if self._recovery_failure is not None:
+            waiting.errback(self._recovery_failure)
+        else:
+            waiting.callback(None)
+
+    def _recover_disk(self, started: float) -> Recovered:
+        password = ""
         if self.relay.password_file is not None:
-            self._password = self.relay.password_file.read_text(encoding="utf-8").strip("\r\n")
-        self._lock_fd = self.queue.lock_forever()
-        if self._lock_fd is None:
+            password = self.relay.password_file.read_text(encoding="utf-8").strip("\r\n")
+        lock_fd = self.queue.lock_forever()
+        if lock_fd is None:
+            return Recovered(password, None)
+        removed = self.queue.recover(older_than=started)
+        envelopes, corrupt = self.queue.load_all()
+        return Recovered(password, lock_fd, removed, envelopes, corrupt)
+
+    def _resume(self, found: Recovered) -> None:
+        self._password = found.password
+        if found.lock_fd is None:
             log.info("queue {dir} is run by another process", dir=str(self.queue.root))
             return
+        self._lock_fd = found.lock_fd
         self.owner = True
-        removed = self.queue.recover()
-        envelopes, corrupt = self.queue.load_all()
-        for envelope in envelopes:
-            self.entries[envelope.id] = Entry(envelope)
-        for queue_id in corrupt:
+        for envelope in found.envelopes:
+            self.entries.setdefault(envelope.id, Entry(envelope))
+        for queue_id in found.corrupt:
             log.error(
                 "queue entry {id} cannot be read; moved to {dir}, not delivered",
                 id=queue_id,
@@ -167,22 +275,34 @@ class QueueRunner(service.Service):
             )
         log.info(
             "queue resumed: {count} entries, {removed} half-written files removed",
-            count=len(envelopes),
-            removed=removed,
+            count=len(found.envelopes),
+            removed=found.removed,
         )
-        self._loop = task.LoopingCall(self.tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.tick_interval, now=True)
+        self._start_loop()
+
+    def _start_loop(self) -> None:
+        if self.running and self.owner and self._loop is None:
+            self._loop = task.LoopingCall(self.tick)
+            self._loop.clock = self.clock
+            self._loop.start(self.tick_interval, now=True)
+
+    def startService(self) -> None:
+        super().startService()
+        if self._recovery is None:
+            self.recover().addErrback(
+                lambda failure: log.failure("the queue cannot be started", failure)
+            )
+        self._start_loop()
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        self._loop = None
         if self._lock_fd is not None:
-            import os
-
             os.close(self._lock_fd)
             self._lock_fd = None
+            self.owner = False
         return None
 
     def add(self, envelope: Envelope) -> None:
@@ -196,9 +316,12 @@ class QueueRunner(service.Service):
     def tick(self) -> None:
         if not self._scanning:
             self._scanning = True
-            scan = threads.deferToThread(self._scan_disk)
+            scan = self._in_thread(self._scan_disk)
             scan.addCallback(self._apply_scan)
-            scan.addErrback(lambda f: log.failure("queue scan failed", f))
+            scan.addCallbacks(
+                lambda _: self.scan_trouble.worked("scan"),
+                lambda failure: self.scan_trouble.failed("scan", failure),
+            )
             scan.addBoth(self._scan_done)
         self._fill()
 
@@ -245,17 +368,24 @@ class QueueRunner(service.Service):
 
         Entries due at one destination share a connection (up to BATCH of them). An
         entry takes part in one delivery at a time; recipients it has at another
-        destination go in a later round.
+        destination go in a later round. An entry whose last conclusion failed waits
+        for its back-off, then concludes again before anything else.
         """
         now = self.clock.seconds()
         waiting: dict[str, list[tuple[Entry, list[Recipient]]]] = {}
         for entry in list(self.entries.values()):
-            if entry.busy:
+            if entry.busy or entry.retry_at > now:
                 continue
             envelope = entry.envelope
             due = [r for r in envelope.pending() if r.next_attempt <= now]
-            if not due:
-                if entry.deleted or entry.unsaved or envelope.owed_bounces() or envelope.done:
+            if entry.conclude_failures or not due:
+                if (
+                    entry.conclude_failures
+                    or entry.deleted
+                    or entry.unsaved
+                    or envelope.owed_bounces()
+                    or envelope.done
+                ):
                     self._conclude(entry)
                 continue
             destination = self.router.destination(due[0].address)
@@ -287,18 +417,28 @@ class QueueRunner(service.Service):
             self._conclude(entry)
 
     def _conclude(self, entry: Entry) -> None:
-        """Save the entry's new state, then bounce, notify or remove as it requires."""
+        """Save the entry's new state, then bounce, notify or remove as it requires.
+
+        A failure (full disk, anything) puts the entry aside on a back-off schedule;
+        the trouble is logged once, and once more when saving works again."""
         entry.busy = True
+        queue_id = entry.envelope.id
         work = defer.ensureDeferred(self._after_attempts(entry))
 
-        def failed(failure: Any) -> None:
-            log.failure("queue entry {id}: internal error", failure, id=entry.envelope.id)
+        def concluded(_: object) -> None:
+            entry.conclude_failures, entry.retry_at = 0, 0.0
+            self.conclude_trouble.worked(queue_id)
+
+        def failed(failure: Failure) -> None:
+            entry.conclude_failures += 1
+            entry.retry_at = self.clock.seconds() + conclude_retry_delay(entry.conclude_failures)
+            self.conclude_trouble.failed(queue_id, failure)
 
         def free(_: object) -> None:
             entry.busy = False
             self._fill()
 
-        work.addErrback(failed)
+        work.addCallbacks(concluded, failed)
         work.addBoth(free)
 
     def _take_slot(self, destination: str) -> bool:
@@ -343,11 +483,12 @@ class QueueRunner(service.Service):
             return
         from clientid_mta.client.submit import ConnectionFailed
 
+        loaded = await self._in_thread(self._read_batch, [e.envelope.id for e, _ in batch])
+        left = self._readable(batch, loaded)
         problem_text = "no mail server to try"
-        left = batch
         for hop in hops:
             try:
-                outcomes = await self._send(hop, left)
+                outcomes = await self._send(hop, left, loaded)
             except ConnectionFailed as problem:
                 outcomes = [problem] * len(left)
             now = self.clock.seconds()
@@ -396,13 +537,62 @@ class QueueRunner(service.Service):
             else:
                 self._temporary_or_final(envelope, recipient, now, text, status, result.permanent)
 
+    def _read_batch(self, queue_ids: list[str]) -> Loaded:
+        """The CA file and the queued messages, read in a thread (the client reads its
+        message on the reactor). Stops at BATCH_BYTES; an unreadable one is its error."""
+        loaded = Loaded()
+        if self.relay.ca_file is not None:
+            loaded.trust_roots = self.relay.ca_file.read_bytes()
+        for queue_id in queue_ids:
+            if loaded.size >= BATCH_BYTES:
+                break
+            try:
+                with self.queue.open_message(queue_id) as handle:
+                    data = handle.read()
+            except OSError as problem:
+                loaded.messages[queue_id] = problem
+                continue
+            loaded.messages[queue_id] = data
+            loaded.size += len(data)
+        return loaded
+
+    def _readable(
+        self, batch: list[tuple[Entry, list[Recipient]]], loaded: Loaded
+    ) -> list[tuple[Entry, list[Recipient]]]:
+        """What of ``batch`` can be sent. Entries left out for size are handed back
+        untouched (taken out of ``batch``, so not concluded); unreadable ones are
+        deferred like a temporary failure."""
+        now = self.clock.seconds()
+        sendable = []
+        for item in list(batch):
+            entry, due = item
+            data = loaded.messages.get(entry.envelope.id)
+            if data is None:
+                batch.remove(item)
+                entry.busy = False
+            elif isinstance(data, OSError):
+                log.error(
+                    "queue {id}: cannot read the message: {problem}",
+                    id=entry.envelope.id,
+                    problem=str(data),
+                )
+                for recipient in due:
+                    recipient.defer(
+                        now, "cannot read the queued message", "4.3.0", self.settings.retry_schedule
+                    )
+            else:
+                sendable.append(item)
+        return sendable
+
     async def _send(
-        self, hop: Hop, batch: list[tuple[Entry, list[Recipient]]]
+        self, hop: Hop, batch: list[tuple[Entry, list[Recipient]]], loaded: Loaded
     ) -> list[list[client.RecipientResult] | Exception]:
         """One connection to ``hop`` for the whole batch: a result list, or the
         ConnectionFailed that stopped it, per entry."""
-        from clientid_mta.client.submit import ConnectionFailed
+        from clientid_mta.client.submit import ConnectionFailed, Transaction
 
+        if not batch:
+            return []
         relay = self.relay
         smarthost = relay.smarthost_address is not None
         if smarthost and hop.port == 465:
@@ -412,7 +602,7 @@ class QueueRunner(service.Service):
         options: dict[str, Any] = {
             "tls": tls,
             "tls_hostname": hop.name,
-            "trust_roots": relay.ca_file,
+            "trust_roots": loaded.trust_roots,
             "username": (relay.username or None) if smarthost else None,
             "password": (self._password or None) if smarthost else None,
             "client_id": (relay.client_id_type, relay.client_id)
@@ -421,30 +611,26 @@ class QueueRunner(service.Service):
             "helo": relay.helo_name or self.config.server.hostname,
             "timeout": relay.command_timeout,
             "connect_timeout": relay.connect_timeout,
+            "reactor": self.reactor,
         }
-        from clientid_mta.client.submit import Transaction
-
-        messages = [
-            HeaderThenFile(
-                entry.envelope.dkim_header.encode("ascii"),
-                self.queue.open_message(entry.envelope.id),
+        transactions = [
+            Transaction(
+                entry.envelope.sender,
+                [r.address for r in due],
+                as_file(
+                    HeaderThenFile(
+                        entry.envelope.dkim_header.encode("ascii"),
+                        io.BytesIO(cast(bytes, loaded.messages[entry.envelope.id])),
+                    )
+                ),
             )
-            for entry, _due in batch
+            for entry, due in batch
         ]
         try:
-            transactions = [
-                Transaction(
-                    entry.envelope.sender, [r.address for r in due], cast(BinaryIO, message)
-                )
-                for (entry, due), message in zip(batch, messages, strict=True)
-            ]
             sent = await self.send(hop.address, hop.port, transactions, **options)
             outcomes: list[list[client.RecipientResult] | Exception] = list(sent)
         except ConnectionFailed as problem:
             outcomes = [problem] * len(batch)
-        finally:
-            for message in messages:
-                message.close()
         return outcomes
 
     def _temporary_or_final(
@@ -486,30 +672,30 @@ class QueueRunner(service.Service):
     async def _after_attempts(self, entry: Entry) -> None:
         envelope = entry.envelope
         if entry.deleted:
-            await threads.deferToThread(self.queue.remove, envelope.id)
+            await self._in_thread(self.queue.remove, envelope.id)
             self.entries.pop(envelope.id, None)
             return
         now = self.clock.seconds()
         if envelope.done:  # all delivered: removing it is the only save needed
-            await threads.deferToThread(self.queue.remove, envelope.id)
+            await self._in_thread(self.queue.remove, envelope.id)
             self.entries.pop(envelope.id, None)
             log.info("queue {id}: done", id=envelope.id)
             return
         entry.unsaved = True
-        await threads.deferToThread(self.queue.save, envelope)
+        await self._in_thread(self.queue.save, envelope)
         entry.unsaved = False
         owed = envelope.owed_bounces()
         if owed:
             await self._notify_sender(envelope, owed, "failed")
             for recipient in owed:
                 recipient.state = BOUNCED
-            await threads.deferToThread(self.queue.save, envelope)
+            await self._in_thread(self.queue.save, envelope)
         elif self._delay_notice_due(envelope, now):
             await self._notify_sender(envelope, envelope.pending(), "delayed")
             envelope.delay_notice_sent = True
-            await threads.deferToThread(self.queue.save, envelope)
+            await self._in_thread(self.queue.save, envelope)
         if envelope.done:
-            await threads.deferToThread(self.queue.remove, envelope.id)
+            await self._in_thread(self.queue.remove, envelope.id)
             self.entries.pop(envelope.id, None)
             log.info("queue {id}: done", id=envelope.id)
 
@@ -539,7 +725,7 @@ class QueueRunner(service.Service):
             )
             for r in recipients
         ]
-        new_entry = await threads.deferToThread(self._store_notice, envelope, report, action)
+        new_entry = await self._in_thread(self._store_notice, envelope, report, action)
         if new_entry is not None:
             self.add(new_entry)
 

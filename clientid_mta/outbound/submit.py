@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.mail.interfaces import IMessageSMTP
 from zope.interface import implementer
 
@@ -93,31 +93,27 @@ class OutboundMessage:
         if self._data.error is not None:
             self._data.abort()
             return defer.fail(self._data.error)
-        stored = threads.deferToThread(self._commit)
+        stored = self._data.finish(self._commit)
         stored.addCallback(self._committed)
         return stored
 
-    def _commit(self) -> Envelope:
-        try:
-            writer = self._data.written()
-            path = writer.sync()
-            header = b""
-            signer = self.outbound.signer
-            if signer is not None:
-                data = path.read_bytes()
-                header = signer.signature_header(data, author_domain(data)) or b""
-            envelope = Envelope(
-                id=writer.id,
-                sender=self.sender,
-                arrival=time.time(),
-                recipients=[Recipient(address) for address in dict.fromkeys(self.recipients)],
-                account=self.account,
-                dkim_header=header.decode("ascii"),
-            )
-            writer.commit(envelope)
-        except BaseException:
-            self._data.abort()
-            raise
+    def _commit(self, writer: MessageWriter) -> Envelope:
+        """Sign, then make the entry durable. In a thread (``LateFile.finish``)."""
+        path = writer.sync()
+        header = b""
+        signer = self.outbound.signer
+        if signer is not None:
+            data = path.read_bytes()
+            header = signer.signature_header(data, author_domain(data)) or b""
+        envelope = Envelope(
+            id=writer.id,
+            sender=self.sender,
+            arrival=time.time(),
+            recipients=[Recipient(address) for address in dict.fromkeys(self.recipients)],
+            account=self.account,
+            dkim_header=header.decode("ascii"),
+        )
+        writer.commit(envelope)
         return envelope
 
     def _committed(self, envelope: Envelope) -> Envelope:

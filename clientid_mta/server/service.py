@@ -41,6 +41,7 @@ from clientid_mta.auth.threads import AuthWorkers
 from clientid_mta.config import Config, ConfigError, check_server_files
 from clientid_mta.delivery.maildir import MaildirRoot
 from clientid_mta.delivery.router import LocalRouter, delivery_factory
+from clientid_mta.delivery.sweep import TmpSweeper
 from clientid_mta.devices.approval import ApprovalMessage, Approvals
 from clientid_mta.devices.audit import AuditLog
 from clientid_mta.devices.keys import load_or_create_server_key
@@ -254,6 +255,7 @@ class SubmissionService(service.MultiService):
         self._ticks = 0
         self._housekeeping_busy = False
         self._housekeeping = task.LoopingCall(self._tick)
+        self._started: defer.Deferred[None] = defer.Deferred()  # fired by startService
         self.listeners: list[service.Service] = []
         for key, implicit in (("submission", False), ("submissions", True)):
             description = getattr(config.listen, key)
@@ -272,6 +274,7 @@ class SubmissionService(service.MultiService):
             listener.setName(key)
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        TmpSweeper(self.components.maildirs).setServiceParent(self)
 
     def share_state(self) -> None:
         """Several processes serve this config: keep the failure budgets in the store."""
@@ -328,10 +331,17 @@ class SubmissionService(service.MultiService):
 
     def listening(self) -> defer.Deferred[dict[str, IListeningPort]]:
         """Fires with {listener name: port} once both listeners are bound (port 0 works)."""
-        names = [str(listener.name) for listener in self.listeners]
-        waits = [listener._waitingForPort for listener in self.listeners]  # type: ignore[attr-defined]
-        bound = defer.gatherResults(waits)
-        return bound.addCallback(lambda ports: dict(zip(names, ports, strict=True)))
+
+        def bound(_: object) -> defer.Deferred[dict[str, IListeningPort]]:
+            names = [str(listener.name) for listener in self.listeners]
+            waits = [listener._waitingForPort for listener in self.listeners]  # type: ignore[attr-defined]
+            ports = defer.gatherResults(waits)
+            return ports.addCallback(lambda found: dict(zip(names, found, strict=True)))
+
+        # The listeners start once the queue is recovered (see startService).
+        started: defer.Deferred[None] = defer.Deferred()
+        self._started.addCallback(started.callback)
+        return started.addCallback(bound)
 
     def reload(self) -> bool:
         """SIGHUP: read the certificate and key again; running sessions are kept."""
@@ -352,10 +362,22 @@ class SubmissionService(service.MultiService):
         signal.signal(signal.SIGHUP, lambda _signum, _frame: threaded.callFromThread(self.reload))
 
     def startService(self) -> None:
-        config = self.config
-        super().startService()
         threaded: IReactorThreads = reactor  # type: ignore[assignment]
         threaded.suggestThreadPoolSize(DISK_THREADS)
+        # Queue recovery deletes tmp/ files, where new sessions write: it runs (in a
+        # thread, with the first read of the passwd file) before the listeners start.
+        waits: list[defer.Deferred[Any]] = [
+            self.components.queue_runner.recover(),
+            threads.deferToThread(self.components.passwords.refresh),
+        ]
+        ready = defer.gatherResults(waits)
+        ready.addCallback(lambda _: self._start_serving())
+        ready.addErrback(lambda failure: log.failure("clientid-mta cannot start", failure))
+        ready.addBoth(lambda _: self._started.callback(None))
+
+    def _start_serving(self) -> None:
+        config = self.config
+        super().startService()
         self.components.queue_runner.startService()
         self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
         self._install_sighup()
