@@ -119,8 +119,11 @@ class QueueRunner(service.Service):
         clock: IReactorTime | None = None,
         send: Send | None = None,
         tick_interval: float = 1.0,
+        *,
+        reactor: Any = None,
     ) -> None:
-        from twisted.internet import reactor
+        if reactor is None:
+            from twisted.internet import reactor
 
         self.config = config
         self.relay = config.relay

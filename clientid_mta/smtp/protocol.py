@@ -979,7 +979,14 @@ class SubmissionFactory(protocol.ServerFactory):
         server_key: bytes | None = None,
         implicit_tls: bool = False,
         sessions: SessionLimits | None = None,
+        *,
+        reactor: Any = None,
     ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.reactor = reactor
         self.config = config
         self.portal = portal
         self.tls_context = tls_context
