@@ -67,6 +67,16 @@ def accepts(port: int) -> bool:
     return True
 
 
+def greets(port: int) -> bool:
+    """The server answers with its 220: started, not just bound (the kernel accepts
+    connections as soon as the port listens, before the state is opened)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
+            return connection.recv(4).startswith(b"220")
+    except OSError:
+        return False
+
+
 def twistd_argv(root: Path, config: Path | None, logfile: Path | None = None) -> list[str]:
     argv = [str(TWISTD), "-n", "--pidfile", str(root / "twistd.pid")]
     argv += ["--logfile", str(logfile) if logfile else "-", "clientid-mta"]
@@ -131,7 +141,7 @@ class ServerProcess(RunningServer):
             )
         self.stopped = False
         deadline = time.monotonic() + START_TIMEOUT
-        while not (accepts(self.port) and accepts(self.tls_port)):
+        while not (greets(self.port) and accepts(self.tls_port)):
             if self.process.poll() is not None:
                 status = self.process.returncode
                 raise RuntimeError(f"twistd exited with {status}:\n{self.output()}")
