@@ -21,10 +21,12 @@ from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFacto
 class LateFactory(protocol.Factory):
     """Hands each connection to ``target``, set once the server has opened its state."""
 
-    noisy = False
-
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.target: IProtocolFactory | None = None
+
+    def logPrefix(self) -> str:
+        return self.name  # the port logs "submission starting on 587"
 
     def buildProtocol(self, addr: IAddress | None) -> protocol.Protocol | None:
         if self.target is None:

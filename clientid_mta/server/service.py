@@ -94,7 +94,7 @@ class SubmissionService(service.MultiService):
             description = getattr(config.listen, key)
             if not description or (inherited is not None and key not in inherited):
                 continue
-            late = LateFactory()
+            late = LateFactory(key)
             self._factories.append((late, implicit))
             listener: service.Service
             if inherited is not None:
