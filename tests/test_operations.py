@@ -15,7 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import capturedLogs, formatEvent
@@ -26,6 +26,7 @@ from clientid_mta.config import LimitsConfig, load_config
 from clientid_mta.devices.notices import NEW_DEVICE_SEEN
 from clientid_mta.devices.policy import Where
 from clientid_mta.server.filelimit import files_needed, fit_open_files
+from clientid_mta.server.listeners import LateFactory
 from clientid_mta.server.service import (
     STOP_POLL,
     STOP_WAIT,
@@ -120,6 +121,18 @@ def test_m3_root_start_never_chowns_through_links(
     blockingCallFromThread(reactor, server.stopService)
     assert owner_changes == []
     assert victim.read_text() == "root's file\n"
+
+
+def test_a_port_bound_before_the_state_is_open_closes_early_connections() -> None:
+    late = LateFactory("submission")
+    late.doStart()  # the port listens (privilegedStartService)
+    assert late.buildProtocol(None) is None  # closed at once
+    target = protocol.Factory.forProtocol(protocol.Protocol)
+    late.attach(target)  # startService opened the state
+    assert target.numPorts == 1
+    assert isinstance(late.buildProtocol(None), protocol.Protocol)
+    late.doStop()
+    assert target.numPorts == 0
 
 
 class FakeLimits:

@@ -28,6 +28,19 @@ class LateFactory(protocol.Factory):
     def logPrefix(self) -> str:
         return self.name  # the port logs "submission starting on 587"
 
+    def attach(self, target: IProtocolFactory) -> None:
+        self.target = target
+        if self.numPorts:  # already listening: the real factory starts now
+            target.doStart()
+
+    def startFactory(self) -> None:
+        if self.target is not None:
+            self.target.doStart()
+
+    def stopFactory(self) -> None:
+        if self.target is not None:
+            self.target.doStop()
+
     def buildProtocol(self, addr: IAddress | None) -> protocol.Protocol | None:
         if self.target is None:
             return None  # not started yet: the connection is closed

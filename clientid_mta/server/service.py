@@ -84,6 +84,7 @@ class SubmissionService(service.MultiService):
         self.parts = prepare(config, self.reactor)
         self.components: Components = None  # type: ignore[assignment]  # set by startService
         self.reload_hooks: list[Callable[[], object]] = []
+        self._shared = False  # share_state: failure budgets in the store, for workers
         self.parts.workers.setServiceParent(self)
         self.parts.queue_runner.setServiceParent(self)
         self.housekeeping = Housekeeping(self.reactor)
@@ -112,8 +113,6 @@ class SubmissionService(service.MultiService):
     def share_state(self) -> None:
         """Several processes serve this config: keep the failure budgets in the store."""
         self._shared = True
-
-    _shared = False
 
     def privilegedStartService(self) -> None:
         try:
@@ -170,7 +169,7 @@ class SubmissionService(service.MultiService):
         if self._shared and throttle is not None and not throttle.shared:
             throttle.share(SharedBuckets(self.config.clientid.device_store))
         for late, implicit in self._factories:
-            late.target = build_factory(self.config, implicit, components, reactor=self.reactor)
+            late.attach(build_factory(self.config, implicit, components, reactor=self.reactor))
         self.housekeeping.watch(components.defences, components.store, components.checker)
         return components
 
