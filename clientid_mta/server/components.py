@@ -1,6 +1,6 @@
 """The object graph of one server, built in two steps so that privileges can drop between them.
 
-``prepare`` makes what touches no disk (the accounts file reader, the Maildir root,
+``prepare`` makes what writes nothing (the accounts file reader, the Maildir root,
 the queue runner, the login thread pool); ``open_components`` then creates and
 opens the state: data_dir, the HMAC key, the device store, the queue folders and a
 generated certificate. ``SubmissionService`` calls the second from ``startService``,
@@ -43,7 +43,7 @@ from clientid_mta.server.delivery import InFlight, ServedDelivery
 from clientid_mta.smtp.clientid import fingerprint
 from clientid_mta.smtp.limits import SessionLimits
 from clientid_mta.smtp.protocol import SubmissionFactory
-from clientid_mta.smtp.tls import ReloadableServerTLS, generate_self_signed
+from clientid_mta.smtp.tls import ReloadableServerTLS, generate_self_signed, server_context
 
 
 @dataclass
@@ -104,8 +104,12 @@ def default_reactor() -> Any:
 
 
 def prepare(config: Config, reactor: Any) -> Prepared:
-    """The disk-free parts; checks that files the operator named exist (a stat each)."""
+    """The parts that write nothing. Reads only what the operator named: each file must
+    exist, and a ``[tls]`` certificate and key must load (a mistake is one line before
+    twistd even starts logging); they are read again, as the service user, at start."""
     check_server_files(config)
+    if config.tls.certificate is not None and config.tls.key is not None:
+        server_context(config.tls.certificate, config.tls.key)
     passwords = PasswdFile(config.auth.passwd_file)
     maildirs = MaildirRoot(config.delivery.maildir_root)
     router = LocalRouter(
