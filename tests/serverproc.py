@@ -67,6 +67,16 @@ def accepts(port: int) -> bool:
     return True
 
 
+def greets(port: int) -> bool:
+    """The server answers with its 220: started, not just bound (the kernel accepts
+    connections as soon as the port listens, before the state is opened)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
+            return connection.recv(4).startswith(b"220")
+    except OSError:
+        return False
+
+
 def twistd_argv(root: Path, config: Path | None, logfile: Path | None = None) -> list[str]:
     argv = [str(TWISTD), "-n", "--pidfile", str(root / "twistd.pid")]
     argv += ["--logfile", str(logfile) if logfile else "-", "clientid-mta"]
@@ -135,7 +145,8 @@ class ServerProcess(RunningServer):
             if process.poll() is not None:
                 status = process.returncode
                 raise RuntimeError(f"twistd exited with {status}:\n{self.output()}")
-            return (accepts(self.port) and accepts(self.tls_port)) or None
+            # The ports are bound before the state is open: wait for the greeting.
+            return (greets(self.port) and accepts(self.tls_port)) or None
 
         try:
             wait_until(listening, START_TIMEOUT, "twistd to listen", interval=0.05)

@@ -1,24 +1,42 @@
-"""Running it for real: busy ports, state ownership, admin errors, and policy edge cases."""
+"""Running it for real: busy ports, state on disk, file limits, stopping, admin errors, and
+policy edge cases."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import os
+import re
+import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import capturedLogs, formatEvent
 
+import clientid_mta
 from clientid_mta.cli import admin
-from clientid_mta.config import load_config
+from clientid_mta.config import LimitsConfig, load_config
 from clientid_mta.devices.notices import NEW_DEVICE_SEEN
 from clientid_mta.devices.policy import Where
-from clientid_mta.server.service import build_components
-from clientid_mta.server.tap import hand_over_state, state_files
+from clientid_mta.server.filelimit import files_needed, fit_open_files
+from clientid_mta.server.listeners import LateFactory
+from clientid_mta.server.service import (
+    STOP_POLL,
+    STOP_WAIT,
+    InFlight,
+    build_components,
+    build_service,
+    state_files,
+)
 from clientid_mta.smtp.clientid import parse_clientid
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, _ensure_reactor
 from tests.serverproc import run_twistd_once
 from tests.test_units import make_policy
 
@@ -39,15 +57,148 @@ def test_busy_port_stops_twistd_with_one_line(tmp_path: Path) -> None:
     assert f"cannot listen on port {port}" in line and "[listen]" in line
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="changing owners needs root")
-def test_state_created_as_root_is_handed_to_the_uid(tmp_path: Path) -> None:
-    config = load_config(_write(tmp_path, '[server]\ndata_dir = "state"\n'))
-    components = build_components(config)
-    hand_over_state(config, 65534, 65534)
-    components.store.close()
-    owned = [path for path in state_files(config) if path.exists()]
-    assert config.clientid.key_file in owned and config.clientid.device_store in owned
-    assert {(path.stat().st_uid, path.stat().st_gid) for path in owned} == {(65534, 65534)}
+LISTEN_ON_ANY_PORT = (
+    '[listen]\nsubmission = "tcp:0:interface=127.0.0.1"\n'
+    'submissions = "tcp:0:interface=127.0.0.1"\n'
+)
+
+
+def test_building_the_service_creates_nothing_on_disk_and_starting_creates_the_state(
+    tmp_path: Path,
+) -> None:
+    _ensure_reactor()
+    config = load_config(_write(tmp_path, '[server]\ndata_dir = "state"\n' + LISTEN_ON_ANY_PORT))
+    before = sorted(tmp_path.rglob("*"))
+    server = blockingCallFromThread(reactor, build_service, config)
+    assert [child.name for child in server] == [
+        "auth-threads",
+        "queue",
+        "housekeeping",
+        "submission",
+        "submissions",
+    ]
+    assert sorted(tmp_path.rglob("*")) == before
+    blockingCallFromThread(reactor, server.startService)
+    try:
+        created = {path for path in state_files(config) if path.exists()}
+        assert {
+            config.server.data_dir,
+            config.clientid.key_file,
+            config.clientid.device_store,
+            config.generated_tls_dir / "cert.pem",
+            config.queue_config.directory / "msg",
+        } <= created
+    finally:
+        blockingCallFromThread(reactor, server.stopService)
+
+
+def test_m3_root_start_never_chowns_through_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state is created by the user the server runs as: no code path changes owners,
+    so a link planted in the data folder can never hand a file to that user."""
+    package = Path(clientid_mta.__file__).parent
+    calls = []
+    for source in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            name = getattr(node, "attr", None) or getattr(node, "id", None)
+            if name in {"chown", "lchown", "fchown"}:
+                calls.append(f"{source.relative_to(package)}:{getattr(node, 'lineno', 0)}")
+    assert calls == []
+
+    # And at run time: a start with a link planted where the queue lock goes.
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    (tmp_path / "state" / "queue").mkdir(parents=True)
+    (tmp_path / "state" / "queue" / "lock").symlink_to(victim)
+    owner_changes: list[tuple[object, ...]] = []
+    for module, name in ((os, "chown"), (os, "lchown"), (os, "fchown"), (shutil, "chown")):
+        monkeypatch.setattr(module, name, lambda *args: owner_changes.append(args))
+    _ensure_reactor()
+    config = load_config(_write(tmp_path, '[server]\ndata_dir = "state"\n' + LISTEN_ON_ANY_PORT))
+    server = blockingCallFromThread(reactor, build_service, config)
+    blockingCallFromThread(reactor, server.startService)
+    blockingCallFromThread(reactor, server.stopService)
+    assert owner_changes == []
+    assert victim.read_text() == "root's file\n"
+
+
+def test_a_port_bound_before_the_state_is_open_closes_early_connections() -> None:
+    late = LateFactory("submission")
+    late.doStart()  # the port listens (privilegedStartService)
+    assert late.buildProtocol(None) is None  # closed at once
+    target = protocol.Factory.forProtocol(protocol.Protocol)
+    late.attach(target)  # startService opened the state
+    assert target.numPorts == 1
+    assert isinstance(late.buildProtocol(None), protocol.Protocol)
+    late.doStop()
+    assert target.numPorts == 0
+
+
+class FakeLimits:
+    """The part of the ``resource`` module the file-limit check uses."""
+
+    RLIMIT_NOFILE = 7
+    RLIM_INFINITY = -1
+
+    def __init__(self, soft: int, hard: int) -> None:
+        self.limit = (soft, hard)
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == self.RLIMIT_NOFILE
+        return self.limit
+
+    def setrlimit(self, which: int, limit: tuple[int, int]) -> None:
+        if limit[1] != self.limit[1] or limit[0] > limit[1]:
+            raise ValueError("not allowed")
+        self.limit = limit
+
+
+def test_l5_soft_file_limit_is_raised_to_the_hard_one_when_that_carries_max_sessions() -> None:
+    limits = FakeLimits(1024, 65536)
+    with capturedLogs() as events:
+        assert fit_open_files(1000, limits)
+    assert limits.limit == (65536, 65536)
+    assert events == []
+
+
+def test_l5_one_warning_names_max_sessions_when_the_hard_limit_is_too_low() -> None:
+    limits = FakeLimits(256, 1024)
+    with capturedLogs() as events:
+        assert not fit_open_files(1000, limits)
+    assert limits.limit == (1024, 1024)  # raised as far as it goes
+    [warning] = events
+    text = formatEvent(warning)
+    assert "[limits] max_sessions = 1000" in text and "only 1024 " in text, text
+
+
+def test_l5_systemd_unit_gives_room_for_the_default_max_sessions() -> None:
+    unit = (Path(__file__).resolve().parent.parent / "etc" / "clientid-mta.service").read_text()
+    [value] = re.findall(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
+    assert int(value) >= files_needed(LimitsConfig.max_sessions)
+
+
+def test_stop_waits_for_messages_being_stored_but_not_forever(tmp_path: Path) -> None:
+    clock = MemoryReactorClock()
+    server = build_service(load_config(_write(tmp_path, LISTEN_ON_ANY_PORT)), reactor=clock)
+    in_flight, runner = InFlight(), SimpleNamespace(active=0)
+    server.components = SimpleNamespace(in_flight=in_flight, queue_runner=runner)  # type: ignore[assignment]
+    storing: defer.Deferred[None] = defer.Deferred()
+    in_flight.track(storing)
+    drained = defer.ensureDeferred(server._drain())
+    clock.pump([1.0] * 5)
+    assert not drained.called
+    storing.callback(None)
+    assert in_flight.count == 0
+    clock.pump([STOP_POLL])
+    assert drained.called
+
+    runner.active = 1  # a relay that never ends holds the stop for STOP_WAIT only
+    drained = defer.ensureDeferred(server._drain())
+    clock.pump([1.0] * int(STOP_WAIT - 1))
+    assert not drained.called
+    clock.pump([1.0] * 2)
+    assert drained.called
 
 
 def test_state_files_are_private(tmp_path: Path) -> None:

@@ -123,6 +123,19 @@ def test_config_mistake_stops_twistd_with_one_line_naming_the_key(
     assert key in line
 
 
+def test_state_error_at_start_stops_twistd_with_one_line(tmp_path: Path) -> None:
+    """Files are read once twistd has bound the ports (and switched user): a bad one still
+    ends the start with one line naming the key."""
+    (tmp_path / "geo.mmdb").write_text("not a MaxMind database\n")
+    config = tmp_path / "clientid-mta.toml"
+    config.write_text(merge_toml('[travel]\ngeoip_database = "geo.mmdb"\n'))
+    status, output = run_twistd_once(tmp_path, config)
+    assert status != 0, output
+    assert "Traceback" not in output
+    [line] = [text for text in output.splitlines() if "clientid-mta:" in text]
+    assert "config error: [travel] geoip_database" in line, line
+
+
 def test_S1_defaults_without_config_create_state_and_explain_the_first_user(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

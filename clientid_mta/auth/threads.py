@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from twisted.internet import defer, reactor, threads
+from twisted.application import service
+from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
@@ -18,22 +19,27 @@ T = TypeVar("T")
 AUTH_THREADS = 4  # argon2id is CPU- and memory-bound: a few threads per core are plenty
 
 
-class AuthWorkers:
-    """Started at once (embedders need no service); stopped by ``stop`` or at shutdown."""
+class AuthWorkers(service.Service):
+    """The pool as a service: threads exist only between ``startService`` and ``stopService``.
 
-    def __init__(self, size: int = AUTH_THREADS) -> None:
+    Work handed to ``run`` before the start waits in the pool's queue.
+    """
+
+    name = "auth-threads"
+
+    def __init__(self, reactor: Any, size: int = AUTH_THREADS) -> None:
+        self.reactor = reactor
         self._pool = ThreadPool(minthreads=0, maxthreads=size, name="clientid-mta-auth")
-        self._pool.start()
-        self._trigger: Any = reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
     def run(self, function: Callable[..., T], *args: Any) -> defer.Deferred[T]:
-        return threads.deferToThreadPool(reactor, self._pool, function, *args)  # type: ignore[arg-type]
+        return threads.deferToThreadPool(self.reactor, self._pool, function, *args)
 
-    def stop(self) -> None:
-        if self._trigger is not None:
-            trigger, self._trigger = self._trigger, None
-            try:
-                reactor.removeSystemEventTrigger(trigger)
-            except ValueError:
-                pass  # already running as the shutdown trigger
-            self._pool.stop()
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self._pool.started:
+            self._pool.stop()  # joins the threads: at most one running hash each
+        return None

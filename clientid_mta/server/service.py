@@ -1,286 +1,120 @@
-"""Assemble the server from a Config: the pieces, the factories, the twistd service.
+"""The server as one Twisted service: ``build_service(config)``.
 
-This is the embedding API: a Twisted program calls ``build_factory(config)`` and
-listens with the result, or adds ``build_service(config)`` to its application.
+Its children: the two listeners, the queue runner, housekeeping (audit log, failure
+budgets) and the login thread pool. Building it touches no disk (apart from checking
+that files named in the config exist); ports are bound in ``privilegedStartService``;
+the state is created and opened in ``startService``, after twistd's ``--uid/--gid``
+switch. ``build_factory`` (in ``components``) remains for protocol-only use.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.cred.portal import Portal
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, task, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import (
-    IListeningPort,
-    IProtocolFactory,
-    IReactorFromThreads,
-    IReactorSocket,
-    IReactorThreads,
-)
+from twisted.internet.interfaces import IListeningPort, IReactorThreads
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.failure import Failure
+from twisted.mail.interfaces import IMessageDelivery
 
-from clientid_mta.auth.budgets import Throttle
-from clientid_mta.auth.checker import ClientIdChecker, Defences
-from clientid_mta.auth.credentials import IClientIdUsernamePassword
-from clientid_mta.auth.passwd_file import PasswdFile
-from clientid_mta.auth.realm import build_portal
-from clientid_mta.auth.threads import AuthWorkers
-from clientid_mta.config import Config, ConfigError, check_server_files
-from clientid_mta.delivery.maildir import MaildirRoot
-from clientid_mta.delivery.router import LocalRouter, delivery_factory
+from clientid_mta.config import Config, ConfigError
 from clientid_mta.delivery.sweep import TmpSweeper
-from clientid_mta.devices.approval import ApprovalMessage, Approvals
-from clientid_mta.devices.audit import AuditLog
-from clientid_mta.devices.keys import load_or_create_server_key
-from clientid_mta.devices.notices import DEVICE_APPROVED, FailureCounter, Notice, Notifier
-from clientid_mta.devices.policy import DevicePolicy
-from clientid_mta.devices.regions import Regions
-from clientid_mta.devices.sharing import SharedDevices
-from clientid_mta.devices.sqlite_store import open_sqlite_stores
-from clientid_mta.devices.store import Stores
-from clientid_mta.outbound.queue import QueueDir
-from clientid_mta.outbound.runner import LocalBounceTarget, QueueRunner
-from clientid_mta.outbound.submit import Outbound
-from clientid_mta.smtp.clientid import fingerprint
-from clientid_mta.smtp.limits import SessionLimits
-from clientid_mta.smtp.protocol import SubmissionFactory
-from clientid_mta.smtp.tls import ReloadableServerTLS, generate_self_signed
+from clientid_mta.server.components import (
+    Components,
+    build_components,
+    build_factory,
+    default_reactor,
+    open_components,
+    prepare,
+    state_files,
+)
+from clientid_mta.server.delivery import InFlight
+from clientid_mta.server.filelimit import fit_open_files
+from clientid_mta.server.housekeeping import Housekeeping
+from clientid_mta.server.listeners import AdoptedPort, LateFactory
+
+__all__ = [
+    "Components",
+    "InFlight",
+    "SubmissionService",
+    "build_components",
+    "build_factory",
+    "build_service",
+    "state_files",
+]
 
 log = Logger()
 
-HOUSEKEEPING_INTERVAL = 1.0  # seconds between audit flushes
 # The reactor's pool writes and fsyncs messages and queue entries (logins have their
 # own pool): enough threads that fsyncs of many sessions overlap and share journal
 # commits, few enough to keep memory small.
 DISK_THREADS = 16
-THROTTLE_SAVE_TICKS = 10  # save the throttle state every this many flushes
-
-
-@dataclass
-class Components:
-    """Everything one server needs, shared by both listeners."""
-
-    config: Config
-    passwords: PasswdFile
-    store: Stores
-    maildirs: MaildirRoot
-    portal: Portal
-    server_key: bytes
-    tls_context: ReloadableServerTLS
-    defences: Defences
-    checker: ClientIdChecker
-    sessions: SessionLimits
-    workers: AuthWorkers
-    queue_runner: QueueRunner
-
-
-def _dkim_signer(config: Config) -> Any:
-    if not config.dkim:
-        return None
-    from clientid_mta.outbound.dkim import DkimKeyError, DkimSigner
-
-    try:
-        return DkimSigner(config.dkim)
-    except DkimKeyError as problem:
-        raise ConfigError(f"config error: {problem}") from None
-
-
-def build_components(config: Config) -> Components:
-    """Create data_dir, the key, the store and the TLS context. Raises ConfigError."""
-    check_server_files(config)
-    try:
-        config.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        server_key = load_or_create_server_key(config.clientid.key_file)
-        store = open_sqlite_stores(config.clientid.device_store)
-        queue = QueueDir(config.queue_config.directory)
-        queue.create()
-    except (OSError, ValueError) as problem:
-        raise ConfigError(
-            f"config error: [server] data_dir: cannot set up state: {problem}."
-        ) from None
-    if config.tls.certificate is None or config.tls.key is None:
-        certificate, key = generate_self_signed(config.generated_tls_dir, config.server.hostname)
-    else:
-        certificate, key = config.tls.certificate, config.tls.key
-    tls_context = ReloadableServerTLS(certificate, key)
-    passwords = PasswdFile(config.auth.passwd_file)
-    maildirs = MaildirRoot(config.delivery.maildir_root)
-    notifier = Notifier(
-        maildirs,
-        config.server.hostname,
-        config.postmaster,
-        lambda address: passwords.get(address) is not None,
-        config.alerts.max_per_account_per_hour,
-    )
-    approvals = Approvals(store.approval_codes, store.devices, config.approval.code_lifetime)
-
-    def approved(account: str, device: str) -> None:  # in a thread, from ApprovalMessage
-        notice = Notice(DEVICE_APPROVED, account, fingerprint(device), "", "")
-        policy.notify(notice)
-
-    router = LocalRouter(
-        passwords,
-        config.delivery.local_domains,
-        maildirs,
-        config.approval.localpart,
-        lambda account: ApprovalMessage(approvals, account, approved),
-    )
-    policy = DevicePolicy(
-        config.clientid,
-        store.devices,
-        server_key,
-        notifier,
-        config.travel,
-        approvals,
-        router.approval_address,
-    )
-    try:
-        regions = Regions(config.travel.geoip_database)
-    except Exception as problem:  # maxminddb raises several kinds for a bad file
-        raise ConfigError(
-            f"config error: [travel] geoip_database {config.travel.geoip_database} cannot be "
-            f"read ({problem}); point it at a MaxMind .mmdb file or remove the key."
-        ) from None
-    throttle = Throttle(config.throttle)
-    throttle.restore(store.budgets.load())
-    defences = Defences(
-        throttle=throttle,
-        sharing=SharedDevices(config.shared_devices, store.shared_devices),
-        audit=AuditLog(store.audit, config.audit.retention_days),
-        failures=FailureCounter(config.alerts.unknown_failures),
-        regions=regions,
-    )
-
-    def deliver_notice(address: str, data: bytes) -> bool:  # in a thread, from the runner
-        account = passwords.get(address)
-        if account is None:
-            return False
-        maildirs.deliver_bytes(account.domain, account.localpart, data)
-        return True
-
-    runner = QueueRunner(config, queue, LocalBounceTarget(router.is_local, deliver_notice))
-    outbound = Outbound(queue, _dkim_signer(config), runner.add)
-    portal = build_portal(
-        passwords, policy, delivery_factory(passwords, router, outbound), defences, config.auth
-    )
-    checker = portal.checkers[IClientIdUsernamePassword]
-    assert isinstance(checker, ClientIdChecker)
-    workers = AuthWorkers()
-    checker.run_in_thread = workers.run
-    return Components(
-        config,
-        passwords,
-        store,
-        maildirs,
-        portal,
-        server_key,
-        tls_context,
-        defences,
-        checker,
-        SessionLimits(config.limits),
-        workers,
-        runner,
-    )
-
-
-def build_factory(
-    config: Config, implicit_tls: bool = False, components: Components | None = None
-) -> IProtocolFactory:
-    """A factory for one listener; with ``implicit_tls`` it is wrapped in TLS (port 465)."""
-    parts = components or build_components(config)
-    factory = SubmissionFactory(
-        config,
-        parts.portal,
-        parts.tls_context,
-        server_key=parts.server_key,
-        implicit_tls=implicit_tls,
-        sessions=parts.sessions,
-    )
-    if implicit_tls:
-        return TLSMemoryBIOFactory(parts.tls_context, False, factory)
-    return factory
-
-
-class AdoptedPort(service.Service):
-    """A listener on a socket another process bound (a worker's share of a port)."""
-
-    def __init__(self, fd: int, factory: IProtocolFactory) -> None:
-        self.fd = fd
-        self.factory = factory
-        self.port: IListeningPort | None = None
-        self._waitingForPort: defer.Deferred[IListeningPort] = defer.Deferred()
-
-    def startService(self) -> None:
-        super().startService()
-        probe = socket.socket(fileno=self.fd)
-        family = probe.family
-        probe.detach()
-        adopter: IReactorSocket = reactor  # type: ignore[assignment]
-        self.port = adopter.adoptStreamPort(self.fd, family, self.factory)  # type: ignore[arg-type]
-        os.close(self.fd)  # adoptStreamPort made its own copy
-        self._waitingForPort.callback(self.port)
-
-    def stopService(self) -> defer.Deferred[None] | None:
-        super().stopService()
-        return self.port.stopListening() if self.port else None
+STOP_WAIT = 10.0  # seconds a stop waits for messages being stored and relayed
+STOP_POLL = 0.05
 
 
 class SubmissionService(service.MultiService):
-    """Both listeners, and a start-up report of where everything is.
+    """Both listeners, the queue runner, housekeeping and the login threads.
 
     ``inherited`` maps listener names to sockets a parent process bound: a worker
     process serves those instead of binding its own (see ``workerpool``).
+    ``components`` exists from ``startService`` on.
     """
 
-    exit_on_listen_error = False  # twistd sets it: a busy port ends the start with one line
+    exit_on_start_error = False  # twistd sets it: a busy port or bad state ends the start
 
-    def __init__(self, config: Config, inherited: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        inherited: dict[str, int] | None = None,
+        *,
+        reactor: Any = None,
+        local_delivery: IMessageDelivery | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
-        self.components = build_components(config)
+        self.reactor = reactor if reactor is not None else default_reactor()
+        self.local_delivery = local_delivery
+        self.parts = prepare(config, self.reactor)
+        self.components: Components = None  # type: ignore[assignment]  # set by startService
         self.reload_hooks: list[Callable[[], object]] = []
-        self._ticks = 0
-        self._housekeeping_busy = False
-        self._housekeeping = task.LoopingCall(self._tick)
-        self._started: defer.Deferred[None] = defer.Deferred()  # fired by startService
+        self._shared = False  # share_state: failure budgets in the store, for workers
+        self.parts.workers.setServiceParent(self)
+        self.parts.queue_runner.setServiceParent(self)
+        self.housekeeping = Housekeeping(self.reactor)
+        self.housekeeping.setServiceParent(self)
+        TmpSweeper(self.parts.maildirs, reactor=self.reactor).setServiceParent(self)
+        self._started: defer.Deferred[None] = defer.Deferred()  # fired once serving
         self.listeners: list[service.Service] = []
+        self._factories: list[tuple[LateFactory, bool]] = []
         for key, implicit in (("submission", False), ("submissions", True)):
             description = getattr(config.listen, key)
             if not description or (inherited is not None and key not in inherited):
                 continue
-            factory = build_factory(config, implicit, self.components)
+            late = LateFactory(key)
+            self._factories.append((late, implicit))
             listener: service.Service
             if inherited is not None:
-                listener = AdoptedPort(inherited[key], factory)
+                listener = AdoptedPort(inherited[key], late, self.reactor)
             else:
                 endpoint = StreamServerEndpointService(
-                    serverFromString(reactor, description), factory
+                    serverFromString(self.reactor, description), late
                 )
                 endpoint._raiseSynchronously = True
                 listener = endpoint
             listener.setName(key)
             listener.setServiceParent(self)
             self.listeners.append(listener)
-        TmpSweeper(self.components.maildirs).setServiceParent(self)
 
     def share_state(self) -> None:
         """Several processes serve this config: keep the failure budgets in the store."""
-        throttle = self.components.defences.throttle
-        if throttle is not None and not throttle.shared:
-            throttle.share(self.components.store.budgets)
+        self._shared = True
 
     def privilegedStartService(self) -> None:
         try:
@@ -288,49 +122,20 @@ class SubmissionService(service.MultiService):
         except CannotListenError as problem:
             names = {s.name: getattr(self.config.listen, str(s.name)) for s in self.listeners}
             where = ", ".join(f"{name} = {value!r}" for name, value in names.items())
-            message = (
+            self._failed_start(
                 f"config error: [listen] cannot listen on port {problem.port} "
                 f"({problem.socketError}); check that no other server uses it and that this "
                 f"user may bind it ({where})."
             )
-            if self.exit_on_listen_error:
-                raise SystemExit(f"clientid-mta: {message}") from None
-            raise ConfigError(message) from None
 
-    def _housekeep(self, final: bool = False) -> None:
-        """Write the audit batch and, now and then, the throttle state. Blocking."""
-        defences = self.components.defences
-        if defences.audit is not None:
-            defences.audit.flush()
-        self._ticks += 1
-        throttle = defences.throttle
-        if throttle is not None and (final or self._ticks % THROTTLE_SAVE_TICKS == 0):
-            if throttle.shared:
-                throttle.prune_shared()
-            else:
-                self.components.store.budgets.save(throttle.snapshot())
-
-    def _tick(self) -> defer.Deferred[None] | None:
-        checker = self.components.checker
-        if checker.throttled_count:
-            log.info("throttled {count} AUTH attempts", count=checker.throttled_count)
-            checker.throttled_count = 0
-        if self._housekeeping_busy:
-            return None
-        self._housekeeping_busy = True
-        done = threads.deferToThread(self._housekeep)
-        done.addErrback(self._housekeeping_failed)
-        done.addBoth(lambda _: setattr(self, "_housekeeping_busy", False))
-        return None
-
-    def _housekeeping_failed(self, failure: Failure) -> None:
-        if failure.check(OSError, sqlite3.Error):  # locked or full: retried next second
-            log.error("cannot write the audit log now: {problem}", problem=str(failure.value))
-        else:
-            log.failure("housekeeping failed", failure)
+    def _failed_start(self, message: str) -> NoReturn:
+        if self.exit_on_start_error:
+            raise SystemExit(f"clientid-mta: {message}") from None
+        raise ConfigError(message) from None
 
     def listening(self) -> defer.Deferred[dict[str, IListeningPort]]:
-        """Fires with {listener name: port} once both listeners are bound (port 0 works)."""
+        """Fires with {listener name: port} once both listeners are bound and serving
+        (port 0 works)."""
 
         def bound(_: object) -> defer.Deferred[dict[str, IListeningPort]]:
             names = [str(listener.name) for listener in self.listeners]
@@ -338,9 +143,13 @@ class SubmissionService(service.MultiService):
             ports = defer.gatherResults(waits)
             return ports.addCallback(lambda found: dict(zip(names, found, strict=True)))
 
-        # The listeners start once the queue is recovered (see startService).
         started: defer.Deferred[None] = defer.Deferred()
-        self._started.addCallback(started.callback)
+
+        def tell(result: None) -> None:
+            started.callback(None)
+            return result
+
+        self._started.addCallback(tell)
         return started.addCallback(bound)
 
     def reload(self) -> bool:
@@ -358,29 +167,53 @@ class SubmissionService(service.MultiService):
     def _install_sighup(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # embedded with the reactor in another thread: the embedder calls reload()
-        threaded: IReactorFromThreads = reactor  # type: ignore[assignment]
-        signal.signal(signal.SIGHUP, lambda _signum, _frame: threaded.callFromThread(self.reload))
+        reactor = self.reactor
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: reactor.callFromThread(self.reload))
+
+    def _open(self) -> Components:
+        """Create and open the state (as the user the service runs as)."""
+        try:
+            components = open_components(self.config, self.parts, self.local_delivery)
+        except ConfigError as problem:
+            for listener in self.listeners:  # bound by privilegedStartService: free them
+                if getattr(listener, "_waitingForPort", None) is not None:
+                    listener.stopService()
+            self._failed_start(str(problem))
+        throttle = components.defences.throttle
+        if self._shared and throttle is not None and not throttle.shared:
+            throttle.share(components.store.budgets)
+        self.housekeeping.watch(components.defences, components.store, components.checker)
+        return components
 
     def startService(self) -> None:
-        threaded: IReactorThreads = reactor  # type: ignore[assignment]
-        threaded.suggestThreadPoolSize(DISK_THREADS)
-        # Queue recovery deletes tmp/ files, where new sessions write: it runs (in a
-        # thread, with the first read of the passwd file) before the listeners start.
+        if self.components is None:
+            self.components = self._open()
+        fit_open_files(self.config.limits.max_sessions)
+        if IReactorThreads.providedBy(self.reactor):
+            self.reactor.suggestThreadPoolSize(DISK_THREADS)
+        # Queue recovery deletes leftovers in tmp/, where new sessions write, and logins
+        # want the accounts read: both run in threads, and the listeners (bound already,
+        # closing connections until then) are given their factories once both are done.
         waits: list[defer.Deferred[Any]] = [
             self.components.queue_runner.recover(),
-            threads.deferToThread(self.components.passwords.refresh),
+            threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), self.components.passwords.refresh
+            ),
         ]
-        ready = defer.gatherResults(waits)
-        ready.addCallback(lambda _: self._start_serving())
+        super().startService()  # children in order: threads, queue, housekeeping, listeners
+        self._install_sighup()
+        ready = defer.gatherResults(waits, consumeErrors=True)
+        ready.addCallback(lambda _: self._serve())
         ready.addErrback(lambda failure: log.failure("clientid-mta cannot start", failure))
         ready.addBoth(lambda _: self._started.callback(None))
 
-    def _start_serving(self) -> None:
+    def _serve(self) -> None:
+        for late, implicit in self._factories:
+            late.attach(build_factory(self.config, implicit, self.components, reactor=self.reactor))
+        self._log_start()
+
+    def _log_start(self) -> None:
         config = self.config
-        super().startService()
-        self.components.queue_runner.startService()
-        self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
-        self._install_sighup()
         admin = "clientid-mta" + (f" --config {config.source}" if config.source else "")
         accounts = len(self.components.passwords.accounts())
         log.info(
@@ -409,17 +242,52 @@ class SubmissionService(service.MultiService):
                 admin=admin,
             )
 
-    def stopService(self) -> Any:
-        if self._housekeeping.running:
-            self._housekeeping.stop()
-        self.components.queue_runner.stopService()
-        stopped = defer.maybeDeferred(super().stopService)
-        stopped.addCallback(lambda _: threads.deferToThread(self._housekeep, True))
-        stopped.addErrback(lambda failure: log.failure("saving state at stop failed", failure))
-        stopped.addBoth(lambda _: self.components.workers.stop())
-        stopped.addBoth(lambda _: self.components.store.close())
-        return stopped
+    def stopService(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        """Stop taking connections, let stores and relays finish (bounded), then the rest.
+
+        MultiService would stop all children at once; the order matters here: the
+        final housekeeping write must come after the last login and the last message.
+        """
+        service.Service.stopService(self)
+        listening = [listener for listener in self.listeners if listener.running]
+        await defer.gatherResults([defer.maybeDeferred(each.stopService) for each in listening])
+        await self._drain()
+        # The last logins finish before the final write of the audit log and budgets.
+        for child in (self.parts.queue_runner, self.parts.workers, self.housekeeping):
+            if not child.running:
+                continue
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {name} failed", name=child.name)
+        if self.components is not None:
+            self.components.store.close()
+
+    async def _drain(self) -> None:
+        """Wait up to STOP_WAIT for messages being stored and deliveries being relayed."""
+        if self.components is None:
+            return
+        in_flight, runner = self.components.in_flight, self.components.queue_runner
+        deadline = self.reactor.seconds() + STOP_WAIT
+        while (in_flight.count or runner.active) and self.reactor.seconds() < deadline:
+            await task.deferLater(self.reactor, STOP_POLL, lambda: None)
+        if in_flight.count or runner.active:
+            log.warn(
+                "stopping with {storing} messages being stored and {relaying} being relayed",
+                storing=in_flight.count,
+                relaying=runner.active,
+            )
 
 
-def build_service(config: Config) -> SubmissionService:
-    return SubmissionService(config)
+def build_service(
+    config: Config, *, reactor: Any = None, local_delivery: IMessageDelivery | None = None
+) -> SubmissionService:
+    """The whole server as a ``MultiService``; nothing is created on disk until it starts.
+
+    ``local_delivery``: your own ``IMessageDelivery`` for recipients in the local
+    domains (instead of Maildir); everything else works as usual.
+    """
+    return SubmissionService(config, reactor=reactor, local_delivery=local_delivery)

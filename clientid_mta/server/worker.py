@@ -46,16 +46,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from twisted.internet import reactor
 
-    from clientid_mta.config import load_config
+    from clientid_mta.config import ConfigError, load_config
     from clientid_mta.server.service import SubmissionService
 
     globalLogBeginner.beginLoggingTo(
         [FileLogObserver(sys.stdout, _format)], redirectStandardIO=False
     )
     inherited = {name: int(fd) for name, _, fd in (item.partition("=") for item in args.listen)}
-    server = SubmissionService(load_config(args.config), inherited)
+    server = SubmissionService(load_config(args.config), inherited, reactor=reactor)
     server.share_state()
-    reactor.callWhenRunning(server.startService)
+
+    def start() -> None:
+        try:
+            server.startService()
+        except ConfigError as problem:  # the parent logs it, and starts us again later
+            print(f"error {problem}", flush=True)
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", server.stopService)
     reactor.run()
 

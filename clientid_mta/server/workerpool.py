@@ -22,8 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, protocol, reactor
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet import defer, protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
@@ -71,15 +70,14 @@ class WorkerPool(service.Service):
         config: Config,
         ports: Callable[[], defer.Deferred[dict[str, Any]]],
         count: int,
-        process_reactor: IReactorProcess | None = None,
-        clock: IReactorTime | None = None,
+        reactor: Any,
     ) -> None:
-        """``ports()`` fires with {listener name: IListeningPort} once they are bound."""
+        """``ports()`` fires with {listener name: IListeningPort} once they are bound;
+        ``reactor`` provides IReactorProcess and IReactorTime."""
         self.config = config
         self.ports = ports
         self.count = count
-        self.reactor: IReactorProcess = process_reactor or reactor
-        self.clock: IReactorTime = clock or reactor
+        self.reactor = reactor
         self.workers: dict[int, tuple[WorkerProcess, Any]] = {}
         self._fds: dict[str, int] = {}
 
@@ -127,7 +125,7 @@ class WorkerPool(service.Service):
                 worker=process.number,
                 reason=reason.getErrorMessage(),
             )
-            self.clock.callLater(RESTART_DELAY, self._spawn, process.number)
+            self.reactor.callLater(RESTART_DELAY, self._spawn, process.number)
 
     def signal_all(self, signum: int) -> None:
         for _process, transport in list(self.workers.values()):
@@ -143,7 +141,7 @@ class WorkerPool(service.Service):
         super().stopService()
         waits = [process.ended for process, _ in self.workers.values()]
         self.signal_all(signal.SIGTERM)
-        killer = self.clock.callLater(STOP_GRACE, self.signal_all, signal.SIGKILL)
+        killer = self.reactor.callLater(STOP_GRACE, self.signal_all, signal.SIGKILL)
 
         def done(result: object) -> object:
             if killer.active():

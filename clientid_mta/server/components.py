@@ -1,0 +1,287 @@
+"""The object graph of one server, built in two steps so that privileges can drop between them.
+
+``prepare`` makes what writes nothing (the accounts file reader, the Maildir root,
+the queue runner, the login thread pool); ``open_components`` then creates and
+opens the state: data_dir, the HMAC key, the device store, the queue folders and a
+generated certificate. ``SubmissionService`` calls the second from ``startService``,
+i.e. after twistd's ``--uid/--gid`` switch, so everything it creates belongs to the
+service user and nothing has to be handed over (or chowned) afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.cred.portal import Portal
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.mail.interfaces import IMessageDelivery
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from clientid_mta.auth.budgets import Throttle
+from clientid_mta.auth.checker import ClientIdChecker, Defences
+from clientid_mta.auth.credentials import IClientIdUsernamePassword
+from clientid_mta.auth.passwd_file import PasswdFile
+from clientid_mta.auth.realm import build_portal
+from clientid_mta.auth.threads import AuthWorkers
+from clientid_mta.config import Config, ConfigError, check_server_files
+from clientid_mta.delivery.maildir import MaildirRoot
+from clientid_mta.delivery.router import LocalRouter, delivery_factory
+from clientid_mta.devices.approval import ApprovalMessage, Approvals
+from clientid_mta.devices.audit import AuditLog
+from clientid_mta.devices.keys import load_or_create_server_key
+from clientid_mta.devices.notices import DEVICE_APPROVED, FailureCounter, Notice, Notifier
+from clientid_mta.devices.policy import DevicePolicy
+from clientid_mta.devices.regions import Regions
+from clientid_mta.devices.sharing import SharedDevices
+from clientid_mta.devices.sqlite_store import open_sqlite_stores
+from clientid_mta.devices.store import Stores
+from clientid_mta.outbound.queue import QueueDir
+from clientid_mta.outbound.runner import LocalBounceTarget, QueueRunner
+from clientid_mta.outbound.submit import Outbound
+from clientid_mta.server.delivery import InFlight, ServedDelivery
+from clientid_mta.smtp.clientid import fingerprint
+from clientid_mta.smtp.limits import SessionLimits
+from clientid_mta.smtp.protocol import SubmissionFactory
+from clientid_mta.smtp.tls import ReloadableServerTLS, generate_self_signed, server_context
+
+
+@dataclass
+class Prepared:
+    """The parts made before privileges drop: none of them touches the disk yet."""
+
+    passwords: PasswdFile
+    maildirs: MaildirRoot
+    router: LocalRouter
+    queue: QueueDir
+    queue_runner: QueueRunner
+    workers: AuthWorkers
+
+
+@dataclass
+class Components:
+    """Everything one server needs, shared by both listeners."""
+
+    config: Config
+    passwords: PasswdFile
+    store: Stores
+    maildirs: MaildirRoot
+    portal: Portal
+    server_key: bytes
+    tls_context: ReloadableServerTLS
+    defences: Defences
+    checker: ClientIdChecker
+    sessions: SessionLimits
+    workers: AuthWorkers
+    queue_runner: QueueRunner
+    in_flight: InFlight
+
+
+def state_files(config: Config) -> list[Path]:
+    """What the server creates under its data folder on first start."""
+    store = config.clientid.device_store
+    tls = config.generated_tls_dir
+    queue = config.queue_config.directory
+    return [
+        config.server.data_dir,
+        config.clientid.key_file,
+        store,
+        store.with_name(store.name + "-wal"),
+        store.with_name(store.name + "-shm"),
+        tls,
+        tls / "cert.pem",
+        tls / "key.pem",
+        queue,
+        *(queue / name for name in ("tmp", "msg", "env", "corrupt", "control", "lock")),
+    ]
+
+
+def default_reactor() -> Any:
+    """The global reactor, imported only when a caller gave none (importing installs it)."""
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def prepare(config: Config, reactor: Any) -> Prepared:
+    """The parts that write nothing. Reads only what the operator named: each file must
+    exist, and a ``[tls]`` certificate and key must load (a mistake is one line before
+    twistd even starts logging); they are read again, as the service user, at start."""
+    check_server_files(config)
+    if config.tls.certificate is not None and config.tls.key is not None:
+        server_context(config.tls.certificate, config.tls.key)
+    passwords = PasswdFile(config.auth.passwd_file)
+    maildirs = MaildirRoot(config.delivery.maildir_root)
+    router = LocalRouter(
+        passwords, config.delivery.local_domains, maildirs, config.approval.localpart
+    )
+
+    def deliver_notice(address: str, data: bytes) -> bool:  # in a thread, from the runner
+        account = passwords.get(address)
+        if account is None:
+            return False
+        maildirs.deliver_bytes(account.domain, account.localpart, data)
+        return True
+
+    queue = QueueDir(config.queue_config.directory)
+    runner = QueueRunner(
+        config, queue, LocalBounceTarget(router.is_local, deliver_notice), reactor=reactor
+    )
+    return Prepared(passwords, maildirs, router, queue, runner, AuthWorkers(reactor))
+
+
+def _dkim_signer(config: Config) -> Any:
+    if not config.dkim:
+        return None
+    from clientid_mta.outbound.dkim import DkimKeyError, DkimSigner
+
+    try:
+        return DkimSigner(config.dkim)
+    except DkimKeyError as problem:
+        raise ConfigError(f"config error: {problem}") from None
+
+
+def _regions(config: Config) -> Regions:
+    try:
+        return Regions(config.travel.geoip_database)
+    except Exception as problem:  # maxminddb raises several kinds for a bad file
+        raise ConfigError(
+            f"config error: [travel] geoip_database {config.travel.geoip_database} cannot be "
+            f"read ({problem}); point it at a MaxMind .mmdb file or remove the key."
+        ) from None
+
+
+def open_components(
+    config: Config, parts: Prepared, local_delivery: IMessageDelivery | None = None
+) -> Components:
+    """Create and open the state, and wire the rest around it. Raises ConfigError."""
+    try:
+        config.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        server_key = load_or_create_server_key(config.clientid.key_file)
+        store = open_sqlite_stores(config.clientid.device_store)
+        parts.queue.create()
+    except (OSError, ValueError) as problem:
+        raise ConfigError(
+            f"config error: [server] data_dir: cannot set up state: {problem}."
+        ) from None
+    try:
+        return _wire(config, parts, server_key, store, local_delivery)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _wire(
+    config: Config,
+    parts: Prepared,
+    server_key: bytes,
+    store: Stores,
+    local_delivery: IMessageDelivery | None,
+) -> Components:
+    if config.tls.certificate is None or config.tls.key is None:
+        certificate, key = generate_self_signed(config.generated_tls_dir, config.server.hostname)
+    else:
+        certificate, key = config.tls.certificate, config.tls.key
+    tls_context = ReloadableServerTLS(certificate, key)
+    passwords, maildirs, router = parts.passwords, parts.maildirs, parts.router
+    notifier = Notifier(
+        maildirs,
+        config.server.hostname,
+        config.postmaster,
+        lambda address: passwords.get(address) is not None,
+        config.alerts.max_per_account_per_hour,
+    )
+    approvals = Approvals(store.approval_codes, store.devices, config.approval.code_lifetime)
+    policy = DevicePolicy(
+        config.clientid,
+        store.devices,
+        server_key,
+        notifier,
+        config.travel,
+        approvals,
+        router.approval_address,
+    )
+
+    def approved(account: str, device: str) -> None:  # in a thread, from ApprovalMessage
+        policy.notify(Notice(DEVICE_APPROVED, account, fingerprint(device), "", ""))
+
+    router.approval_message = lambda account: ApprovalMessage(approvals, account, approved)
+    throttle = Throttle(config.throttle)
+    throttle.restore(store.budgets.load())
+    defences = Defences(
+        throttle=throttle,
+        sharing=SharedDevices(config.shared_devices, store.shared_devices),
+        audit=AuditLog(store.audit, config.audit.retention_days),
+        failures=FailureCounter(config.alerts.unknown_failures),
+        regions=_regions(config),
+    )
+    runner = parts.queue_runner
+    outbound = Outbound(parts.queue, _dkim_signer(config), runner.add)
+    account_delivery = delivery_factory(passwords, router, outbound)
+    in_flight = InFlight()
+
+    def delivery_for(address: str, trusted_device: bool) -> IMessageDelivery:
+        served = account_delivery(address, trusted_device)
+        return ServedDelivery(served, router, in_flight, local_delivery)
+
+    portal = build_portal(passwords, policy, delivery_for, defences, config.auth)
+    checker = portal.checkers[IClientIdUsernamePassword]
+    assert isinstance(checker, ClientIdChecker)
+    checker.run_in_thread = parts.workers.run
+    return Components(
+        config,
+        passwords,
+        store,
+        maildirs,
+        portal,
+        server_key,
+        tls_context,
+        defences,
+        checker,
+        SessionLimits(config.limits),
+        parts.workers,
+        runner,
+        in_flight,
+    )
+
+
+def build_components(
+    config: Config, *, reactor: Any = None, local_delivery: IMessageDelivery | None = None
+) -> Components:
+    """Both steps at once, for protocol-only use with ``build_factory``. Raises ConfigError.
+
+    Nothing is started: start ``components.workers`` (the login threads) yourself, and
+    note that without ``build_service`` no queue runner sends mail for other domains
+    and nothing writes the audit log or the failure budgets.
+    """
+    parts = prepare(config, reactor if reactor is not None else default_reactor())
+    return open_components(config, parts, local_delivery)
+
+
+def build_factory(
+    config: Config,
+    implicit_tls: bool = False,
+    components: Components | None = None,
+    *,
+    reactor: Any = None,
+) -> IProtocolFactory:
+    """A protocol factory for one listener; with ``implicit_tls`` wrapped in TLS (port 465).
+
+    Protocol-only: for a whole server (queue runner, housekeeping, login threads) use
+    ``build_service``.
+    """
+    reactor = reactor if reactor is not None else default_reactor()
+    parts = components or build_components(config, reactor=reactor)
+    factory = SubmissionFactory(
+        config,
+        parts.portal,
+        parts.tls_context,
+        server_key=parts.server_key,
+        implicit_tls=implicit_tls,
+        sessions=parts.sessions,
+        reactor=reactor,
+    )
+    if implicit_tls:
+        return TLSMemoryBIOFactory(parts.tls_context, False, factory)
+    return factory
