@@ -74,6 +74,7 @@ def test_building_the_service_creates_nothing_on_disk_and_starting_creates_the_s
         "auth-threads",
         "queue",
         "housekeeping",
+        "maildir-tmp-sweeper",
         "submission",
         "submissions",
     ]
