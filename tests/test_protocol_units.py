@@ -905,9 +905,6 @@ def test_h3_a_store_raising_mid_body_is_451_at_the_end_of_data(
 PACKAGE = Path(clientid_mta.__file__).resolve().parent
 MODULES = sorted(PACKAGE.rglob("*.py"))
 TWISTED = Path(twisted.__file__).resolve().parent
-# Known, and outside this change: the server wiring reads two private attributes of
-# StreamServerEndpointService. Remove the mark when server/service.py stops.
-KNOWN_PRIVATE_USES = {"server/service.py"}
 
 
 def _module_name(path: Path) -> str:
@@ -965,15 +962,7 @@ def _twisted_private_uses(path: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     "path",
-    [
-        pytest.param(
-            path,
-            marks=[pytest.mark.xfail(reason="server wiring, outside this change")]
-            if path.relative_to(PACKAGE).as_posix() in KNOWN_PRIVATE_USES
-            else [],
-        )
-        for path in MODULES
-    ],
+    [path for path in MODULES],
     ids=lambda path: path.relative_to(PACKAGE).as_posix(),
 )
 def test_no_private_attribute_of_twisted_is_used(path: Path) -> None:

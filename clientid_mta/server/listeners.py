@@ -15,7 +15,14 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IReactorSocket
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorSocket,
+    IStreamServerEndpoint,
+)
+from twisted.python.failure import Failure
 
 
 class LateFactory(protocol.Factory):
@@ -47,6 +54,45 @@ class LateFactory(protocol.Factory):
         return self.target.buildProtocol(addr)  # type: ignore[arg-type,return-value]
 
 
+class BoundPort(service.Service):
+    """A listener on an endpoint, bound in ``privilegedStartService`` (as root under
+    twistd, for ports below 1024); an embedder that only calls ``startService`` gets it
+    bound there. A port that cannot be bound raises at once (``CannotListenError``), so
+    twistd can stop with one line instead of logging a failed Deferred later."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self.bound: defer.Deferred[IListeningPort] = defer.Deferred()  # fires with the port
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.port is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        failed: list[Failure] = []
+        self.endpoint.listen(self.factory).addCallbacks(self._listening, failed.append)
+        if failed:  # TCP endpoints answer at once: raise the error now, not later
+            failed[0].raiseException()
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        self.bound.callback(port)
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        return port.stopListening()
+
+
 class AdoptedPort(service.Service):
     """A listener on a socket another process bound (a worker's share of a port)."""
 
@@ -55,7 +101,7 @@ class AdoptedPort(service.Service):
         self.factory = factory
         self.reactor: IReactorSocket = reactor
         self.port: IListeningPort | None = None
-        self._waitingForPort: defer.Deferred[IListeningPort] = defer.Deferred()
+        self.bound: defer.Deferred[IListeningPort] = defer.Deferred()  # fires with the port
 
     def startService(self) -> None:
         super().startService()
@@ -64,7 +110,7 @@ class AdoptedPort(service.Service):
         probe.detach()
         self.port = self.reactor.adoptStreamPort(self.fd, family, self.factory)  # type: ignore[arg-type]
         os.close(self.fd)  # adoptStreamPort made its own copy
-        self._waitingForPort.callback(self.port)
+        self.bound.callback(self.port)
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
@@ -37,7 +36,7 @@ from clientid_mta.server.components import (
 from clientid_mta.server.delivery import InFlight
 from clientid_mta.server.filelimit import fit_open_files
 from clientid_mta.server.housekeeping import Housekeeping
-from clientid_mta.server.listeners import AdoptedPort, LateFactory
+from clientid_mta.server.listeners import AdoptedPort, BoundPort, LateFactory
 
 __all__ = [
     "Components",
@@ -91,7 +90,7 @@ class SubmissionService(service.MultiService):
         self.housekeeping.setServiceParent(self)
         TmpSweeper(self.parts.maildirs, reactor=self.reactor).setServiceParent(self)
         self._started: defer.Deferred[None] = defer.Deferred()  # fired once serving
-        self.listeners: list[service.Service] = []
+        self.listeners: list[BoundPort | AdoptedPort] = []
         self._factories: list[tuple[LateFactory, bool]] = []
         for key, implicit in (("submission", False), ("submissions", True)):
             description = getattr(config.listen, key)
@@ -99,15 +98,11 @@ class SubmissionService(service.MultiService):
                 continue
             late = LateFactory(key)
             self._factories.append((late, implicit))
-            listener: service.Service
+            listener: BoundPort | AdoptedPort
             if inherited is not None:
                 listener = AdoptedPort(inherited[key], late, self.reactor)
             else:
-                endpoint = StreamServerEndpointService(
-                    serverFromString(self.reactor, description), late
-                )
-                endpoint._raiseSynchronously = True
-                listener = endpoint
+                listener = BoundPort(serverFromString(self.reactor, description), late)
             listener.setName(key)
             listener.setServiceParent(self)
             self.listeners.append(listener)
@@ -139,7 +134,7 @@ class SubmissionService(service.MultiService):
 
         def bound(_: object) -> defer.Deferred[dict[str, IListeningPort]]:
             names = [str(listener.name) for listener in self.listeners]
-            waits = [listener._waitingForPort for listener in self.listeners]  # type: ignore[attr-defined]
+            waits = [listener.bound for listener in self.listeners]
             ports = defer.gatherResults(waits)
             return ports.addCallback(lambda found: dict(zip(names, found, strict=True)))
 
@@ -176,7 +171,7 @@ class SubmissionService(service.MultiService):
             components = open_components(self.config, self.parts, self.local_delivery)
         except ConfigError as problem:
             for listener in self.listeners:  # bound by privilegedStartService: free them
-                if getattr(listener, "_waitingForPort", None) is not None:
+                if listener.port is not None:
                     listener.stopService()
             self._failed_start(str(problem))
         throttle = components.defences.throttle
