@@ -164,8 +164,9 @@ class QuietDNSServerFactory(server.DNSServerFactory):
 def listen(resolver: ZoneResolver, port: int = 0) -> tuple[int, list[Any]]:
     """Listen on UDP and TCP, on ``port`` or one random port free for both (reactor thread)."""
     factory = QuietDNSServerFactory(authorities=[resolver])
-    protocol = dns.DNSDatagramProtocol(factory)
     for _ in range(LISTEN_ATTEMPTS):
+        # A new protocol each try: a stopped UDP port lets go of its protocol only later.
+        protocol = dns.DNSDatagramProtocol(factory)
         udp = reactor.listenUDP(port, protocol, interface="127.0.0.1")
         chosen = udp.getHost().port
         try:
