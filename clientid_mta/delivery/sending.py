@@ -21,6 +21,7 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from clientid_mta.devices.notices import SENDING_LIMIT, Notice, Notifier
 from clientid_mta.devices.store import ISendingCounts, Sending, StoreUnavailable
 
 log = Logger()
@@ -94,3 +95,14 @@ class SendingLimit:
             problem=str(failure.value),
         )
         return True
+
+
+def tell_postmaster(notifier: Notifier) -> Callable[[str, str], object]:
+    """``reached`` for a ``SendingLimit``: the postmaster's notice (in a thread)."""
+
+    def reached(account: str, limit: str) -> bool:
+        return notifier.notify_postmaster(
+            Notice(SENDING_LIMIT, account, "", "", "", {"limit": limit})
+        )
+
+    return reached

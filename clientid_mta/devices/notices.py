@@ -156,7 +156,8 @@ class Notifier:
         return self._send(self.postmaster, notice)
 
     def _send(self, recipient: str, notice: Notice) -> bool:
-        if not self._due(recipient, notice.fingerprint, notice.kind):
+        # A notice without a device (a sending limit) is counted per account instead.
+        if not self._due(recipient, notice.fingerprint or notice.account, notice.kind):
             return False
         message = EmailMessage()
         message["From"] = f"Mail server <postmaster@{self._hostname}>"

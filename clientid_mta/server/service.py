@@ -41,17 +41,11 @@ from clientid_mta.auth.threads import AuthWorkers
 from clientid_mta.config import Config, ConfigError, check_server_files
 from clientid_mta.delivery.maildir import MaildirRoot
 from clientid_mta.delivery.router import LocalRouter, delivery_factory
-from clientid_mta.delivery.sending import SendingLimit
+from clientid_mta.delivery.sending import SendingLimit, tell_postmaster
 from clientid_mta.devices.approval import ApprovalMessage, Approvals
 from clientid_mta.devices.audit import AuditLog
 from clientid_mta.devices.keys import load_or_create_server_key
-from clientid_mta.devices.notices import (
-    DEVICE_APPROVED,
-    SENDING_LIMIT,
-    FailureCounter,
-    Notice,
-    Notifier,
-)
+from clientid_mta.devices.notices import DEVICE_APPROVED, FailureCounter, Notice, Notifier
 from clientid_mta.devices.policy import DevicePolicy
 from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.sharing import SharedDevices
@@ -179,16 +173,11 @@ def build_components(config: Config) -> Components:
 
     runner = QueueRunner(config, queue, LocalBounceTarget(router.is_local, deliver_notice))
     outbound = Outbound(queue, _dkim_signer(config), runner.add)
-
-    def limit_reached(account: str, limit: str) -> None:  # in a thread, once an hour
-        notice = Notice(SENDING_LIMIT, account, "", "", "", {"limit": limit})
-        notifier.notify_postmaster(notice)
-
     sending = SendingLimit(
         store.sending,
         config.limits.max_messages_per_hour,
         config.limits.max_recipients_per_hour,
-        limit_reached,
+        tell_postmaster(notifier),
     )
     delivery_for = delivery_factory(passwords, router, outbound, sending)
     portal = build_portal(passwords, policy, delivery_for, defences, config.auth)
