@@ -31,8 +31,8 @@ from clientid_mta.delivery.maildir import MaildirRoot
 from clientid_mta.delivery.router import AccountDelivery, LocalRouter
 from clientid_mta.delivery.sending import SendingLimit, tell_postmaster
 from clientid_mta.devices.notices import Notifier
-from clientid_mta.devices.sqlite_store import SQLiteSendingCounts, open_sqlite_stores
-from clientid_mta.devices.store import Sending, Stores, StoreUnavailable
+from clientid_mta.devices.sqlite_store import open_sqlite_stores
+from clientid_mta.devices.store import ISendingCounts, Sending, Stores, StoreUnavailable
 from clientid_mta.outbound import submit as submit_module
 from clientid_mta.outbound.queue import Envelope, QueueDir
 from clientid_mta.outbound.submit import Outbound
@@ -50,8 +50,10 @@ from tests.test_protocol_units import (
     Session,
     message,
 )
+from tests.test_store_conformance import Backend, backend, stores
 
-__all__ = ["connect", "passwd_with_users", "serve"]  # fixtures used by the end-to-end tests
+# Fixtures: the end-to-end tests' server and sessions, the store conformance suite's backends.
+__all__ = ["backend", "connect", "passwd_with_users", "serve", "stores"]
 
 MAIL_OK = ["250 2.1.0 Ok"]
 RCPT_OK = ["250 2.1.5 Ok"]
@@ -413,35 +415,35 @@ def test_l3_recipients_over_the_hourly_limit_get_451_at_rcpt_and_duplicates_coun
     assert world.reached == [(USER, "2 recipients an hour")]
 
 
-def test_l3_the_limit_is_counted_once_across_processes(tmp_path: Path) -> None:
-    """Each worker process has its own connection to the store: 4 connections taking at
-    once count exactly up to the limit, and exactly one is told it is the first refusal."""
-    path = tmp_path / "devices.sqlite3"
-    open_sqlite_stores(path).close()
-    connections = [SQLiteSendingCounts(path) for _ in range(4)]
+def test_l3_the_limit_is_counted_once_across_processes(backend: Backend, tmp_path: Path) -> None:
+    """Two processes' connections, many threads taking at once (on every store backend):
+    exactly the limit is counted, and exactly one caller hears of the first refusal."""
+    processes = [backend.open(tmp_path), backend.open(tmp_path)]
     results: list[tuple[bool, bool]] = []
     lock = threading.Lock()
 
-    def take(counts: SQLiteSendingCounts) -> None:
+    def take(stores: Stores) -> None:
         for _ in range(30):
-            outcome = counts.count_sending(USER, 7200, Sending(0, 1), Sending(0, 100))
+            outcome = stores.sending.count_sending(USER, 7200, Sending(0, 1), Sending(0, 100))
             with lock:
                 results.append(outcome)
 
-    workers = [threading.Thread(target=take, args=(c,)) for c in connections]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    assert sum(counted for counted, _first in results) == 100
-    assert sum(first for _counted, first in results) == 1
-    for counts in connections:
-        counts.close()
+    workers = [threading.Thread(target=take, args=(processes[i % 2],)) for i in range(4)]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert sum(counted for counted, _first in results) == 100
+        assert sum(first for _counted, first in results) == 1
+    finally:
+        for stores in processes:
+            stores.close()
 
 
-def test_l3_sending_counts_per_hour_and_per_account(tmp_path: Path) -> None:
-    stores = open_sqlite_stores(tmp_path / "devices.sqlite3")
+def test_l3_sending_counts_per_hour_and_per_account(stores: Stores) -> None:
     counts, most = stores.sending, Sending(2, 0)  # 0: recipients without a maximum
+    assert ISendingCounts.providedBy(counts)
     assert counts.count_sending(USER, 3600, Sending(1, 500), most) == (True, False)
     assert counts.count_sending(USER, 3600, Sending(1, 500), most) == (True, False)
     assert counts.count_sending(USER, 3600, Sending(1, 0), most) == (False, True)
@@ -449,7 +451,6 @@ def test_l3_sending_counts_per_hour_and_per_account(tmp_path: Path) -> None:
     assert counts.count_sending(RECIPIENT, 3600, Sending(1, 0), most) == (True, False)
     assert counts.count_sending(USER, 0, Sending(1, 0), most) == (False, False)  # a slow clock
     assert counts.count_sending(USER, 7200, Sending(1, 0), most) == (True, False)  # new hour
-    stores.close()
 
 
 def test_l3_one_postmaster_notice_per_account_and_hour(world: World) -> None:
@@ -470,6 +471,15 @@ def test_l3_one_postmaster_notice_per_account_and_hour(world: World) -> None:
     assert any(USER.encode() in n for n in notices) and any(
         RECIPIENT.encode() in n for n in notices
     )
+
+
+def test_l3_a_notice_that_cannot_be_written_still_refuses(world: World) -> None:
+    def broken(account: str, limit: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    session = world.session(max_messages=1, reached=broken)
+    assert send(session, RECIPIENT)[0].startswith("250 2.0.0 Ok")
+    assert session.cmd(f"MAIL FROM:<{USER}>") == MESSAGES_OVER
 
 
 class LockedCounts:

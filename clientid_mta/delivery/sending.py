@@ -58,34 +58,33 @@ class SendingLimit:
         return self._take(account, 0, 1) if self.max_recipients else defer.succeed(True)
 
     def _take(self, account: str, messages: int, recipients: int) -> defer.Deferred[bool]:
-        counted = self.run_in_thread(self._count, account, messages, recipients)
+        hour = int(self.now()) // HOUR * HOUR
+        add, most = Sending(messages, recipients), Sending(self.max_messages, self.max_recipients)
+        which = (
+            f"{self.max_messages} messages an hour"
+            if messages
+            else f"{self.max_recipients} recipients an hour"
+        )
+        counted = self.run_in_thread(self.counts.count_sending, account, hour, add, most)
+        counted.addCallback(self._counted, account, which)
         counted.addErrback(self._unavailable, account)
         return counted
 
-    def _count(self, account: str, messages: int, recipients: int) -> bool:
-        """In a thread: one store call; on the account's first refusal of the hour, the
-        notice."""
-        hour = int(self.now()) // HOUR * HOUR
-        most = Sending(self.max_messages, self.max_recipients)
-        counted, first_refusal = self.counts.count_sending(
-            account, hour, Sending(messages, recipients), most
+    def _counted(
+        self, outcome: tuple[bool, bool], account: str, which: str
+    ) -> bool | defer.Deferred[bool]:
+        """On the account's first refusal of the hour: the log line and the notice, which
+        is written (in a thread) before the refusal is answered."""
+        counted, first_refusal = outcome
+        if not first_refusal:
+            return counted
+        log.warn(
+            "account {account} reached its sending limit ({limit})", account=account, limit=which
         )
-        if first_refusal:
-            which = (
-                f"{self.max_messages} messages an hour"
-                if messages
-                else f"{self.max_recipients} recipients an hour"
-            )
-            log.warn(
-                "account {account} reached its sending limit ({limit})",
-                account=account,
-                limit=which,
-            )
-            try:
-                self.reached(account, which)
-            except Exception:  # the notice is a courtesy; the refusal stands without it
-                log.failure("cannot tell the postmaster about the sending limit")
-        return counted
+        told = self.run_in_thread(self.reached, account, which)
+        # The notice is a courtesy; the refusal stands without it.
+        told.addErrback(lambda failure: log.failure("cannot tell the postmaster", failure))
+        return told.addCallback(lambda _: counted)
 
     def _unavailable(self, failure: Any, account: str) -> bool:
         failure.trap(StoreUnavailable, OSError)
