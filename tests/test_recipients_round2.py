@@ -10,8 +10,8 @@ end to end over real sockets, through the wiring of the service.
 from __future__ import annotations
 
 import mailbox
-import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -419,21 +419,14 @@ def test_l3_the_limit_is_counted_once_across_processes(backend: Backend, tmp_pat
     """Two processes' connections, many threads taking at once (on every store backend):
     exactly the limit is counted, and exactly one caller hears of the first refusal."""
     processes = [backend.open(tmp_path), backend.open(tmp_path)]
-    results: list[tuple[bool, bool]] = []
-    lock = threading.Lock()
 
-    def take(stores: Stores) -> None:
-        for _ in range(30):
-            outcome = stores.sending.count_sending(USER, 7200, Sending(0, 1), Sending(0, 100))
-            with lock:
-                results.append(outcome)
+    def take(stores: Stores) -> list[tuple[bool, bool]]:
+        add, most = Sending(0, 1), Sending(0, 100)
+        return [stores.sending.count_sending(USER, 7200, add, most) for _ in range(30)]
 
-    workers = [threading.Thread(target=take, args=(processes[i % 2],)) for i in range(4)]
     try:
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(60)
+        with ThreadPoolExecutor(4) as pool:
+            results = [r for taken in pool.map(take, processes * 2) for r in taken]
         assert sum(counted for counted, _first in results) == 100
         assert sum(first for _counted, first in results) == 1
     finally:
