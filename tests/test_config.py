@@ -189,7 +189,8 @@ EXACT_MESSAGES = [
         "[limits]\nmax_errors = 0\nbogus = 1\n",
         '[limits] has an unknown key "bogus"; known keys are: '
         "max_message_size, max_line_length, max_recipients, command_timeout, data_timeout, "
-        "max_errors, max_sessions, max_sessions_per_address, max_sessions_per_device.",
+        "max_errors, max_sessions, max_sessions_per_address, max_sessions_per_device, "
+        "max_messages_per_hour, max_recipients_per_hour.",
     ),
     (
         '[tls]\ncertificate = "a.pem"\n[relay]\nmx_port = 0\n',

@@ -163,6 +163,9 @@ class LimitsConfig:
     max_sessions: int = 1000
     max_sessions_per_address: int = 20
     max_sessions_per_device: int = 5
+    # per account and hour, counted across the worker processes; 0: no limit
+    max_messages_per_hour: int = field(default=1000, metadata=setting(check=checks.count))
+    max_recipients_per_hour: int = field(default=5000, metadata=setting(check=checks.count))
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,16 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.internet import defer
-from twisted.mail.interfaces import IMessageSMTP
 from zope.interface import implementer
 
 from clientid_mta.delivery.durable import DurableFile, fsync_dir
 from clientid_mta.delivery.spool import LateFile
 from clientid_mta.smtp.errors import LocalDeliveryError
+from clientid_mta.smtp.staging import IStagedMessage
 
 _counter = itertools.count()
 
@@ -135,15 +136,17 @@ class MaildirFile(DurableFile):
         return self.commit_to(self.maildir / "new" / f"{self.name},S={self.size}")
 
 
-@implementer(IMessageSMTP)
+@implementer(IStagedMessage)
 class MaildirMessage:
-    """Twisted's IMessage for one local recipient.
+    """Twisted's IMessage for one local recipient, stored in two steps.
 
     Lines arrive without their line ending and are stored with LF, the Maildir
-    convention. The data waits in memory (``spool.LateFile``, which spills a large
-    message in a thread) and is written, fsynced and renamed in a thread at the end. A
-    write error (disk full, I/O error) is kept and reported by ``eomReceived``, so that
-    the reply is a 451, never a lost message.
+    convention. The data waits in memory (``spool.LateFile``). ``prepare`` writes and
+    fsyncs it into ``tmp/`` in a thread, where no mail reader looks; ``commit`` renames
+    it into ``new/`` and fsyncs the folder. The protocol prepares every copy of a
+    message before it commits any, so one failed copy leaves no other (see
+    smtp/staging.py). A write error (disk full, I/O error) is kept and reported by
+    ``prepare``, so that the reply is a 451, never a lost message.
     """
 
     def __init__(self, maildirs: MaildirRoot, domain: str, localpart: str) -> None:
@@ -156,11 +159,23 @@ class MaildirMessage:
         """Many lines at once, already with LF endings (the fast DATA path)."""
         self._data.write(data)
 
+    def prepare(self) -> defer.Deferred[Path]:
+        """Written and fsynced in ``tmp/``: durable, not yet delivered."""
+        return self._written_then(MaildirFile.sync)
+
+    def commit(self) -> defer.Deferred[Path]:
+        """Renamed into ``new/`` and the folder fsynced: delivered."""
+        return self._data.then(MaildirFile.commit)
+
     def eomReceived(self) -> defer.Deferred[Path]:
+        """Both steps at once, for a caller that stores one copy alone."""
+        return self._written_then(MaildirFile.commit)
+
+    def _written_then(self, step: Callable[[MaildirFile], Path]) -> defer.Deferred[Path]:
         if self._data.error is not None:
             self._data.abort()
             return defer.fail(self._data.error)
-        return self._data.finish(MaildirFile.commit)
+        return self._data.finish(step)
 
     def connectionLost(self) -> None:
         self._data.abort()

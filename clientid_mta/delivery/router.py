@@ -1,9 +1,17 @@
 """Where an authenticated account's mail goes: its ``IMessageDelivery``.
 
-``validateFrom`` enforces the sender (docs/conformance.md, row S6) and opens the
-transaction; ``validateTo`` routes each recipient to a local Maildir or to the outbound
-queue, where all remote recipients of the transaction share one queued copy. Account
-look-ups read the passwd file's in-memory snapshot: nothing here touches the disk.
+``validateFrom`` enforces the sender (S6) and opens the transaction; ``validateTo``
+routes each recipient to a local Maildir or to the outbound queue, where all remote
+recipients of the transaction share one queued copy. Account look-ups read the passwd
+file's in-memory snapshot: nothing here touches the disk.
+
+Every recipient's fate that can be known at ``RCPT`` is settled there, so that the
+end of data has only the storing left (which the protocol does for all copies or for
+none): a recipient named twice gets the same message factory, hence one copy; the
+device-approval address must be the only recipient of its transaction, because its
+outcome (a valid code or ``550``) is known only after the data; and the account's
+sending limit (``delivery/sending.py``) is charged per transaction and per distinct
+recipient.
 """
 
 from __future__ import annotations
@@ -11,13 +19,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
 from twisted.mail.smtp import Address, SMTPBadRcpt, SMTPBadSender, User
 from zope.interface import implementer
 
 from clientid_mta.auth.passwd_file import Account, PasswdFile, normalise_address
 from clientid_mta.delivery.maildir import MaildirMessage, MaildirRoot
+from clientid_mta.delivery.sending import SendingLimit
 from clientid_mta.outbound.submit import Outbound, OutboundTransaction
+
+MessageFactory = Callable[[], IMessageSMTP]
+
+# 5xx: the same RCPT can never succeed in this transaction. 550 rather than 503: it is
+# this recipient that is refused, and mail programs show the text next to it. 5.5.3
+# (RFC 3463 "too many recipients"): the address is fine, the recipient count is not.
+APPROVAL_ALONE = "5.5.3 The approval address must be the only recipient"
+MESSAGES_OVER_LIMIT = "4.7.1 Too many messages from this account this hour, try again later"
+RECIPIENTS_OVER_LIMIT = "4.7.1 Too many recipients from this account this hour, try again later"
 
 
 class LocalRouter:
@@ -75,42 +94,80 @@ class AccountDelivery:
         router: LocalRouter,
         trusted_device: bool = False,
         outbound: Outbound | None = None,
+        sending: SendingLimit | None = None,
     ) -> None:
         self.account = account
         self.router = router
         self.trusted_device = trusted_device
         self.outbound = outbound
+        self.sending = sending
         self._transaction: OutboundTransaction | None = None
+        # The transaction's accepted recipients (normalised) and their factories.
+        self._recipients: dict[str, MessageFactory] = {}
+        self._approval = False  # the approval address is among them
 
     def receivedHeader(self, helo: object, origin: object, recipients: object) -> None:
         # The protocol writes the Received: header itself (S15): it knows the TLS state.
         return None
 
-    def validateFrom(self, helo: object, origin: Address) -> Address:
+    def validateFrom(self, helo: object, origin: Address) -> Address | defer.Deferred[Address]:
         if not self.account.may_send_as(str(origin)):
             raise SMTPBadSender(str(origin), 553, "5.7.1 Sender address rejected: not owned by you")
+        self._recipients, self._approval = {}, False
         if self.outbound is not None:
             self._transaction = self.outbound.transaction(str(origin), self.account.address)
-        return origin
+        if self.sending is None:
+            return origin
 
-    def validateTo(self, user: User) -> Callable[[], IMessageSMTP]:
+        def decide(counted: bool) -> Address:
+            if not counted:
+                raise SMTPBadSender(str(origin), 451, MESSAGES_OVER_LIMIT)
+            return origin
+
+        return self.sending.take_message(self.account.address).addCallback(decide)
+
+    def validateTo(self, user: User) -> MessageFactory | defer.Deferred[MessageFactory]:
         address = normalise_address(str(user.dest))
+        known = self._recipients.get(address)
+        if known is not None:
+            return known  # named twice: the same factory, so one copy (and 250 again)
+        factory, approval = self._route(address)
+        if self._recipients and (approval or self._approval):
+            raise SMTPBadRcpt(address, 550, APPROVAL_ALONE)
+        if self.sending is None:
+            return self._accepted(address, factory, approval)
+
+        def decide(counted: bool) -> MessageFactory:
+            if not counted:
+                raise SMTPBadRcpt(address, 451, RECIPIENTS_OVER_LIMIT)
+            return self._accepted(address, factory, approval)
+
+        return self.sending.take_recipient(self.account.address).addCallback(decide)
+
+    def _accepted(self, address: str, factory: MessageFactory, approval: bool) -> MessageFactory:
+        self._recipients[address] = factory
+        self._approval = self._approval or approval
+        return factory
+
+    def _route(self, address: str) -> tuple[MessageFactory, bool]:
+        """The recipient's message factory, and whether it is the approval address;
+        raises the refusal of a recipient we cannot take."""
         domain = address.rpartition("@")[2]
         if not self.router.is_local(domain):
             if self._transaction is None:
                 raise SMTPBadRcpt(
                     address, 550, "5.7.1 Relaying to other domains is not enabled here"
                 )
-            return self._transaction.recipient(address)
+            return self._transaction.recipient(address), False
         if self.router.is_approval_address(address):
             if not self.trusted_device or self.router.approval_message is None:
                 raise SMTPBadRcpt(address, 550, "5.7.1 Only a trusted device may approve devices")
             make_message, account = self.router.approval_message, self.account.address
-            return lambda: make_message(account)
+            return (lambda: make_message(account)), True
         factory = self.router.message_factory(address)
         if factory is None:
             raise SMTPBadRcpt(address, 550, "5.1.1 No such user here")
-        return factory
+        return factory, False
 
     def may_use_header_from(self, addresses: Iterable[str]) -> bool:
         """The author check at end of DATA (S6): every address of From:, Sender:,
@@ -120,7 +177,10 @@ class AccountDelivery:
 
 
 def delivery_factory(
-    passwords: PasswdFile, router: LocalRouter, outbound: Outbound | None = None
+    passwords: PasswdFile,
+    router: LocalRouter,
+    outbound: Outbound | None = None,
+    sending: SendingLimit | None = None,
 ) -> Callable[[str, bool], IMessageDelivery]:
     """What the realm calls with an authenticated account name."""
 
@@ -128,6 +188,6 @@ def delivery_factory(
         account = passwords.get(address)
         if account is None:  # deleted between the password check and now
             raise UnauthorizedLogin()
-        return AccountDelivery(account, router, trusted_device, outbound)
+        return AccountDelivery(account, router, trusted_device, outbound, sending)
 
     return delivery_for

@@ -80,6 +80,11 @@ class LateFile(Generic[W]):
             return defer.fail(self.error)
         return self._in_order(self._finish_now, self._take(), complete)
 
+    def then(self, step: Callable[[W], T]) -> defer.Deferred[T]:
+        """After ``finish``: ``step(file)`` in a thread, in order (the second half of a
+        two-step store). On failure the file is thrown away (in that thread)."""
+        return self._in_order(self._step_now, step)
+
     def abort(self) -> None:
         """Throw the data away; a file already opened is removed in a thread."""
         self._chunks, self._buffered = [], 0
@@ -136,6 +141,17 @@ class LateFile(Generic[W]):
             if data:
                 handle.write(data)
             return complete(handle)
+        except BaseException:
+            self._abort_now()
+            raise
+
+    def _step_now(self, step: Callable[[W], T]) -> T:
+        try:
+            if self.error is not None:
+                raise self.error
+            if self.file is None:
+                raise ValueError("the message was not written")
+            return step(self.file)
         except BaseException:
             self._abort_now()
             raise

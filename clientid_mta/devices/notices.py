@@ -26,6 +26,7 @@ REPEATED_FAILURES = "repeated-failures"
 IMPOSSIBLE_TRAVEL = "travel"
 DEVICE_APPROVED = "approved"
 SHARED_DEVICE = "shared-device"
+SENDING_LIMIT = "sending-limit"
 
 _SUBJECTS = {
     NEW_DEVICE_PENDING: "A new device was refused on your mail account",
@@ -37,6 +38,7 @@ _SUBJECTS = {
     IMPOSSIBLE_TRAVEL: "Your device logged in from two distant networks",
     DEVICE_APPROVED: "You approved a new device",
     SHARED_DEVICE: "A device is trying many accounts",
+    SENDING_LIMIT: "An account reached its hourly sending limit",
 }
 
 _EXPLANATIONS = {
@@ -85,6 +87,13 @@ _EXPLANATIONS = {
         "a short time: a sign of credential stuffing, or of a shared device.\n"
         "Last account tried: {account}. It is {action}. Clear the flag with:\n\n"
         "    clientid-mta device unflag {fingerprint}"
+    ),
+    SENDING_LIMIT: (
+        "The account {account} reached its sending limit for this hour ({limit}).\n"
+        "Its mail is refused with 451 4.7.1 until the hour is over; this is the only\n"
+        "notice about it this hour. A sudden burst often means a stolen password: if\n"
+        "the account holder did not send it, change the password. The limits are\n"
+        "[limits] max_messages_per_hour and max_recipients_per_hour."
     ),
 }
 
@@ -147,7 +156,8 @@ class Notifier:
         return self._send(self.postmaster, notice)
 
     def _send(self, recipient: str, notice: Notice) -> bool:
-        if not self._due(recipient, notice.fingerprint, notice.kind):
+        # A notice without a device (a sending limit) is counted per account instead.
+        if not self._due(recipient, notice.fingerprint or notice.account, notice.kind):
             return False
         message = EmailMessage()
         message["From"] = f"Mail server <postmaster@{self._hostname}>"

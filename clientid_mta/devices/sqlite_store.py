@@ -35,7 +35,9 @@ from clientid_mta.devices.store import (
     IAuditStore,
     IBudgetStore,
     IDeviceRegistry,
+    ISendingCounts,
     ISharedDeviceStore,
+    Sending,
     Stores,
     StoreUnavailable,
     change_budgets,
@@ -93,6 +95,13 @@ CREATE TABLE IF NOT EXISTS device_sightings (
     PRIMARY KEY (device_key, account)
 );
 CREATE INDEX IF NOT EXISTS device_sightings_by_time ON device_sightings (seen);
+CREATE TABLE IF NOT EXISTS sending (
+    account    TEXT PRIMARY KEY,
+    hour       INTEGER NOT NULL,
+    messages   INTEGER NOT NULL,
+    recipients INTEGER NOT NULL,
+    refused    INTEGER NOT NULL DEFAULT 0
+);
 """
 
 # Columns added after the first release: (table, column, definition).
@@ -478,6 +487,40 @@ class SQLiteSharedDevices(_Repository):
         return len(keys)
 
 
+@implementer(ISendingCounts)
+class SQLiteSendingCounts(_Repository):
+    """One row per account: the hour it last sent in, its counts, whether refused."""
+
+    # A count is not worth an fsync per message; WAL still keeps the table consistent.
+    synchronous = "NORMAL"
+
+    def count_sending(
+        self, account: str, hour: int, add: Sending, most: Sending
+    ) -> tuple[bool, bool]:
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT hour, messages, recipients, refused FROM sending WHERE account = ?",
+                (account,),
+            ).fetchone()
+            sent, to, refused = 0, 0, 0
+            if row is not None and row["hour"] >= hour:  # later: another process's clock
+                hour, sent, to, refused = tuple(row)
+            over = (most.messages and sent + add.messages > most.messages) or (
+                most.recipients and to + add.recipients > most.recipients
+            )
+            if over:
+                db.execute(
+                    "INSERT OR REPLACE INTO sending VALUES (?, ?, ?, ?, 1)",
+                    (account, hour, sent, to),
+                )
+                return False, not refused
+            db.execute(
+                "INSERT OR REPLACE INTO sending VALUES (?, ?, ?, ?, ?)",
+                (account, hour, sent + add.messages, to + add.recipients, refused),
+            )
+            return True, False
+
+
 def open_sqlite_stores(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> Stores:
     """Every repository on the one file at ``path`` (created if missing)."""
     try:
@@ -496,6 +539,7 @@ def open_sqlite_stores(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> Stores
             opened(SQLiteBudgetStore(path, busy_timeout)),
             opened(SQLiteApprovalCodes(path, busy_timeout)),
             opened(SQLiteSharedDevices(path, busy_timeout)),
+            opened(SQLiteSendingCounts(path, busy_timeout)),
         )
         undo.pop_all()
     return stores

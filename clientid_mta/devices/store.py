@@ -240,6 +240,30 @@ class ISharedDeviceStore(Interface):
 
 
 @dataclass(frozen=True)
+class Sending:
+    """Messages and recipients: what one call adds, or the most an hour may hold (0:
+    no maximum)."""
+
+    messages: int = 0
+    recipients: int = 0
+
+
+class ISendingCounts(Interface):
+    """Messages and recipients each account sent in the current hour, counted across the
+    worker processes, for the sending limit (``[limits] max_messages_per_hour``)."""
+
+    def count_sending(account: str, hour: int, add: Sending, most: Sending) -> tuple[bool, bool]:
+        """Add ``add`` to the account's counts for the hour that starts at ``hour`` (a
+        count of an earlier hour starts again from 0), in one transaction, unless a
+        count would pass its maximum in ``most``. Returns (counted, first refusal):
+        whether it was added, and whether this is the account's first refusal in that
+        hour (its one notice)."""
+
+    def close() -> None:
+        """Release the connection."""
+
+
+@dataclass(frozen=True)
 class Stores:
     """One backend's repositories, built together (see sqlite_store.open_sqlite_stores)."""
 
@@ -248,6 +272,7 @@ class Stores:
     budgets: IBudgetStore
     approval_codes: IApprovalCodes
     shared_devices: ISharedDeviceStore
+    sending: ISendingCounts
 
     def close(self) -> None:
         for repository in (
@@ -256,5 +281,6 @@ class Stores:
             self.budgets,
             self.approval_codes,
             self.shared_devices,
+            self.sending,
         ):
             repository.close()

@@ -1,9 +1,11 @@
 """Submission into the outbound queue: the ``IMessage`` for remote recipients.
 
 All remote recipients of one transaction share one ``OutboundMessage``, so the queue
-holds one copy per message. The message is signed with DKIM (when a key exists for
-the domain of its ``From:`` address) before it is committed, and ``eomReceived``
-fires only once the entry is durable: the 250 follows it (docs/conformance.md, S11).
+holds one copy per message. It is stored in two steps (smtp/staging.py): ``prepare``
+writes and fsyncs the data in the queue's ``tmp/`` and signs it with DKIM (when a key
+exists for the domain of its ``From:`` address); ``commit`` makes it a queue entry and
+tells the runner. The protocol prepares every copy of a message before it commits any,
+and replies 250 only once every entry is durable (docs/conformance.md, S11).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from zope.interface import implementer
 
 from clientid_mta.delivery.spool import LateFile
 from clientid_mta.outbound.queue import Envelope, MessageWriter, QueueDir, Recipient
+from clientid_mta.smtp.staging import IStagedMessage
 
 if TYPE_CHECKING:
     from clientid_mta.outbound.dkim import DkimSigner
@@ -66,13 +69,14 @@ class OutboundTransaction:
         def open_message() -> IMessageSMTP:
             if self.message is None:
                 self.message = OutboundMessage(self.outbound, self.sender, self.account)
-            self.message.recipients.append(address)
+            if address not in self.message.recipients:
+                self.message.recipients.append(address)
             return self.message
 
         return open_message
 
 
-@implementer(IMessageSMTP)
+@implementer(IStagedMessage)
 class OutboundMessage:
     """One queued copy; the protocol hands it each line once even with many recipients."""
 
@@ -82,6 +86,7 @@ class OutboundMessage:
         self.account = account
         self.recipients: list[str] = []
         self._data: LateFile[MessageWriter] = LateFile(outbound.queue.new_message)
+        self._envelope: Envelope | None = None  # once prepared
 
     def lineReceived(self, line: bytes) -> None:
         self._data.write(line + b"\n")
@@ -89,23 +94,34 @@ class OutboundMessage:
     def write_block(self, data: bytes) -> None:
         self._data.write(data)
 
-    def eomReceived(self) -> defer.Deferred[Envelope]:
+    def prepare(self) -> defer.Deferred[Envelope]:
+        """The data fsynced in the queue's ``tmp/`` and signed: durable, not yet queued."""
         if self._data.error is not None:
             self._data.abort()
             return defer.fail(self._data.error)
-        stored = self._data.finish(self._commit)
+        return self._data.finish(self._prepare)
+
+    def commit(self) -> defer.Deferred[Envelope]:
+        """The entry in the queue (message, then envelope), and the runner told."""
+        stored = self._data.then(self._commit)
         stored.addCallback(self._committed)
         return stored
 
-    def _commit(self, writer: MessageWriter) -> Envelope:
-        """Sign, then make the entry durable. In a thread (``LateFile.finish``)."""
+    def eomReceived(self) -> defer.Deferred[Envelope]:
+        """Both steps at once, for a caller that stores one copy alone."""
+        prepared = self.prepare()
+        prepared.addCallback(lambda _envelope: self.commit())
+        return prepared
+
+    def _prepare(self, writer: MessageWriter) -> Envelope:
+        """Fsync the data and sign it. In a thread (``LateFile.finish``)."""
         path = writer.sync()
         header = b""
         signer = self.outbound.signer
         if signer is not None:
             data = path.read_bytes()
             header = signer.signature_header(data, author_domain(data)) or b""
-        envelope = Envelope(
+        self._envelope = Envelope(
             id=writer.id,
             sender=self.sender,
             arrival=time.time(),
@@ -113,8 +129,13 @@ class OutboundMessage:
             account=self.account,
             dkim_header=header.decode("ascii"),
         )
-        writer.commit(envelope)
-        return envelope
+        return self._envelope
+
+    def _commit(self, writer: MessageWriter) -> Envelope:
+        """The envelope's rename commits the entry. In a thread (``LateFile.then``)."""
+        assert self._envelope is not None, "commit before prepare"
+        writer.commit(self._envelope)
+        return self._envelope
 
     def _committed(self, envelope: Envelope) -> Envelope:
         self.outbound.committed(envelope)

@@ -28,6 +28,7 @@ from clientid_mta.auth.threads import AuthWorkers
 from clientid_mta.config import Config, ConfigError, check_server_files
 from clientid_mta.delivery.maildir import MaildirRoot
 from clientid_mta.delivery.router import LocalRouter, delivery_factory
+from clientid_mta.delivery.sending import SendingLimit, tell_postmaster
 from clientid_mta.devices.approval import ApprovalMessage, Approvals
 from clientid_mta.devices.audit import AuditLog
 from clientid_mta.devices.keys import load_or_create_server_key
@@ -218,7 +219,13 @@ def _wire(
     )
     runner = parts.queue_runner
     outbound = Outbound(parts.queue, _dkim_signer(config), runner.add)
-    account_delivery = delivery_factory(passwords, router, outbound)
+    sending = SendingLimit(
+        store.sending,
+        config.limits.max_messages_per_hour,
+        config.limits.max_recipients_per_hour,
+        tell_postmaster(notifier),
+    )
+    account_delivery = delivery_factory(passwords, router, outbound, sending)
     in_flight = InFlight()
 
     def delivery_for(address: str, trusted_device: bool) -> IMessageDelivery:

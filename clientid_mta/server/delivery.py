@@ -15,10 +15,11 @@ from typing import Any
 from twisted.internet import defer
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
 from twisted.mail.smtp import Address, User
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from clientid_mta.auth.passwd_file import normalise_address
 from clientid_mta.delivery.router import LocalRouter
+from clientid_mta.smtp.staging import IStagedMessage
 
 
 class InFlight:
@@ -39,7 +40,9 @@ class InFlight:
 
 @implementer(IMessageSMTP)
 class CountedMessage:
-    """One message, counted in ``InFlight`` while its ``eomReceived`` runs.
+    """One message, counted in ``InFlight`` while it is being stored: during
+    ``eomReceived``, or from ``prepare`` until ``commit`` ends (or the copy is dropped).
+    It offers the two-step store exactly when the message does.
 
     Anything else (``write_block`` among them, where the message has it) is the
     message's own.
@@ -48,6 +51,9 @@ class CountedMessage:
     def __init__(self, message: IMessageSMTP, in_flight: InFlight) -> None:
         self._message = message
         self._in_flight = in_flight
+        self._staging = False  # counted from prepare until commit or connectionLost
+        if IStagedMessage.providedBy(message):
+            alsoProvides(self, IStagedMessage)
 
     def lineReceived(self, line: bytes) -> None:
         self._message.lineReceived(line)
@@ -55,7 +61,26 @@ class CountedMessage:
     def eomReceived(self) -> defer.Deferred[Any]:
         return self._in_flight.track(defer.maybeDeferred(self._message.eomReceived))
 
+    def prepare(self) -> defer.Deferred[Any]:
+        if not self._staging:
+            self._staging = True
+            self._in_flight.count += 1
+        staged: Any = self._message
+        return defer.maybeDeferred(lambda: staged.prepare())
+
+    def commit(self) -> defer.Deferred[Any]:
+        staged: Any = self._message
+        committed: defer.Deferred[Any] = defer.maybeDeferred(lambda: staged.commit())
+        return committed.addBoth(self._staged_done)
+
+    def _staged_done(self, result: object) -> object:
+        if self._staging:
+            self._staging = False
+            self._in_flight.count -= 1
+        return result
+
     def connectionLost(self) -> None:
+        self._staged_done(None)
         self._message.connectionLost()
 
     def __getattr__(self, name: str) -> Any:
@@ -78,14 +103,18 @@ class ServedDelivery:
         self.in_flight = in_flight
         self.local_delivery = local_delivery
         # One wrapper per message of the transaction: the recipients of one queued
-        # copy share a message, and the protocol writes each message once.
+        # copy share a message, and the protocol writes each message once. And one per
+        # factory: a recipient named twice gets the same factory, hence one copy.
         self._wrapped: dict[int, tuple[IMessageSMTP, CountedMessage]] = {}
+        self._factories: dict[int, tuple[Callable[[], IMessageSMTP], Callable[[], IMessageSMTP]]]
+        self._factories = {}
 
     def receivedHeader(self, helo: object, origin: object, recipients: object) -> None:
         return None  # the protocol writes Received: itself
 
     def validateFrom(self, helo: Any, origin: Address) -> defer.Deferred[Address]:
         self._wrapped.clear()
+        self._factories.clear()
         checked = defer.maybeDeferred(self.account.validateFrom, helo, origin)
         if self.local_delivery is not None:
             local = self.local_delivery
@@ -105,6 +134,10 @@ class ServedDelivery:
         return opened.addCallback(self._counted_factory)
 
     def _counted_factory(self, factory: Callable[[], IMessageSMTP]) -> Callable[[], IMessageSMTP]:
+        known_factory = self._factories.get(id(factory))
+        if known_factory is not None and known_factory[0] is factory:
+            return known_factory[1]
+
         def open_message() -> IMessageSMTP:
             message = factory()
             known = self._wrapped.get(id(message))
@@ -113,6 +146,7 @@ class ServedDelivery:
                 self._wrapped[id(message)] = known
             return known[1]
 
+        self._factories[id(factory)] = (factory, open_message)
         return open_message
 
     def may_use_header_from(self, addresses: Iterable[str]) -> bool:

@@ -13,7 +13,11 @@ DATA) is replaced here, Twisted's versions being unsafe for a submission server:
 - the session knows it is encrypted from its own flag, also on implicit TLS (S1);
 - AUTH is our own PLAIN/LOGIN decoder: every malformed input gets a reply (S4);
 - the end of data always gets a reply, and every message opened for it is either
-  handed to its store or discarded (S11).
+  handed to its store or discarded (S11);
+- a message is stored for every recipient or for none: every copy is prepared before
+  any is committed (``smtp/staging.py``), so a client that gets no 250 can resend it
+  without a recipient getting it twice; a recipient the client names twice gets one
+  copy (the delivery returns the same factory for it, which is opened once).
 
 Every timer (idle timeout, close grace) runs on the clock the factory was given.
 The row ids (C1..C16, S1..S15) are those of docs/conformance.md.
@@ -63,6 +67,7 @@ from clientid_mta.smtp.sasl import (
     decode_username,
     parse_plain,
 )
+from clientid_mta.smtp.staging import IStagedMessage
 
 log = Logger()
 
@@ -136,6 +141,50 @@ def _discard(message: IMessageSMTP) -> None:
         message.connectionLost()
     except Exception as problem:
         log.error("discarding a message failed: {problem}", problem=_describe(problem))
+
+
+class _NotStored(Exception):
+    """A copy left unstored because another copy of the message failed."""
+
+
+def _store_all(messages: list[IMessageSMTP]) -> defer.Deferred[list[tuple[bool, Any]]]:
+    """Store every copy of a message, or none: (stored, result or Failure) per message.
+
+    Staged copies (``IStagedMessage``) are all prepared first; then the plain ones (a
+    Twisted ``IMessage``, such as the device-approval message, which is always alone)
+    are stored in one step; only when all of that succeeded are the staged copies
+    committed. A copy left unstored because another failed is reported as
+    ``_NotStored``. Only the commits themselves (a rename and a folder fsync each) can
+    still fail after another copy became visible.
+    """
+    staged: list[IMessageSMTP] = [m for m in messages if IStagedMessage.providedBy(m)]
+    plain: list[IMessageSMTP] = [m for m in messages if not IStagedMessage.providedBy(m)]
+    outcome: dict[int, tuple[bool, Any]] = {}
+
+    def step(group: list[IMessageSMTP], name: str, final: bool) -> defer.Deferred[bool]:
+        # A store that raises at once fails like one that fails later.
+        calls = [defer.maybeDeferred(getattr(message, name)) for message in group]
+
+        def record(results: list[tuple[bool, Any]]) -> bool:
+            for (ok, value), message in zip(results, group, strict=True):
+                if final or not ok:
+                    outcome[id(message)] = (ok, value)
+            return all(ok for ok, _value in results)
+
+        return defer.DeferredList(calls, consumeErrors=True).addCallback(record)
+
+    def then(group: list[IMessageSMTP], name: str) -> Callable[[bool], Any]:
+        return lambda done: step(group, name, final=True) if done else False
+
+    settled: defer.Deferred[Any] = step(staged, "prepare", final=False)
+    settled.addCallback(then(plain, "eomReceived"))
+    settled.addCallback(then(staged, "commit"))
+
+    def report(_: object) -> list[tuple[bool, Any]]:
+        left = (False, Failure(_NotStored()))
+        return [outcome.get(id(message), left) for message in messages]
+
+    return settled.addCallback(report)
 
 
 def _tls_info(transport: Any) -> TLSInfo | None:
@@ -811,9 +860,10 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
             self.error(503, "5.5.1 Need RCPT command")
             return
         try:
-            # Recipients that share one stored copy (the outbound queue) return the
-            # same message object: it must see each line once.
-            opened = [factory() for _user, factory in self._recipients]
+            # A recipient named twice has one factory: one copy. Recipients that share
+            # one stored copy (the outbound queue) return the same message object: it
+            # must see each line once.
+            opened = [factory() for factory in self._factories()]
             self._messages = list({id(m): m for m in opened}.values())
         except smtp.SMTPServerError as refused:
             self._abort_messages()
@@ -838,6 +888,10 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self.setTimeout(self.limits.data_timeout)
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
 
+    def _factories(self) -> list[Callable[[], IMessageSMTP]]:
+        """The distinct message factories of the recipients, in RCPT order."""
+        return list(dict.fromkeys(factory for _user, factory in self._recipients))
+
     def received_header(self) -> list[bytes]:
         """S15: names this server, ESMTPSA and the TLS version; no client identity, no IP."""
         helo = (self._helo_name or "unknown").translate({ord(c): "_" for c in '();\\"'})
@@ -847,7 +901,8 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         tls = _tls_info(self.transport)
         tls_text = f" ({tls.version})" if tls else ""
         recipients = self._recipients
-        for_text = f" for <{recipients[0][0].dest}>" if len(recipients) == 1 else ""
+        single = len(self._factories()) == 1 and len(recipients) >= 1
+        for_text = f" for <{recipients[0][0].dest}>" if single else ""
         return [
             f"Received: {source}".encode("ascii", "replace"),
             f"\tby {self.hostname} with ESMTPSA{tls_text}".encode("ascii", "replace"),
@@ -918,7 +973,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
 
     def _end_of_data(self) -> defer.Deferred[Any] | None:
         body, message_id, sender = self._body, self._message_id, self._sender
-        recipients = len(self._recipients)
+        recipients = len(self._factories())
         storage_failed = self._storage_failed
         # The messages are ours from here: each is either handed to its store
         # (eomReceived returned) or discarded, whatever is raised on the way.
@@ -933,14 +988,11 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
             if storage_failed:
                 self.reply(*LOCAL_ERROR)
                 return None
-            # A store that raises at once fails like one that fails later: ``_stored``
-            # discards every copy whose store failed.
-            results = [defer.maybeDeferred(message.eomReceived) for message in unsettled]
             messages, unsettled = unsettled, []
         finally:
             for message in unsettled:
                 _discard(message)
-        stored = defer.DeferredList(results, consumeErrors=True)
+        stored = _store_all(messages)
         stored.addCallback(self._stored, messages, message_id, sender, recipients, body.size)
         return stored
 
@@ -977,18 +1029,22 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         recipients: int,
         size: int,
     ) -> None:
-        failures = [result for ok, result in results if not ok]
+        failures = [result for ok, result in results if not ok and not result.check(_NotStored)]
         for (ok, _result), message in zip(results, messages, strict=True):
             if not ok:
-                # Its store has finished failing (or never began): drop what it left open.
+                # Its store has finished failing, or was never finished because another
+                # copy failed: drop what it left open (a prepared copy's file).
                 _discard(message)
         if failures:
             # One line for the message, not a traceback per recipient.
+            delivered = sum(1 for ok, _result in results if ok)
             log.error(
-                "delivery of {id} failed for {failed} of {copies} copies: {problem}",
+                "delivery of {id} failed for {failed} of {copies} copies ({delivered} delivered"
+                " all the same): {problem}",
                 id=message_id,
                 failed=len(failures),
                 copies=len(results),
+                delivered=delivered,
                 problem=_describe(failures[0].value),
             )
         else:
