@@ -26,14 +26,13 @@ from zope.interface import implementer
 
 from clientid_mta.auth.passwd_file import Account, PasswdFile
 from clientid_mta.config import ConfigError, load_config
-from clientid_mta.delivery import maildir as maildir_module
+from clientid_mta.delivery import spool as spool_module
 from clientid_mta.delivery.maildir import MaildirRoot
 from clientid_mta.delivery.router import AccountDelivery, LocalRouter
 from clientid_mta.delivery.sending import SendingLimit, tell_postmaster
 from clientid_mta.devices.notices import Notifier
 from clientid_mta.devices.sqlite_store import open_sqlite_stores
 from clientid_mta.devices.store import ISendingCounts, Sending, Stores, StoreUnavailable
-from clientid_mta.outbound import submit as submit_module
 from clientid_mta.outbound.queue import Envelope, QueueDir
 from clientid_mta.outbound.submit import Outbound
 from clientid_mta.smtp.staging import IStagedMessage
@@ -73,9 +72,8 @@ def inline(function: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Def
 
 @pytest.fixture
 def no_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Maildir and queue commits run inline (the module's own ``threads`` only)."""
-    for module in (maildir_module, submit_module):
-        monkeypatch.setattr(module, "threads", SimpleNamespace(deferToThread=inline))
+    """Maildir and queue commits run inline (every file step goes through the spool)."""
+    monkeypatch.setattr(spool_module, "threads", SimpleNamespace(deferToThread=inline))
 
 
 @implementer(IMessageSMTP)
