@@ -1,5 +1,6 @@
-"""The SMTP client (issue 4 item 7): clientid_mta.client.submit against the real server, and against
-a scripted server in a thread where the exact command order matters."""
+"""The SMTP client (issue 4 item 7): clientid_mta.client and ``clientid-mta send``
+(clientid_mta.cli.send) against the real server, and against a scripted server in a thread
+where the exact command order matters."""
 
 from __future__ import annotations
 
@@ -24,18 +25,17 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import formatEvent, globalLogPublisher
 
-from clientid_mta.client.submit import (
-    QUIT_WAIT,
+from clientid_mta.cli.send import send_command
+from clientid_mta.client import (
     ConnectionFailed,
-    DataEncoder,
     RecipientResult,
     SendFailed,
     Transaction,
-    send_command,
     send_message,
     send_messages,
     sendmail,
 )
+from clientid_mta.client.protocol import QUIT_WAIT, DataEncoder
 from clientid_mta.devices.keys import load_or_create_server_key
 from clientid_mta.smtp.clientid import (
     device_key,
@@ -959,7 +959,7 @@ def test_S12_no_transactions_is_an_empty_list_without_connecting(
 def run_send(
     argv: list[str], message: bytes, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
-    code = "import sys; from clientid_mta.client.submit import send_command; "
+    code = "import sys; from clientid_mta.cli.send import send_command; "
     code += "sys.exit(send_command(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, *argv],

@@ -379,7 +379,7 @@ def _parser() -> argparse.ArgumentParser:
 def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> int:
     args, rest = _parser().parse_known_args(argv)
     if args.group == "send":  # needs no config: it talks to any submission server
-        from clientid_mta.client.submit import send_command
+        from clientid_mta.cli.send import send_command
 
         return send_command(rest)
     if args.group == "dkim":  # keygen parses its own arguments
