@@ -11,6 +11,7 @@ import signal
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,16 +45,21 @@ from clientid_mta.delivery.router import LocalRouter, delivery_factory
 from clientid_mta.devices.approval import ApprovalMessage, Approvals
 from clientid_mta.devices.audit import AuditLog
 from clientid_mta.devices.keys import load_or_create_server_key
-from clientid_mta.devices.notices import DEVICE_APPROVED, FailureCounter, Notice, Notifier
+from clientid_mta.devices.notices import (
+    DEVICE_APPROVED,
+    SENT_KEPT_FOR,
+    FailureCounter,
+    Notice,
+    Notifier,
+)
 from clientid_mta.devices.policy import DevicePolicy
 from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.sharing import SharedDevices
 from clientid_mta.devices.sqlite_store import open_sqlite_stores
-from clientid_mta.devices.store import Stores
+from clientid_mta.devices.store import Device, Stores
 from clientid_mta.outbound.queue import QueueDir
 from clientid_mta.outbound.runner import LocalBounceTarget, QueueRunner
 from clientid_mta.outbound.submit import Outbound
-from clientid_mta.smtp.clientid import fingerprint
 from clientid_mta.smtp.limits import SessionLimits
 from clientid_mta.smtp.protocol import SubmissionFactory
 from clientid_mta.smtp.tls import ReloadableServerTLS, generate_self_signed
@@ -66,6 +72,9 @@ HOUSEKEEPING_INTERVAL = 1.0  # seconds between audit flushes
 # commits, few enough to keep memory small.
 DISK_THREADS = 16
 THROTTLE_SAVE_TICKS = 10  # save the throttle state every this many flushes
+# Every this many flushes: give freed pages back, checkpoint the journal, forget the
+# notices sent more than an hour ago and the approval codes used or expired.
+COMPACT_TICKS = 60
 
 
 @dataclass
@@ -123,12 +132,21 @@ def build_components(config: Config) -> Components:
         config.postmaster,
         lambda address: passwords.get(address) is not None,
         config.alerts.max_per_account_per_hour,
+        store.notices,  # the caps hold for all worker processes together
     )
     approvals = Approvals(store.approval_codes, store.devices, config.approval.code_lifetime)
 
-    def approved(account: str, device: str) -> None:  # in a thread, from ApprovalMessage
-        notice = Notice(DEVICE_APPROVED, account, fingerprint(device), "", "")
-        policy.notify(notice)
+    def approved(device: Device) -> None:  # in a thread, from ApprovalMessage
+        policy.notify(
+            Notice(
+                DEVICE_APPROVED,
+                device.account,
+                device.fingerprint,
+                device.type,
+                device.last_network,
+                first_seen=device.first_seen,
+            )
+        )
 
     router = LocalRouter(
         passwords,
@@ -158,7 +176,9 @@ def build_components(config: Config) -> Components:
     defences = Defences(
         throttle=throttle,
         sharing=SharedDevices(config.shared_devices, store.shared_devices),
-        audit=AuditLog(store.audit, config.audit.retention_days),
+        audit=AuditLog(
+            store.audit, config.audit.retention_days, config.audit.max_entries, server_key
+        ),
         failures=FailureCounter(config.alerts.unknown_failures),
         regions=regions,
     )
@@ -294,18 +314,25 @@ class SubmissionService(service.MultiService):
                 raise SystemExit(f"clientid-mta: {message}") from None
             raise ConfigError(message) from None
 
-    def _housekeep(self, final: bool = False) -> None:
-        """Write the audit batch and, now and then, the throttle state. Blocking."""
+    def _housekeep(self, final: bool = False) -> int:
+        """Write the audit batch and, now and then, the throttle state; prune and compact
+        the store. Returns how many audit entries the bound dropped (to log). Blocking."""
         defences = self.components.defences
-        if defences.audit is not None:
-            defences.audit.flush()
+        dropped = defences.audit.flush() if defences.audit is not None else 0
         self._ticks += 1
+        if self._ticks % COMPACT_TICKS == 0:
+            store = self.components.store
+            now = time.time()
+            store.notices.prune_notices(now - SENT_KEPT_FOR)
+            store.approval_codes.prune_approval_codes(now)
+            store.audit.compact()
         throttle = defences.throttle
         if throttle is not None and (final or self._ticks % THROTTLE_SAVE_TICKS == 0):
             if throttle.shared:
                 throttle.prune_shared()
             else:
                 self.components.store.budgets.save(throttle.snapshot())
+        return dropped
 
     def _tick(self) -> defer.Deferred[None] | None:
         checker = self.components.checker
@@ -316,9 +343,19 @@ class SubmissionService(service.MultiService):
             return None
         self._housekeeping_busy = True
         done = threads.deferToThread(self._housekeep)
+        done.addCallback(self._report_dropped)
         done.addErrback(self._housekeeping_failed)
         done.addBoth(lambda _: setattr(self, "_housekeeping_busy", False))
         return None
+
+    def _report_dropped(self, dropped: int) -> None:
+        if dropped:
+            log.warn(
+                "the audit log is at its bound of {max_entries} entries ([audit] max_entries):"
+                " dropped the {dropped} earliest",
+                max_entries=self.config.audit.max_entries,
+                dropped=dropped,
+            )
 
     def _housekeeping_failed(self, failure: Failure) -> None:
         if failure.check(OSError, sqlite3.Error):  # locked or full: retried next second
