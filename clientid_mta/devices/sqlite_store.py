@@ -46,8 +46,8 @@ from clientid_mta.devices.store import (
 BUSY_TIMEOUT = 5.0  # seconds to wait for the database (locked by another process)
 # After a checkpoint the write-ahead log is cut back to this size, so a burst of writes
 # does not leave a large -wal file behind.
-JOURNAL_SIZE_LIMIT = 512 * 1024
-WAL_AUTOCHECKPOINT_PAGES = 256  # checkpoint at 1 MiB of log, not SQLite's 4 MiB
+JOURNAL_SIZE_LIMIT = 256 * 1024
+WAL_AUTOCHECKPOINT_PAGES = 128  # checkpoint at 512 KiB of log, not SQLite's 4 MiB
 VACUUM_PAGES = 2048  # free pages given back per compact() call (8 MiB at 4 KiB a page)
 _INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 

@@ -321,11 +321,7 @@ class SubmissionService(service.MultiService):
         dropped = defences.audit.flush() if defences.audit is not None else 0
         self._ticks += 1
         if self._ticks % COMPACT_TICKS == 0:
-            store = self.components.store
-            now = time.time()
-            store.notices.prune_notices(now - SENT_KEPT_FOR)
-            store.approval_codes.prune_approval_codes(now)
-            store.audit.compact()
+            self.prune_and_compact()
         throttle = defences.throttle
         if throttle is not None and (final or self._ticks % THROTTLE_SAVE_TICKS == 0):
             if throttle.shared:
@@ -333,6 +329,16 @@ class SubmissionService(service.MultiService):
             else:
                 self.components.store.budgets.save(throttle.snapshot())
         return dropped
+
+    def prune_and_compact(self) -> None:
+        """Forget the notices sent that no cap counts any more and the approval codes
+        used or expired; give the store's free pages back, keep its journal small.
+        Blocking."""
+        store = self.components.store
+        now = time.time()
+        store.notices.prune_notices(now - SENT_KEPT_FOR)
+        store.approval_codes.prune_approval_codes(now)
+        store.audit.compact()
 
     def _tick(self) -> defer.Deferred[None] | None:
         checker = self.components.checker
