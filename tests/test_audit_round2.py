@@ -34,6 +34,7 @@ from tests.conftest import RunningServer, Wire
 passwd_with_users = conformance.passwd_with_users
 serve = conformance.serve
 connect = round1.connect
+log_lines = conformance.log_lines
 
 ALICE, ALICE_PW = round1.ALICE, round1.ALICE_PW
 DEVICE_A, DEVICE_B = round1.DEVICE_A, round1.DEVICE_B
@@ -255,10 +256,27 @@ def test_h1_the_write_ahead_log_stays_small(stores: Stores, tmp_path: Path) -> N
     assert wal.stat().st_size <= JOURNAL_SIZE_LIMIT + 64 * 1024
 
 
-def test_h1_max_entries_is_a_config_key(serve: Serve) -> None:
-    server = serve("[audit]\nmax_entries = 7\n")
-    audit = server.service.components.defences.audit
-    assert audit is not None and audit.max_entries == 7
+def test_h1_audit_bound_from_config_drops_the_earliest_with_one_log_line(
+    serve: Serve, connect: Connect, log_lines: list[str]
+) -> None:
+    server = serve("[audit]\nmax_entries = 2\n")
+    for number in range(5):
+        identity = f"LICENSE device-{number}"
+        assert round1.login(server, connect, identity, "wrong-password")[0] == 535
+    latest = [round1.fingerprint(server, f"LICENSE device-{number}") for number in (3, 4)]
+
+    def kept() -> list[str]:
+        return [row[2] for row in round1.audit_rows(server)]
+
+    assert round1.eventually(lambda: kept()[-1:] == latest[-1:])  # the last one is written
+    assert kept() == latest
+
+    def reported() -> list[str]:
+        return [line for line in log_lines if "[audit] max_entries" in line]
+
+    assert round1.eventually(reported)
+    [line] = reported()  # the later drops wait for the next hourly line
+    assert "at its bound of 2 entries" in line
 
 
 # --- L1: the notice caps hold for all worker processes together -----------------------------
