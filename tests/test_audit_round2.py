@@ -354,7 +354,7 @@ def test_notices_repeated_failures_tell_unapproved_devices_from_wrong_passwords(
     assert round1.login(server, connect, DEVICE_B)[0] == 535  # again: still pending
     [body] = round1.notices(server, ALICE, round1.REPEATED_SUBJECT)
     assert "wrong password" not in body
-    assert "twice with your right password, from a device you\n    have not approved" in body
+    assert "twice with your right password, but from a device\n    you have not approved" in body
     assert "If it was not you, someone knows your password: change it." in body
     assert round1.login(server, connect, "LICENSE thief", "wrong-password")[0] == 535
     assert round1.login(server, connect, DEVICE_B)[0] == 535

@@ -49,7 +49,7 @@ _EXPLANATIONS = {
         "server had not seen before. It gave your right password, but a new device\n"
         "needs your approval first, so it was refused. The mail program only says\n"
         '"Login failed" (or "Authentication failed"); it has not been blocked for good.\n\n'
-        "If this was you (a new computer, phone or mail program), let the device in\n"
+        "If this was you (a new computer, phone or mail program), approve the device\n"
         "in one of two ways, then send again from it:\n\n"
         "  - from a device you already use for this account, send a message to\n"
         "    {approval_address} with this code in the subject: {code}\n"
@@ -57,7 +57,7 @@ _EXPLANATIONS = {
         "  - or ask your mail administrator to run:\n"
         "    clientid-mta device approve {account} {fingerprint}\n\n"
         "If it was not you, nothing needs doing to keep that device out: it stays\n"
-        "refused. It did know your password, though, so change your password."
+        "refused. But it knew your password, so it is wise to change it."
     ),
     NEW_DEVICE_TRUSTED: (
         "This is the first device that logged in to your account, so it is now\n"
@@ -122,8 +122,8 @@ class FailureTally:
             lines.append(f"  - {_times(self.wrong_password)} with a wrong password;")
         if self.unapproved_device:
             lines.append(
-                f"  - {_times(self.unapproved_device)} with your right password, from a device"
-                " you\n    have not approved (or one that gave no device identity)."
+                f"  - {_times(self.unapproved_device)} with your right password, but from a"
+                " device\n    you have not approved (or one that gave no device identity)."
             )
         advice = ""
         if self.unapproved_device:
