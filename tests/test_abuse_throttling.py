@@ -218,13 +218,17 @@ def test_throttled_attempts_compute_no_hash(
     assert (len(hashes), len(checks)) == (2, 3)
 
     fp, other_fp = fingerprint(key_of(server, device)), fingerprint(key_of(server, other))
-    assert audit_rows(server, ALICE, 5) == [
+    assert audit_rows(server, ALICE, 2) == [
         ("refused", fp, "bad_password"),
         ("refused", fp, "bad_password"),
-        ("throttled", fp, "device_throttled"),
-        ("throttled", fp, "device_throttled"),
-        ("throttled", other_fp, "account_throttled"),
     ]
+    # Throttled attempts are kept as counts per minute, network, device and reason, with
+    # no account (H1, tests/test_audit_round2.py).
+    throttled: Counter[tuple[str, str]] = Counter()
+    for entry in server.service.components.store.audit.audit():
+        if entry.outcome == "throttled":
+            throttled[entry.fingerprint, entry.reason] += entry.count
+    assert throttled == {(fp, "device_throttled"): 2, (other_fp, "account_throttled"): 1}
 
 
 def test_device_budget_refills_over_time(make_server: Serve, hashes: list[str | None]) -> None:

@@ -91,6 +91,7 @@ def test_each_repository_provides_its_interface(stores: Stores) -> None:
     assert interfaces.IBudgetStore.providedBy(stores.budgets)
     assert interfaces.IApprovalCodes.providedBy(stores.approval_codes)
     assert interfaces.ISharedDeviceStore.providedBy(stores.shared_devices)
+    assert interfaces.INoticeLedger.providedBy(stores.notices)
 
 
 # --- the device registry -------------------------------------------------------------------
@@ -316,9 +317,50 @@ def test_audit_filters_limit_and_order(stores: Stores) -> None:
 def test_audit_prune_drops_only_older_entries(stores: Stores) -> None:
     audit = stores.audit
     audit.add_audit([_entry(100.0), _entry(200.0), _entry(300.0)])
-    assert audit.prune_audit(200.0) == 1
-    assert [e.time for e in audit.audit()] == [200.0, 300.0]
+    audit.add_audit_counts([_count(60.0, 5), _count(240.0, 7)])
+    assert audit.prune_audit(200.0) == 2
+    assert [(e.time, e.count) for e in audit.audit()] == [(200.0, 1), (240.0, 7), (300.0, 1)]
     assert audit.prune_audit(200.0) == 0
+
+
+def _count(
+    minute: float, count: int, fp: str = KEY_A[:16], network: str = "192.0.2.0/24"
+) -> AuditEntry:
+    return AuditEntry(minute, "", fp, network, "throttled", "device_throttled", count)
+
+
+def test_audit_counts_add_up_per_minute_network_device_and_reason(stores: Stores) -> None:
+    audit = stores.audit
+    audit.add_audit_counts([_count(60.0, 3), _count(60.0, 4), _count(60.0, 1, fp="")])
+    audit.add_audit_counts([_count(60.0, 10), _count(120.0, 2, network="198.51.100.0/24")])
+    other_reason = AuditEntry(60.0, "", "", "192.0.2.0/24", "throttled", "account_throttled", 1)
+    audit.add_audit_counts([other_reason])
+    audit.add_audit([_entry(90.0)])
+    listed = audit.audit()
+    assert sorted((e.time, e.fingerprint, e.network, e.reason, e.count) for e in listed) == [
+        (60.0, "", "192.0.2.0/24", "account_throttled", 1),
+        (60.0, "", "192.0.2.0/24", "device_throttled", 1),
+        (60.0, KEY_A[:16], "192.0.2.0/24", "device_throttled", 17),
+        (90.0, KEY_A[:16], "192.0.2.0/24", "bad_password", 1),
+        (120.0, KEY_A[:16], "198.51.100.0/24", "device_throttled", 2),
+    ]
+    assert all(e.account == "" for e in listed if e.outcome == "throttled")
+    assert audit.audit(account=ALICE) == [_entry(90.0)]  # a count row keeps no account
+    assert [e.count for e in audit.audit(fingerprint=KEY_A[:8], since=61.0)] == [1, 2]
+
+
+def test_audit_trim_keeps_the_latest_written(stores: Stores) -> None:
+    audit = stores.audit
+    audit.add_audit([_entry(float(n)) for n in range(10)])
+    audit.add_audit_counts([_count(60.0 * n, 1) for n in range(4)])
+    assert audit.trim_audit(3) == 7 + 1
+    assert [e.time for e in audit.audit() if e.outcome == "refused"] == [7.0, 8.0, 9.0]
+    assert [e.time for e in audit.audit() if e.outcome == "throttled"] == [60.0, 120.0, 180.0]
+    assert audit.trim_audit(3) == 0
+    audit.add_audit([_entry(10.0)])
+    assert audit.trim_audit(3) == 1
+    audit.compact()  # gives the freed pages back; the entries stay
+    assert [e.time for e in audit.audit() if e.outcome == "refused"] == [8.0, 9.0, 10.0]
 
 
 # --- failure budgets -----------------------------------------------------------------------
@@ -365,27 +407,39 @@ def test_budget_prune_save_and_load(stores: Stores) -> None:
     assert budgets.load() == [("net:192.0.2.0/24", 1.0, 5.0)]
 
 
-def test_budget_take_is_atomic_across_processes(backend: Backend, tmp_path: Path) -> None:
-    """Two processes' connections, many threads, one bucket of 5: exactly 5 takes."""
-    processes = [backend.open(tmp_path), backend.open(tmp_path)]
-    taken: list[bool] = []
-    bucket = {"device:d": Budget(burst=5, refill_seconds=10**9)}
-    start = threading.Barrier(8)
+def race_in_two_processes(
+    backend: Backend, where: Path, call: Callable[[Stores, int], bool], count: int = 8
+) -> list[bool]:
+    """``count`` threads, started together, each making ``call`` (with its number) on one
+    of two processes' connections to the store; their answers, sorted."""
+    processes = [backend.open(where), backend.open(where)]
+    answers: list[bool] = []
+    start = threading.Barrier(count)
 
-    def take(stores: Stores) -> None:
+    def run(number: int) -> None:
         start.wait(10)
-        taken.append(stores.budgets.take(bucket, 1000.0)[0])
+        answers.append(call(processes[number % 2], number))
 
-    threads = [threading.Thread(target=take, args=(processes[i % 2],)) for i in range(8)]
+    threads = [threading.Thread(target=run, args=(number,)) for number in range(count)]
     try:
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(30)
-        assert sorted(taken) == [False] * 3 + [True] * 5
     finally:
         for stores in processes:
             stores.close()
+    return sorted(answers)
+
+
+def test_budget_take_is_atomic_across_processes(backend: Backend, tmp_path: Path) -> None:
+    """Two processes' connections, many threads, one bucket of 5: exactly 5 takes."""
+    bucket = {"device:d": Budget(burst=5, refill_seconds=10**9)}
+
+    def take(stores: Stores, _number: int) -> bool:
+        return stores.budgets.take(bucket, 1000.0)[0]
+
+    assert race_in_two_processes(backend, tmp_path, take) == [False] * 3 + [True] * 5
 
 
 # --- approval codes ------------------------------------------------------------------------
@@ -400,6 +454,43 @@ def test_approval_code_works_once_before_expiry_for_its_account(stores: Stores) 
     assert codes.redeem_approval_code("h1", ALICE, 1001.0) is None  # once only
     assert codes.redeem_approval_code("h2", ALICE, 2000.0) is None  # expired
     assert codes.redeem_approval_code("unknown", ALICE, 1000.0) is None
+
+
+def test_approval_codes_used_or_expired_are_pruned(stores: Stores) -> None:
+    codes = stores.approval_codes
+    codes.add_approval_code("used", ALICE, KEY_A, expires=2000.0)
+    codes.add_approval_code("expired", ALICE, KEY_A, expires=1000.0)
+    codes.add_approval_code("valid", ALICE, KEY_B, expires=2000.0)
+    assert codes.redeem_approval_code("used", ALICE, 900.0) == KEY_A
+    assert codes.prune_approval_codes(1500.0) == 2
+    assert codes.prune_approval_codes(1500.0) == 0
+    assert codes.redeem_approval_code("valid", ALICE, 1500.0) == KEY_B
+
+
+# --- the notices sent ----------------------------------------------------------------------
+
+
+def test_notice_ledger_one_per_device_and_kind_and_a_cap_per_recipient(stores: Stores) -> None:
+    ledger = stores.notices
+    assert ledger.may_notify(ALICE, "f1", "pending", 1000.0, 3600.0, 3)
+    assert not ledger.may_notify(ALICE, "f1", "pending", 1001.0, 3600.0, 3)  # the same
+    assert ledger.may_notify(ALICE, "f1", "failure", 1002.0, 3600.0, 3)  # another kind
+    assert ledger.may_notify(ALICE, "f2", "pending", 1003.0, 3600.0, 3)  # another device
+    assert not ledger.may_notify(ALICE, "f3", "pending", 1004.0, 3600.0, 3)  # 3 this hour
+    assert ledger.may_notify(BOB, "f3", "pending", 1004.0, 3600.0, 3)  # per recipient
+    assert ledger.may_notify(ALICE, "f1", "pending", 4600.0, 3600.0, 3)  # an hour later
+    assert ledger.prune_notices(4600.0 - 3600.0) == 0
+    assert ledger.prune_notices(4600.0) == 4
+    assert ledger.may_notify(ALICE, "f2", "pending", 4601.0, 3600.0, 2)
+
+
+def test_notice_ledger_cap_is_atomic_across_processes(backend: Backend, tmp_path: Path) -> None:
+    """Two processes' connections, many threads, a cap of 3: exactly 3 notices."""
+
+    def notify(stores: Stores, number: int) -> bool:
+        return stores.notices.may_notify(ALICE, f"f{number}", "pending", 1000.0, 3600.0, 3)
+
+    assert race_in_two_processes(backend, tmp_path, notify) == [False] * 5 + [True] * 3
 
 
 # --- shared devices ------------------------------------------------------------------------

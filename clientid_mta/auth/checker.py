@@ -197,7 +197,7 @@ class ClientIdChecker:
                 if account is None
                 else self.policy.password_failed(address, attempt.identity, attempt.where)
             )
-            self._failed(attempt, account_key, known and account is not None)
+            self._failed(attempt, account_key, known and account is not None, False)
             return AuthOutcome(address if account else None, False, decision)
         if not cached:
             self.cache.remember(account.address, account.password_hash, password)
@@ -215,21 +215,23 @@ class ClientIdChecker:
             and attempt.device
             and defences.sharing.blocked(attempt.device)
         ):
-            self._failed(attempt, account_key, known)
+            self._failed(attempt, account_key, known, True)
             return AuthOutcome(address, True, Decision(False, "shared_device", attempt.fingerprint))
         decision = self.policy.decide(address, attempt.identity, attempt.where)
         if not decision.allowed:
-            self._failed(attempt, account_key, known)
+            self._failed(attempt, account_key, known, True)
         return AuthOutcome(address, True, decision)
 
-    def _failed(self, attempt: Attempt, account_key: str, known: bool) -> None:
-        """A failed attempt (its budget was spent by ``take``): maybe tell the holder."""
+    def _failed(
+        self, attempt: Attempt, account_key: str, known: bool, password_right: bool
+    ) -> None:
+        """A failed attempt (its budget was spent by ``take``): maybe tell the holder, with
+        how many were wrong passwords and how many right ones on unapproved devices."""
         defences = self.defences
-        if (
-            not known
-            and defences.failures is not None
-            and defences.failures.failed(attempt.address)
-        ):
+        if known or defences.failures is None:
+            return
+        tally = defences.failures.failed(attempt.address, password_right)
+        if tally is not None:
             if self.passwords.get(attempt.address) is not None:
                 self.policy.notify(
                     alerts.Notice(
@@ -238,6 +240,7 @@ class ClientIdChecker:
                         attempt.fingerprint,
                         attempt.client_type,
                         attempt.where.network,
+                        tally.fields(),
                     )
                 )
 
@@ -265,7 +268,12 @@ class ClientIdChecker:
         result = "accepted" if accepted else "throttled" if outcome.throttled else "refused"
         if self.defences.audit is not None:
             self.defences.audit.record(
-                attempt.address, attempt.fingerprint, attempt.where.network, result, decision.reason
+                attempt.address,
+                attempt.fingerprint,
+                attempt.where.network,
+                result,
+                decision.reason,
+                known=outcome.account is not None,
             )
         undeliverable = [n for n in decision.notices if n.endswith("-undeliverable")]
         if undeliverable:

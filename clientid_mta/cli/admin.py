@@ -29,6 +29,7 @@ from clientid_mta.auth.passwd_file import (
     parse_accounts,
 )
 from clientid_mta.config import Config, ConfigError, load_config
+from clientid_mta.devices.audit import THROTTLED, unknown_account
 from clientid_mta.devices.keys import load_or_create_server_key
 from clientid_mta.devices.sqlite_store import open_sqlite_stores
 from clientid_mta.devices.store import (
@@ -262,7 +263,7 @@ class Admin:
         print(f"cleared the shared-device flag of {fingerprint}", file=self.out)
 
     def audit(self, account: str | None, device: str | None, since: str | None) -> None:
-        account = _address(account) if account else None
+        account = self._audited_account(_address(account)) if account else None
         device = _fingerprint(device) if device is not None else None
         since_time = parse_since(since) if since else None
         with self._stores() as stores:
@@ -271,13 +272,26 @@ class Admin:
         print(
             row.format("TIME", "OUTCOME", "ACCOUNT", "DEVICE", "NETWORK", "REASON"), file=self.out
         )
+        throttled_reply = self.config.throttle.action
         for e in entries:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
-            account = _printable(e.account)  # typed by a client: never let it break a line
+            if e.outcome == THROTTLED:  # a count per minute, network, device and reason
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.time))
+                outcome, account = f"{throttled_reply} x {e.count}", "*"
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+                outcome, account = e.outcome, _printable(e.account)  # never break a line
             print(
-                row.format(when, e.outcome, account, e.fingerprint or "-", e.network, e.reason),
+                row.format(when, outcome, account, e.fingerprint or "-", e.network, e.reason),
                 file=self.out,
             )
+
+    def _audited_account(self, address: str) -> str:
+        """How the audit keeps ``address``: as is if it is an account here, else as the
+        keyed hash of the text (what the server stored when a client typed it)."""
+        key_file = self.config.clientid.key_file
+        if self.passwd.get(address) is not None or not key_file.exists():
+            return address
+        return unknown_account(address, load_or_create_server_key(key_file))
 
     def device_label(self, address: str, fingerprint: str, text: str) -> None:
         address = _address(address)

@@ -209,6 +209,8 @@ class AlertsConfig:
 @dataclass(frozen=True)
 class AuditConfig:
     retention_days: int = 90
+    # entries kept at most (and as many per-minute counts of throttled attempts)
+    max_entries: int = 1_000_000
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from twisted.mail.interfaces import IMessageSMTP
 from twisted.mail.smtp import SMTPServerError
 from zope.interface import implementer
 
-from clientid_mta.devices.store import TRUSTED, IApprovalCodes, IDeviceRegistry
+from clientid_mta.devices.store import TRUSTED, Device, IApprovalCodes, IDeviceRegistry
 
 _ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
 _CODE_RE = re.compile(r"\b([A-HJ-NP-Z2-9]{5})-([A-HJ-NP-Z2-9]{5})\b", re.IGNORECASE)
@@ -51,8 +51,9 @@ class Approvals:
         self.codes.add_approval_code(_hash(code), account, device_key, expires)
         return code, expires
 
-    def redeem(self, account: str, text: str) -> list[str]:
-        """Approve the devices whose valid codes appear in ``text``; their device keys."""
+    def redeem(self, account: str, text: str) -> list[Device]:
+        """Approve the devices whose valid codes appear in ``text``; those devices, as
+        now stored. Blocking."""
         approved = []
         for match in _CODE_RE.finditer(text[:MAX_MESSAGE]):
             code = f"{match[1]}-{match[2]}"
@@ -61,8 +62,7 @@ class Approvals:
             if device_key is not None:
                 device = self.devices.get(account, device_key)
                 if device is not None:
-                    self.devices.set_state(account, device.fingerprint, TRUSTED)
-                    approved.append(device_key)
+                    approved.append(self.devices.set_state(account, device.fingerprint, TRUSTED))
         return approved
 
 
@@ -77,7 +77,7 @@ class ApprovalMessage:
         self,
         approvals: Approvals,
         account: str,
-        approved: Callable[[str, str], None] = lambda _account, _key: None,
+        approved: Callable[[Device], None] = lambda _device: None,
     ) -> None:
         self._approvals = approvals
         self._account = account
@@ -90,19 +90,19 @@ class ApprovalMessage:
             self._text.append(line.decode("ascii", "replace"))
             self._size += len(line) + 1
 
-    def _redeem(self) -> list[str]:
-        keys = self._approvals.redeem(self._account, "\n".join(self._text))
-        for key in keys:
-            self._approved(self._account, key)
-        return keys
+    def _redeem(self) -> list[Device]:
+        devices = self._approvals.redeem(self._account, "\n".join(self._text))
+        for device in devices:
+            self._approved(device)
+        return devices
 
-    def eomReceived(self) -> defer.Deferred[list[str]]:
+    def eomReceived(self) -> defer.Deferred[list[Device]]:
         redeemed = threads.deferToThread(self._redeem)
 
-        def check(keys: list[str]) -> list[str]:
-            if not keys:
+        def check(devices: list[Device]) -> list[Device]:
+            if not devices:
                 raise SMTPServerError(550, b"5.7.1 No valid approval code in the message")
-            return keys
+            return devices
 
         return redeemed.addCallback(check)
 

@@ -1,8 +1,11 @@
 """Notices to account holders (in their own Maildir) and to the postmaster.
 
-Plain text; a device is named by its fingerprint, never its token. Rate-limited twice,
-so that an attacker cannot flood a mailbox: one notice per account, device and kind
-an hour, and at most ``max_per_account_per_hour`` notices per account an hour.
+Plain text; a device is named by its fingerprint, never its token. A refused mail
+program only says "Login failed": the notice is where the holder learns what happened,
+so it says which device, why, and what to do. Rate-limited twice, so that an attacker
+cannot flood a mailbox: one notice per account, device and kind an hour, and at most
+``max_per_account_per_hour`` notices per account an hour, counted in the store
+(``INoticeLedger``) when one is given, so that the caps hold across worker processes.
 All methods block on disk: call them from a thread.
 """
 
@@ -16,6 +19,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
 from clientid_mta.delivery.maildir import MaildirRoot
+from clientid_mta.devices.store import INoticeLedger
 
 NEW_DEVICE_PENDING = "pending"
 NEW_DEVICE_TRUSTED = "trusted"
@@ -43,15 +47,19 @@ _SUBJECTS = {
 
 _EXPLANATIONS = {
     NEW_DEVICE_PENDING: (
-        "A mail program presented the right password for your account, but from a\n"
-        "device this server does not know, so it was refused.\n\n"
-        "If this was you, approve the device in one of two ways:\n\n"
+        "A mail program tried to send mail as you from the device above, which this\n"
+        "server had not seen before. It gave your right password, but a new device\n"
+        "needs your approval first, so it was refused. The mail program only says\n"
+        '"Login failed" (or "Authentication failed"); it has not been blocked for good.\n\n'
+        "If this was you (a new computer, phone or mail program), approve the device\n"
+        "in one of two ways, then send again from it:\n\n"
         "  - from a device you already use for this account, send a message to\n"
         "    {approval_address} with this code in the subject: {code}\n"
         "    (the code works once, until {expires});\n"
         "  - or ask your mail administrator to run:\n"
         "    clientid-mta device approve {account} {fingerprint}\n\n"
-        "If it was not you, someone else knows your password: change it now."
+        "If it was not you, nothing needs doing to keep that device out: it stays\n"
+        "refused. But it knew your password, so it is wise to change it."
     ),
     NEW_DEVICE_TRUSTED: (
         "This is the first device that logged in to your account, so it is now\n"
@@ -67,9 +75,10 @@ _EXPLANATIONS = {
     LOGIN_SUCCEEDED: "A device logged in to your account.",
     LOGIN_FAILED: "A device tried to log in to your account and was refused.",
     REPEATED_FAILURES: (
-        "Devices this server does not know keep trying to log in to your account\n"
-        "with wrong passwords. Your own devices are not affected. If your password\n"
-        "is weak or used elsewhere too, change it."
+        "Devices this server does not trust for your account tried to log in\n"
+        "{total} within the hour, and were refused (the device above was the last):\n\n"
+        "{tally}\n\n"
+        "Your own devices are not affected.{advice}"
     ),
     IMPOSSIBLE_TRAVEL: (
         "One of your trusted devices logged in from {network} ({region}), shortly after\n"
@@ -80,7 +89,9 @@ _EXPLANATIONS = {
     ),
     DEVICE_APPROVED: (
         "The device above can now send mail as you, approved with a code from a\n"
-        "device you already trust."
+        "device you already trust. If that was not you, ask your mail administrator\n"
+        "to revoke it:\n\n"
+        "    clientid-mta device revoke {account} {fingerprint}"
     ),
     SHARED_DEVICE: (
         "One client identity was used against {accounts} different accounts within\n"
@@ -98,11 +109,52 @@ _EXPLANATIONS = {
 }
 
 REPEAT_INTERVAL = 3600.0
+HOUR = 3600.0
+SENT_KEPT_FOR = max(REPEAT_INTERVAL, HOUR)  # older notices sent count against no cap
+
+
+def _times(count: int) -> str:
+    return "once" if count == 1 else "twice" if count == 2 else f"{count} times"
+
+
+@dataclass(frozen=True)
+class FailureTally:
+    """Failed logins from devices the account does not trust, by what was wrong."""
+
+    wrong_password: int
+    unapproved_device: int  # the right password, on a device not (yet) allowed
+
+    def fields(self) -> dict[str, str]:
+        """The placeholders of the "repeated failures" notice."""
+        lines = []
+        if self.wrong_password:
+            lines.append(f"  - {_times(self.wrong_password)} with a wrong password;")
+        if self.unapproved_device:
+            lines.append(
+                f"  - {_times(self.unapproved_device)} with your right password, but from a"
+                " device\n    you have not approved (or one that gave no device identity)."
+            )
+        advice = ""
+        if self.unapproved_device:
+            advice += (
+                "\n\nYour right password was used on a device you have not approved. If\n"
+                "that was you (a new computer, phone or mail program), approve it: see the\n"
+                'notice "A new device was refused on your mail account", or ask your mail\n'
+                "administrator. If it was not you, someone knows your password: change it."
+            )
+        if self.wrong_password:
+            advice += "\n\nIf your password is weak or used elsewhere too, change it."
+        total = self.wrong_password + self.unapproved_device
+        return {"total": _times(total), "tally": "\n".join(lines), "advice": advice}
 
 
 @dataclass(frozen=True)
 class Notice:
-    """What a notice is about; ``extra`` fills the placeholders of its explanation."""
+    """What a notice is about; ``extra`` fills the placeholders of its explanation.
+
+    An empty ``network`` or ``client_type`` (not known) leaves its part out; a
+    ``first_seen`` time adds a line (a pending device is always new: first seen now).
+    """
 
     kind: str
     account: str
@@ -110,6 +162,7 @@ class Notice:
     client_type: str
     network: str
     extra: dict[str, str] | None = None
+    first_seen: float | None = None
 
 
 class Notifier:
@@ -122,17 +175,23 @@ class Notifier:
         postmaster: str = "",
         is_local_account: Callable[[str], bool] = lambda _address: True,
         max_per_account_per_hour: int = 10,
+        ledger: INoticeLedger | None = None,
     ) -> None:
         self._maildirs = maildirs
         self._hostname = hostname
         self.postmaster = postmaster or f"postmaster@{hostname}"
         self._is_local_account = is_local_account
         self._max_per_account = max_per_account_per_hour
+        self._ledger = ledger
         self._last_sent: dict[tuple[str, str, str], float] = {}
         self._sent_by_account: dict[str, list[float]] = {}
         self._lock = threading.Lock()
 
     def _due(self, recipient: str, fingerprint: str, kind: str) -> bool:
+        if self._ledger is not None:  # one answer for every worker process
+            return self._ledger.may_notify(
+                recipient, fingerprint, kind, time.time(), REPEAT_INTERVAL, self._max_per_account
+            )
         now = time.monotonic()
         with self._lock:
             last = self._last_sent.get((recipient, fingerprint, kind))
@@ -166,13 +225,7 @@ class Notifier:
         message["Date"] = formatdate(localtime=True)
         message["Message-ID"] = make_msgid(domain=self._hostname)
         message["Auto-Submitted"] = "auto-generated"
-        details = (
-            f"Account:     {notice.account}\n"
-            f"Device:      {notice.fingerprint or '(no client identity)'}"
-            f"{f' (type {notice.client_type})' if notice.client_type else ''}\n"
-            f"Network:     {notice.network}\n"
-            f"Time:        {formatdate(localtime=True)}\n\n"
-        )
+        details = self._details(notice)
         fields = {
             "account": notice.account,
             "fingerprint": notice.fingerprint,
@@ -185,26 +238,51 @@ class Notifier:
         self._maildirs.deliver_bytes(domain, localpart, message.as_bytes())
         return True
 
+    @staticmethod
+    def _details(notice: Notice) -> str:
+        """The facts above the explanation, one a line; an unknown one is left out."""
+        now = time.time()
+        first_seen = notice.first_seen
+        if first_seen is None and notice.kind == NEW_DEVICE_PENDING:
+            first_seen = now  # refused the first time it was seen
+        lines = [
+            f"Account:     {notice.account}",
+            f"Device:      {notice.fingerprint or '(no client identity)'}"
+            f"{f' (type {notice.client_type})' if notice.client_type else ''}",
+        ]
+        if first_seen is not None:
+            lines.append(f"First seen:  {formatdate(first_seen, localtime=True)}")
+        if notice.network:
+            lines.append(f"Network:     {notice.network}")
+        lines.append(f"Time:        {formatdate(now, localtime=True)}")
+        return "\n".join(lines) + "\n\n"
+
 
 class FailureCounter:
-    """Counts failures from unknown devices per account; says when to tell the holder."""
+    """Counts failures from unknown devices per account; says when to tell the holder,
+    and how many were wrong passwords and how many right ones on unapproved devices."""
 
-    def __init__(self, threshold: int, window: float = 3600.0) -> None:
+    def __init__(
+        self, threshold: int, window: float = HOUR, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.threshold = threshold
         self.window = window
-        self._failures: dict[str, list[float]] = {}
+        self._clock = clock
+        self._failures: dict[str, list[tuple[float, bool]]] = {}  # (time, password right)
         self._lock = threading.Lock()
 
-    def failed(self, account: str) -> bool:
-        """Note one failure; True each time the count in the window reaches the threshold."""
-        now = time.monotonic()
+    def failed(self, account: str, password_right: bool) -> FailureTally | None:
+        """Note one failure; the tally each time the count in the window reaches the
+        threshold (then counting starts afresh), else None."""
+        now = self._clock()
         with self._lock:
-            recent = [t for t in self._failures.get(account, []) if now - t < self.window]
-            recent.append(now)
+            recent = [f for f in self._failures.get(account, []) if now - f[0] < self.window]
+            recent.append((now, password_right))
             if len(recent) >= self.threshold:
                 self._failures.pop(account, None)
-                return True
+                right = sum(1 for _when, was_right in recent if was_right)
+                return FailureTally(len(recent) - right, right)
             self._failures[account] = recent
             if len(self._failures) > 100_000:  # bounded: forget the oldest accounts
                 self._failures.pop(next(iter(self._failures)))
-            return False
+            return None

@@ -35,6 +35,7 @@ from clientid_mta.devices.store import (
     IAuditStore,
     IBudgetStore,
     IDeviceRegistry,
+    INoticeLedger,
     ISendingCounts,
     ISharedDeviceStore,
     Sending,
@@ -45,6 +46,12 @@ from clientid_mta.devices.store import (
 )
 
 BUSY_TIMEOUT = 5.0  # seconds to wait for the database (locked by another process)
+# After a checkpoint the write-ahead log is cut back to this size, so a burst of writes
+# does not leave a large -wal file behind.
+JOURNAL_SIZE_LIMIT = 256 * 1024
+WAL_AUTOCHECKPOINT_PAGES = 128  # checkpoint at 512 KiB of log, not SQLite's 4 MiB
+VACUUM_PAGES = 2048  # free pages given back per compact() call (8 MiB at 4 KiB a page)
+_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -71,6 +78,23 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 CREATE INDEX IF NOT EXISTS audit_by_account ON audit (account, time);
+CREATE TABLE IF NOT EXISTS audit_counts (
+    minute      REAL NOT NULL,
+    network     TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    count       INTEGER NOT NULL,
+    UNIQUE (minute, network, fingerprint, outcome, reason)
+);
+CREATE TABLE IF NOT EXISTS notices_sent (
+    recipient   TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    sent        REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS notices_sent_by_recipient ON notices_sent (recipient, sent);
+CREATE INDEX IF NOT EXISTS notices_sent_by_time ON notices_sent (sent);
 CREATE TABLE IF NOT EXISTS throttle (
     key     TEXT PRIMARY KEY,
     tokens  REAL NOT NULL,
@@ -125,6 +149,8 @@ def _connect(path: Path, synchronous: str, busy_timeout: float) -> sqlite3.Conne
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={synchronous}")
+            db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         except BaseException:
             db.close()
             raise
@@ -138,6 +164,7 @@ def create_schema(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     db = _connect(path, "FULL", BUSY_TIMEOUT)
     try:
+        _use_incremental_vacuum(db)
         db.executescript(_SCHEMA)
         for table, column, definition in _ADDED_COLUMNS:
             present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
@@ -145,6 +172,17 @@ def create_schema(path: Path) -> None:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
     finally:
         db.close()
+
+
+def _use_incremental_vacuum(db: sqlite3.Connection) -> None:
+    """Let compact() shrink the file. A file made before needs one rebuild (VACUUM) to
+    switch; if another process holds the file now, the next start tries again."""
+    if db.execute("PRAGMA auto_vacuum").fetchone()[0] == _INCREMENTAL:
+        return
+    db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    if db.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
+        with contextlib.suppress(sqlite3.OperationalError):
+            db.execute("VACUUM")
 
 
 class _Repository:
@@ -319,6 +357,14 @@ class SQLiteDeviceRegistry(_Repository):
             return db.execute("DELETE FROM devices WHERE account=?", (account,)).rowcount
 
 
+# Attempts and count rows as one listing: a count row has no account.
+_AUDIT_LISTING = (
+    "SELECT time, account, fingerprint, network, outcome, reason, 1 AS count FROM audit"
+    " UNION ALL SELECT minute, '', fingerprint, network, outcome, reason, count"
+    " FROM audit_counts"
+)
+
+
 @implementer(IAuditStore)
 class SQLiteAuditStore(_Repository):
     def add_audit(self, entries: list[AuditEntry]) -> None:
@@ -331,9 +377,45 @@ class SQLiteAuditStore(_Repository):
                 ],
             )
 
+    def add_audit_counts(self, counts: list[AuditEntry]) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO audit_counts VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(minute,"
+                " network, fingerprint, outcome, reason) DO UPDATE SET count=count+excluded.count",
+                [(e.time, e.network, e.fingerprint, e.outcome, e.reason, e.count) for e in counts],
+            )
+
     def prune_audit(self, before: float) -> int:
+        with self._transaction() as db:
+            dropped = db.execute("DELETE FROM audit WHERE time < ?", (before,)).rowcount
+            return (
+                dropped
+                + db.execute("DELETE FROM audit_counts WHERE minute < ?", (before,)).rowcount
+            )
+
+    def trim_audit(self, max_entries: int) -> int:
+        dropped = 0
+        with self._transaction() as db:
+            # Rows are appended with ever larger rowids: those more than max_entries below
+            # the largest were written earlier than the max_entries kept (a look-up, no scan).
+            for table in ("audit", "audit_counts"):
+                # Only the two fixed table names above reach the SQL text.
+                (last,) = db.execute(f"SELECT max(rowid) FROM {table}").fetchone()  # noqa: S608
+                if last is not None and last > max_entries:
+                    dropped += db.execute(
+                        f"DELETE FROM {table} WHERE rowid <= ?",  # noqa: S608
+                        (last - max_entries,),
+                    ).rowcount
+        return dropped
+
+    def compact(self) -> None:
         with self._locked() as db:
-            return db.execute("DELETE FROM audit WHERE time < ?", (before,)).rowcount
+            # Through executescript: it steps the pragma to its end, and each step frees a
+            # page (execute() would free only the first).
+            db.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES});")
+            # PASSIVE never waits for other connections; the next write then starts the
+            # log afresh and cuts the file to JOURNAL_SIZE_LIMIT.
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def audit(
         self,
@@ -355,7 +437,10 @@ class SQLiteAuditStore(_Repository):
         if since is not None:
             where.append("time >= ?")
             args.append(since)
-        sql = f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY time DESC LIMIT ?"  # noqa: S608
+        sql = (
+            f"SELECT * FROM ({_AUDIT_LISTING}) WHERE {' AND '.join(where)}"  # noqa: S608
+            " ORDER BY time DESC LIMIT ?"
+        )
         with self._locked() as db:
             rows = db.execute(sql, (*args, limit)).fetchall()
         return [AuditEntry(**dict(row)) for row in reversed(rows)]
@@ -433,6 +518,45 @@ class SQLiteApprovalCodes(_Repository):
                 (now, code_hash, account, now),
             ).fetchone()
         return str(row[0]) if row else None
+
+    def prune_approval_codes(self, now: float) -> int:
+        with self._locked() as db:
+            return db.execute(
+                "DELETE FROM approval_codes WHERE used IS NOT NULL OR expires <= ?", (now,)
+            ).rowcount
+
+
+@implementer(INoticeLedger)
+class SQLiteNoticeLedger(_Repository):
+    # Rate-limit bookkeeping: losing the last second of it in a power cut costs at most a
+    # notice sent twice, not worth an fsync per notice.
+    synchronous = "NORMAL"
+
+    def may_notify(
+        self, recipient: str, fingerprint: str, kind: str, now: float, repeat: float, per_hour: int
+    ) -> bool:
+        with self._transaction() as db:
+            again = db.execute(
+                "SELECT 1 FROM notices_sent WHERE recipient=? AND fingerprint=? AND kind=?"
+                " AND sent > ? LIMIT 1",
+                (recipient, fingerprint, kind, now - repeat),
+            ).fetchone()
+            if again is not None:
+                return False
+            (sent,) = db.execute(
+                "SELECT COUNT(*) FROM notices_sent WHERE recipient=? AND sent > ?",
+                (recipient, now - 3600),
+            ).fetchone()
+            if sent >= per_hour:
+                return False
+            db.execute(
+                "INSERT INTO notices_sent VALUES (?, ?, ?, ?)", (recipient, fingerprint, kind, now)
+            )
+            return True
+
+    def prune_notices(self, before: float) -> int:
+        with self._locked() as db:
+            return db.execute("DELETE FROM notices_sent WHERE sent < ?", (before,)).rowcount
 
 
 @implementer(ISharedDeviceStore)
@@ -540,6 +664,7 @@ def open_sqlite_stores(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> Stores
             opened(SQLiteApprovalCodes(path, busy_timeout)),
             opened(SQLiteSharedDevices(path, busy_timeout)),
             opened(SQLiteSendingCounts(path, busy_timeout)),
+            opened(SQLiteNoticeLedger(path, busy_timeout)),
         )
         undo.pop_all()
     return stores

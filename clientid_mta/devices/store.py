@@ -1,15 +1,15 @@
 """The store as small interfaces, one per repository, and the values they hold.
 
-Devices (the registry), the audit log, failure budgets, approval codes and shared
-devices each have their own interface, so that a consumer depends on the one it uses
-and a backend (SQLite today, see sqlite_store.py; a shared database for a server farm
-later) implements them one by one. Kept apart from the password file, keyed by
+Devices (the registry), the audit log, failure budgets, approval codes, shared
+devices and the notices sent each have their own interface, so that a consumer depends
+on the one it uses and a backend (SQLite today, see sqlite_store.py; a shared database
+for a server farm later) implements them one by one. Kept apart from the password file, keyed by
 account (docs/conformance.md, row C15). Tokens are never stored: a row holds the HMAC
 device key (see clientid.device_key), and approval codes are kept as SHA-256 hashes.
 
 Every decision that must be atomic is one call, run by the backend in one transaction
 that other threads and processes cannot split (first-device trust, a budget take or
-refund, the shared-device count, the use of an approval code). Calls block; the
+refund, the shared-device count, the use of an approval code, a notice's turn). Calls block; the
 server runs them in threads, never on the reactor, the admin command directly.
 """
 
@@ -56,12 +56,16 @@ def parse_fingerprint(text: str) -> str:
 
 @dataclass(frozen=True)
 class AuditEntry:
+    """One AUTH attempt; or, with ``count``, that many alike within the minute at ``time``
+    (throttled attempts are kept so: a count per minute, network, device and reason)."""
+
     time: float
     account: str
     fingerprint: str
     network: str
     outcome: str
     reason: str
+    count: int = 1
 
 
 @dataclass(frozen=True)
@@ -155,13 +159,27 @@ class IDeviceRegistry(Interface):
 
 
 class IAuditStore(Interface):
-    """Every AUTH attempt, with its internal reason."""
+    """Every AUTH attempt, with its internal reason; throttled ones as counts per minute."""
 
     def add_audit(entries: list[AuditEntry]) -> None:
         """Append a batch."""
 
+    def add_audit_counts(counts: list[AuditEntry]) -> None:
+        """Add each entry's ``count`` to the row of its (time, network, fingerprint,
+        outcome, reason), created at 0 if missing (``time`` is the minute, ``account``
+        is not kept), in one transaction."""
+
     def prune_audit(before: float) -> int:
-        """Drop entries older than ``before``; returns how many."""
+        """Drop entries and counts older than ``before``; returns how many."""
+
+    def trim_audit(max_entries: int) -> int:
+        """Keep the ``max_entries`` latest written entries, and as many count rows; drop
+        the earlier ones. Returns how many were dropped."""
+
+    def compact() -> None:
+        """Give the pages freed by the drops back to the file system and keep the
+        journal small, a bounded amount of work per call (the whole file, not only
+        the audit)."""
 
     def audit(
         account: str | None = None,
@@ -169,8 +187,8 @@ class IAuditStore(Interface):
         since: float | None = None,
         limit: int = 1000,
     ) -> list[AuditEntry]:
-        """The newest ``limit`` entries matching (fingerprint: a prefix, BadFingerprint
-        unless hex), oldest first."""
+        """The newest ``limit`` entries and count rows matching (fingerprint: a prefix,
+        BadFingerprint unless hex; a count row has no account), oldest first."""
 
     def close() -> None:
         """Release the connection."""
@@ -213,6 +231,9 @@ class IApprovalCodes(Interface):
         """Mark the code used and return its device key, in one statement; None if unknown,
         used already, expired or of another account (a code works once)."""
 
+    def prune_approval_codes(now: float) -> int:
+        """Forget the codes used or expired by ``now``; returns how many."""
+
     def close() -> None:
         """Release the connection."""
 
@@ -234,6 +255,24 @@ class ISharedDeviceStore(Interface):
     def unflag(fingerprint: str) -> int:
         """Clear the flags (and the sightings) of the devices with this fingerprint prefix
         (BadFingerprint unless hex); returns how many flags."""
+
+    def close() -> None:
+        """Release the connection."""
+
+
+class INoticeLedger(Interface):
+    """The notices sent, shared by the worker processes, so that their caps hold for the
+    server as a whole rather than per process."""
+
+    def may_notify(
+        recipient: str, fingerprint: str, kind: str, now: float, repeat: float, per_hour: int
+    ) -> bool:
+        """May ``kind`` about ``fingerprint`` go to ``recipient`` now? Yes unless the same
+        went to them less than ``repeat`` seconds ago, or ``per_hour`` notices did within
+        the hour. A yes is recorded as a notice sent, in the same transaction."""
+
+    def prune_notices(before: float) -> int:
+        """Forget the notices sent before ``before``; returns how many."""
 
     def close() -> None:
         """Release the connection."""
@@ -273,6 +312,7 @@ class Stores:
     approval_codes: IApprovalCodes
     shared_devices: ISharedDeviceStore
     sending: ISendingCounts
+    notices: INoticeLedger
 
     def close(self) -> None:
         for repository in (
@@ -282,5 +322,6 @@ class Stores:
             self.approval_codes,
             self.shared_devices,
             self.sending,
+            self.notices,
         ):
             repository.close()

@@ -37,12 +37,11 @@ from clientid_mta.devices.policy import DevicePolicy
 from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.sharing import SharedDevices
 from clientid_mta.devices.sqlite_store import open_sqlite_stores
-from clientid_mta.devices.store import Stores
+from clientid_mta.devices.store import Device, Stores
 from clientid_mta.outbound.queue import QueueDir
 from clientid_mta.outbound.runner import LocalBounceTarget, QueueRunner
 from clientid_mta.outbound.submit import Outbound
 from clientid_mta.server.delivery import InFlight, ServedDelivery
-from clientid_mta.smtp.clientid import fingerprint
 from clientid_mta.smtp.limits import SessionLimits
 from clientid_mta.smtp.protocol import SubmissionFactory
 from clientid_mta.smtp.tls import ReloadableServerTLS, generate_self_signed, server_context
@@ -192,6 +191,7 @@ def _wire(
         config.postmaster,
         lambda address: passwords.get(address) is not None,
         config.alerts.max_per_account_per_hour,
+        store.notices,  # the caps hold for all worker processes together
     )
     approvals = Approvals(store.approval_codes, store.devices, config.approval.code_lifetime)
     policy = DevicePolicy(
@@ -204,8 +204,17 @@ def _wire(
         router.approval_address,
     )
 
-    def approved(account: str, device: str) -> None:  # in a thread, from ApprovalMessage
-        policy.notify(Notice(DEVICE_APPROVED, account, fingerprint(device), "", ""))
+    def approved(device: Device) -> None:  # in a thread, from ApprovalMessage
+        policy.notify(
+            Notice(
+                DEVICE_APPROVED,
+                device.account,
+                device.fingerprint,
+                device.type,
+                device.last_network,
+                first_seen=device.first_seen,
+            )
+        )
 
     router.approval_message = lambda account: ApprovalMessage(approvals, account, approved)
     throttle = Throttle(config.throttle)
@@ -213,7 +222,9 @@ def _wire(
     defences = Defences(
         throttle=throttle,
         sharing=SharedDevices(config.shared_devices, store.shared_devices),
-        audit=AuditLog(store.audit, config.audit.retention_days),
+        audit=AuditLog(
+            store.audit, config.audit.retention_days, config.audit.max_entries, server_key
+        ),
         failures=FailureCounter(config.alerts.unknown_failures),
         regions=_regions(config),
     )

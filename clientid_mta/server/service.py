@@ -86,7 +86,7 @@ class SubmissionService(service.MultiService):
         self._shared = False  # share_state: failure budgets in the store, for workers
         self.parts.workers.setServiceParent(self)
         self.parts.queue_runner.setServiceParent(self)
-        self.housekeeping = Housekeeping(self.reactor)
+        self.housekeeping = Housekeeping(self.reactor, config.audit.max_entries)
         self.housekeeping.setServiceParent(self)
         TmpSweeper(self.parts.maildirs, reactor=self.reactor).setServiceParent(self)
         self._started: defer.Deferred[None] = defer.Deferred()  # fired once serving
