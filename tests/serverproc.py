@@ -51,7 +51,10 @@ def free_ports(count: int) -> list[int]:
 
 
 def port_is_free(port: int) -> bool:
+    """Could a server listen on ``port`` now? With SO_REUSEADDR, as Twisted's listeners
+    bind: connections in TIME_WAIT (a closed session) do not hold a port, a listener does."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
