@@ -146,7 +146,7 @@ def test_queue_lock_is_exclusive_between_holders(tmp_path: Path) -> None:
 
 
 def test_queue_header_then_file_reads_in_any_chunk_size() -> None:
-    from clientid_mta.outbound.runner import HeaderThenFile
+    from clientid_mta.outbound.attempt import HeaderThenFile
 
     for size in (1, 3, 7, 64, -1):
         reader = HeaderThenFile(b"DKIM-Signature: x\r\n", io.BytesIO(b"Subject: y\n\nz\n"))

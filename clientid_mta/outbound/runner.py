@@ -1,31 +1,22 @@
-"""The queue runner: delivers queued mail, retries it, and bounces what cannot go.
+"""The queue runner: the schedule of the outbound queue.
 
 One process owns the queue (it holds the queue lock). Every second it picks up new
 entries and requests from ``clientid-mta queue``, then starts a delivery for each
 entry with recipients that are due: one connection per destination (the smarthost,
 or a recipient domain's MX), within ``max_connections`` overall and
-``max_per_destination`` per destination. Results per recipient:
-
-- 2xx: delivered;
-- 5xx, a domain that cannot receive mail, or a temporary failure past
-  ``max_queue_time``: failed, and a DSN goes to the sender (never to ``<>``);
-- 4xx, or no server could be reached: retried after the next step of
-  ``retry_schedule``.
-
-Every change of state is saved (fsynced) before the next step depends on it. The
-one unavoidable window: the peer accepted the message and we are killed before
-saving that; the restart then delivers it again (RFC 5321 6.1 prefers that to loss).
+``max_per_destination`` per destination, up to BATCH entries per connection. The
+attempt itself (read, route, send, each recipient's result, bounces and delay
+notices) is ``attempt.py``; the runner decides when, retries a failed save on a
+back-off, and never spins on an entry that keeps failing.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from twisted.application import service
 from twisted.internet import defer, task, threads
@@ -34,11 +25,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from clientid_mta.config import Config
-from clientid_mta.outbound import bounces as dsn
+from clientid_mta.outbound.attempt import Attempts, LocalBounceTarget, Send
 from clientid_mta.outbound.queue import (
-    BOUNCED,
-    DELIVERED,
-    FAILED,
     PENDING,
     AdminBounce,
     Envelope,
@@ -47,19 +35,13 @@ from clientid_mta.outbound.queue import (
     flush,
     give_up,
 )
-from clientid_mta.outbound.routing import Hop, RouteFailed, Router
-
-if TYPE_CHECKING:
-    from clientid_mta.client import submit as client
+from clientid_mta.outbound.routing import Router
 
 log = Logger()
 
 T = TypeVar("T")
 
 BATCH = 20  # queue entries sent over one connection to one destination
-# Queued messages are read into memory (in a thread) before a connection sends them;
-# a batch stops growing at this many bytes, so a connection holds at most about this.
-BATCH_BYTES = 32 * 1024 * 1024
 # After a failed save (full disk...), the entry waits this long before the next try,
 # doubling up to the maximum: a broken disk costs a few tries a minute, not thousands.
 CONCLUDE_RETRY_FIRST = 1.0
@@ -71,45 +53,11 @@ def conclude_retry_delay(failures: int) -> float:
     return min(CONCLUDE_RETRY_MAX, CONCLUDE_RETRY_FIRST * 2 ** min(failures - 1, 30))
 
 
-_STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
-
-
-def enhanced_status(code: int, text: str) -> str:
-    """The enhanced status code of a reply, or the generic one for its class."""
-    match = _STATUS.match(text)
-    return match.group(0) if match else f"{code // 100}.0.0"
-
-
-def as_file(message: HeaderThenFile) -> BinaryIO:
-    return cast(BinaryIO, message)  # it has the read() the client uses
-
-
-class HeaderThenFile:
-    """A file-like reader: the DKIM header, then the stored message."""
-
-    def __init__(self, header: bytes, handle: IO[bytes]) -> None:
-        self._header = header
-        self._handle = handle
-
-    def read(self, size: int = -1) -> bytes:
-        if self._header:
-            if size < 0:
-                data, self._header = self._header + self._handle.read(), b""
-                return data
-            data, self._header = self._header[:size], self._header[size:]
-            return data
-        return self._handle.read(size)
-
-    def close(self) -> None:
-        self._handle.close()
-
-
 @dataclass
 class Entry:
     envelope: Envelope
     busy: bool = False
     deleted: bool = False
-    unsaved: bool = False  # the last save failed: try it again before anything else
     conclude_failures: int = 0  # failed conclusions in a row (saving, bouncing, removing)
     retry_at: float = 0.0  # after a failed conclusion: not touched again before this
 
@@ -141,15 +89,6 @@ class Trouble:
 
 
 @dataclass
-class Loaded:
-    """What one delivery sends, read in a thread: the CA file (PEM) and each message."""
-
-    trust_roots: bytes | None = None
-    messages: dict[str, bytes | OSError] = field(default_factory=dict)
-    size: int = 0
-
-
-@dataclass
 class Recovered:
     """What ``QueueRunner.recover`` found on disk (read in a thread)."""
 
@@ -160,22 +99,10 @@ class Recovered:
     corrupt: list[str] = field(default_factory=list)
 
 
-@dataclass
-class LocalBounceTarget:
-    """How the runner hands a DSN to a local sender: ``deliver(address, data)`` returns
-    False when the address is local but has no mailbox."""
-
-    is_local: Callable[[str], bool]
-    deliver: Callable[[str, bytes], bool]
-
-
-# client.send_messages: one result list, or the ConnectionFailed, per transaction
-Send = Callable[..., "defer.Deferred[list[list[client.RecipientResult] | client.ConnectionFailed]]"]
-
-
 class QueueRunner(service.Service):
     """``reactor`` (default: the global one) gives the clock, the connections and the
-    threads; tests pass a fake one."""
+    threads; tests pass a fake one. ``attempts`` makes each delivery attempt and its
+    conclusion; ``send`` (default: ``client.send_messages``) is what it sends with."""
 
     name = "queue"
 
@@ -196,7 +123,6 @@ class QueueRunner(service.Service):
         self.relay = config.relay
         self.settings = config.queue_config
         self.queue = queue
-        self.local = local
         self.router = router or Router(config.relay)
         self.reactor = reactor
         self.clock: IReactorTime = reactor
@@ -204,7 +130,9 @@ class QueueRunner(service.Service):
             from clientid_mta.client.submit import send_messages
 
             send = send_messages
-        self.send: Send = send
+        self.attempts = Attempts(
+            config, queue, local, self.router, reactor=reactor, send=send, enqueued=self.add
+        )
         self.tick_interval = tick_interval
         self.entries: dict[str, Entry] = {}
         self.active = 0
@@ -215,9 +143,17 @@ class QueueRunner(service.Service):
         self._recovery: defer.Deferred[None] | None = None
         self._recovery_failure: Failure | None = None
         self._scanning = False
-        self._password = ""
         self.scan_trouble = Trouble("scanning the queue")
         self.conclude_trouble = Trouble("saving queue entries")
+
+    @property
+    def send(self) -> Send:
+        """How an attempt sends (``client.send_messages``); a test may replace it."""
+        return self.attempts.send
+
+    @send.setter
+    def send(self, send: Send) -> None:
+        self.attempts.send = send
 
     def _in_thread(self, function: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         pool = cast(IReactorThreads, self.reactor).getThreadPool()
@@ -259,7 +195,7 @@ class QueueRunner(service.Service):
         return Recovered(password, lock_fd, removed, envelopes, corrupt)
 
     def _resume(self, found: Recovered) -> None:
-        self._password = found.password
+        self.attempts.password = found.password
         if found.lock_fd is None:
             log.info("queue {dir} is run by another process", dir=str(self.queue.root))
             return
@@ -382,7 +318,6 @@ class QueueRunner(service.Service):
                 if (
                     entry.conclude_failures
                     or entry.deleted
-                    or entry.unsaved
                     or envelope.owed_bounces()
                     or envelope.done
                 ):
@@ -457,320 +392,26 @@ class QueueRunner(service.Service):
         else:
             del self.active_per_destination[destination]
 
-    # --- one connection to one destination ------------------------------------------
+    # --- the attempt (attempt.py) and its conclusion --------------------------------
 
     async def _deliver(self, destination: str, batch: list[tuple[Entry, list[Recipient]]]) -> None:
+        """One attempt of ``batch``, holding a connection slot of ``destination``."""
+
+        def set_aside(envelope: Envelope) -> None:
+            # Not read (the batch reached its size cap): free for a later batch at once,
+            # and out of this batch so that it is not concluded.
+            for item in batch:
+                if item[0].envelope is envelope:
+                    batch.remove(item)
+                    item[0].busy = False
+                    return
+
+        due = [(entry.envelope, recipients) for entry, recipients in batch]
         try:
-            await self._try_hops(destination, batch)
+            await self.attempts.deliver(destination, due, set_aside)
         finally:
             self._free_slot(destination)
 
-    async def _try_hops(self, destination: str, batch: list[tuple[Entry, list[Recipient]]]) -> None:
-        now = self.clock.seconds()
-        try:
-            hops = await self.router.hops(destination)
-        except RouteFailed as problem:
-            for entry, due in batch:
-                for recipient in due:
-                    self._temporary_or_final(
-                        entry.envelope,
-                        recipient,
-                        now,
-                        str(problem),
-                        problem.status,
-                        problem.permanent,
-                    )
-            return
-        from clientid_mta.client.submit import ConnectionFailed
-
-        loaded = await self._in_thread(self._read_batch, [e.envelope.id for e, _ in batch])
-        left = self._readable(batch, loaded)
-        problem_text = "no mail server to try"
-        for hop in hops:
-            try:
-                outcomes = await self._send(hop, left, loaded)
-            except ConnectionFailed as problem:
-                outcomes = [problem] * len(left)
-            now = self.clock.seconds()
-            retry = []
-            for (entry, due), outcome in zip(left, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    problem_text = f"{hop.name}[{hop.address}]:{hop.port}: {outcome}"
-                    retry.append((entry, due))
-                else:
-                    self._record(entry.envelope, due, outcome, hop.name, now)
-            if retry:
-                log.info("queue: {problem}", problem=problem_text)
-            left = retry
-            if not left:
-                return
-        for entry, due in left:
-            for recipient in due:
-                self._temporary_or_final(
-                    entry.envelope, recipient, now, problem_text, "4.4.1", False
-                )
-
-    def _record(
-        self,
-        envelope: Envelope,
-        due: list[Recipient],
-        results: list[client.RecipientResult],
-        relay_name: str,
-        now: float,
-    ) -> None:
-        by_address = {r.address: r for r in results}
-        for recipient in due:
-            result = by_address[recipient.address]
-            recipient.remote_mta = relay_name
-            text = f"{result.code} {result.text}"
-            status = enhanced_status(result.code, result.text)
-            if result.delivered:
-                recipient.state, recipient.status, recipient.last_error = DELIVERED, status, ""
-                recipient.last_attempt = now
-                log.info(
-                    "queue {id}: delivered to <{rcpt}> via {relay}: {reply}",
-                    id=envelope.id,
-                    rcpt=recipient.address,
-                    relay=relay_name,
-                    reply=text,
-                )
-            else:
-                self._temporary_or_final(envelope, recipient, now, text, status, result.permanent)
-
-    def _read_batch(self, queue_ids: list[str]) -> Loaded:
-        """The CA file and the queued messages, read in a thread (the client reads its
-        message on the reactor). Stops at BATCH_BYTES; an unreadable one is its error."""
-        loaded = Loaded()
-        if self.relay.ca_file is not None:
-            loaded.trust_roots = self.relay.ca_file.read_bytes()
-        for queue_id in queue_ids:
-            if loaded.size >= BATCH_BYTES:
-                break
-            try:
-                with self.queue.open_message(queue_id) as handle:
-                    data = handle.read()
-            except OSError as problem:
-                loaded.messages[queue_id] = problem
-                continue
-            loaded.messages[queue_id] = data
-            loaded.size += len(data)
-        return loaded
-
-    def _readable(
-        self, batch: list[tuple[Entry, list[Recipient]]], loaded: Loaded
-    ) -> list[tuple[Entry, list[Recipient]]]:
-        """What of ``batch`` can be sent. Entries left out for size are handed back
-        untouched (taken out of ``batch``, so not concluded); unreadable ones are
-        deferred like a temporary failure."""
-        now = self.clock.seconds()
-        sendable = []
-        for item in list(batch):
-            entry, due = item
-            data = loaded.messages.get(entry.envelope.id)
-            if data is None:
-                batch.remove(item)
-                entry.busy = False
-            elif isinstance(data, OSError):
-                log.error(
-                    "queue {id}: cannot read the message: {problem}",
-                    id=entry.envelope.id,
-                    problem=str(data),
-                )
-                for recipient in due:
-                    recipient.defer(
-                        now, "cannot read the queued message", "4.3.0", self.settings.retry_schedule
-                    )
-            else:
-                sendable.append(item)
-        return sendable
-
-    async def _send(
-        self, hop: Hop, batch: list[tuple[Entry, list[Recipient]]], loaded: Loaded
-    ) -> list[list[client.RecipientResult] | Exception]:
-        """One connection to ``hop`` for the whole batch: a result list, or the
-        ConnectionFailed that stopped it, per entry."""
-        from clientid_mta.client.submit import ConnectionFailed, Transaction
-
-        if not batch:
-            return []
-        relay = self.relay
-        smarthost = relay.smarthost_address is not None
-        if smarthost and hop.port == 465:
-            tls = "implicit"
-        else:
-            tls = "starttls" if relay.tls == "required" else "opportunistic"
-        options: dict[str, Any] = {
-            "tls": tls,
-            "tls_hostname": hop.name,
-            "trust_roots": loaded.trust_roots,
-            "username": (relay.username or None) if smarthost else None,
-            "password": (self._password or None) if smarthost else None,
-            "client_id": (relay.client_id_type, relay.client_id)
-            if smarthost and relay.client_id
-            else None,
-            "helo": relay.helo_name or self.config.server.hostname,
-            "timeout": relay.command_timeout,
-            "connect_timeout": relay.connect_timeout,
-            "reactor": self.reactor,
-        }
-        transactions = [
-            Transaction(
-                entry.envelope.sender,
-                [r.address for r in due],
-                as_file(
-                    HeaderThenFile(
-                        entry.envelope.dkim_header.encode("ascii"),
-                        io.BytesIO(cast(bytes, loaded.messages[entry.envelope.id])),
-                    )
-                ),
-            )
-            for entry, due in batch
-        ]
-        try:
-            sent = await self.send(hop.address, hop.port, transactions, **options)
-            outcomes: list[list[client.RecipientResult] | Exception] = list(sent)
-        except ConnectionFailed as problem:
-            outcomes = [problem] * len(batch)
-        return outcomes
-
-    def _temporary_or_final(
-        self,
-        envelope: Envelope,
-        recipient: Recipient,
-        now: float,
-        error: str,
-        status: str,
-        permanent: bool,
-    ) -> None:
-        if permanent:
-            recipient.state, recipient.status, recipient.last_error = FAILED, status, error
-            recipient.last_attempt = now
-            recipient.attempts += 1
-            log.info(
-                "queue {id}: <{rcpt}> failed: {error}",
-                id=envelope.id,
-                rcpt=recipient.address,
-                error=error,
-            )
-            return
-        recipient.defer(now, error, status, self.settings.retry_schedule)
-        if now - envelope.arrival >= self.settings.max_queue_time:
-            give_up([recipient], "4.4.7", f"delivery time expired; last error: {error}")
-            log.info("queue {id}: <{rcpt}> expired", id=envelope.id, rcpt=recipient.address)
-        else:
-            log.info(
-                "queue {id}: <{rcpt}> deferred (attempt {n}, next in {wait:.0f} s): {error}",
-                id=envelope.id,
-                rcpt=recipient.address,
-                n=recipient.attempts,
-                wait=recipient.next_attempt - now,
-                error=error,
-            )
-
-    # --- after an attempt: save, bounce, notice, remove ------------------------------
-
     async def _after_attempts(self, entry: Entry) -> None:
-        envelope = entry.envelope
-        if entry.deleted:
-            await self._in_thread(self.queue.remove, envelope.id)
-            self.entries.pop(envelope.id, None)
-            return
-        now = self.clock.seconds()
-        if envelope.done:  # all delivered: removing it is the only save needed
-            await self._in_thread(self.queue.remove, envelope.id)
-            self.entries.pop(envelope.id, None)
-            log.info("queue {id}: done", id=envelope.id)
-            return
-        entry.unsaved = True
-        await self._in_thread(self.queue.save, envelope)
-        entry.unsaved = False
-        owed = envelope.owed_bounces()
-        if owed:
-            await self._notify_sender(envelope, owed, "failed")
-            for recipient in owed:
-                recipient.state = BOUNCED
-            await self._in_thread(self.queue.save, envelope)
-        elif self._delay_notice_due(envelope, now):
-            await self._notify_sender(envelope, envelope.pending(), "delayed")
-            envelope.delay_notice_sent = True
-            await self._in_thread(self.queue.save, envelope)
-        if envelope.done:
-            await self._in_thread(self.queue.remove, envelope.id)
-            self.entries.pop(envelope.id, None)
-            log.info("queue {id}: done", id=envelope.id)
-
-    def _delay_notice_due(self, envelope: Envelope, now: float) -> bool:
-        after = self.settings.delay_notice_after
-        return bool(
-            after
-            and not envelope.delay_notice_sent
-            and envelope.pending()
-            and now - envelope.arrival >= after
-        )
-
-    async def _notify_sender(
-        self, envelope: Envelope, recipients: list[Recipient], action: str
-    ) -> None:
-        """A DSN to the envelope sender: into its Maildir, or queued if it is remote."""
-        if not dsn.is_bounce_candidate(envelope.sender):
-            log.info("queue {id}: null sender, no {action} notice", id=envelope.id, action=action)
-            return
-        report = [
-            dsn.FailedRecipient(
-                address=r.address,
-                status=r.status or ("4.0.0" if action == "delayed" else "5.0.0"),
-                diagnostic=r.last_error,
-                remote_mta=r.remote_mta,
-                last_attempt=r.last_attempt,
-            )
-            for r in recipients
-        ]
-        new_entry = await self._in_thread(self._store_notice, envelope, report, action)
-        if new_entry is not None:
-            self.add(new_entry)
-
-    def _store_notice(
-        self, envelope: Envelope, report: list[dsn.FailedRecipient], action: str
-    ) -> Envelope | None:
-        with self.queue.open_message(envelope.id) as original:
-            data = dsn.build_dsn(
-                reporting_mta=self.config.server.hostname,
-                postmaster="",
-                original_sender=envelope.sender,
-                queue_id=envelope.id,
-                arrival=envelope.arrival,
-                recipients=report,
-                original=original,
-                action=action,
-                now=time.time(),
-                retry_until=envelope.arrival + self.settings.max_queue_time,
-            )
-        sender = envelope.sender
-        if self.local.is_local(sender.rpartition("@")[2]):
-            if not self.local.deliver(sender, data):
-                log.warn(
-                    "queue {id}: {action} notice dropped: local sender <{sender}> has no mailbox",
-                    id=envelope.id,
-                    action=action,
-                    sender=sender,
-                )
-            return None
-        return enqueue_bytes(self.queue, "", [sender], data)
-
-
-def enqueue_bytes(queue: QueueDir, sender: str, recipients: list[str], data: bytes) -> Envelope:
-    """Queue a message we wrote ourselves (a DSN). Blocking."""
-    writer = queue.new_message()
-    try:
-        writer.write(data)
-        envelope = Envelope(
-            id=writer.id,
-            sender=sender,
-            arrival=time.time(),
-            recipients=[Recipient(address) for address in recipients],
-        )
-        writer.commit(envelope)
-    except BaseException:
-        writer.abort()
-        raise
-    return envelope
+        if await self.attempts.conclude(entry.envelope, deleted=entry.deleted):
+            self.entries.pop(entry.envelope.id, None)
