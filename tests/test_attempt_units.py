@@ -15,7 +15,7 @@ import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from clientid_mta.client.submit import ConnectionFailed, RecipientResult
+from clientid_mta.client import ConnectionFailed, RecipientResult
 from clientid_mta.outbound import attempt as attempt_module
 from clientid_mta.outbound.attempt import (
     Attempts,

@@ -17,7 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from clientid_mta.client.submit import ConnectionFailed, RecipientResult
+from clientid_mta.client import ConnectionFailed, RecipientResult
 from clientid_mta.config import Config, load_config
 from clientid_mta.outbound.queue import Envelope, QueueDir, Recipient
 from clientid_mta.outbound.runner import (

@@ -47,7 +47,7 @@ from clientid_mta.outbound.queue import (
 from clientid_mta.outbound.routing import Hop, RouteFailed, Router
 
 if TYPE_CHECKING:
-    from clientid_mta.client import submit as client
+    import clientid_mta.client as client
 
 log = Logger()
 
@@ -179,7 +179,7 @@ class Attempts:
                         envelope, recipient, now, str(problem), problem.status, problem.permanent
                     )
             return
-        from clientid_mta.client.submit import ConnectionFailed
+        from clientid_mta.client import ConnectionFailed
 
         loaded = await self._in_thread(self._read_batch, [envelope.id for envelope, _ in batch])
         left = self._readable(batch, loaded, set_aside)
@@ -283,7 +283,7 @@ class Attempts:
     ) -> list[list[client.RecipientResult] | Exception]:
         """One connection to ``hop`` for the whole batch: a result list, or the
         ConnectionFailed that stopped it, per entry."""
-        from clientid_mta.client.submit import ConnectionFailed, Transaction
+        from clientid_mta.client import ConnectionFailed, Transaction
 
         if not batch:
             return []

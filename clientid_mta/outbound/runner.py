@@ -127,7 +127,7 @@ class QueueRunner(service.Service):
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         if send is None:
-            from clientid_mta.client.submit import send_messages
+            from clientid_mta.client import send_messages
 
             send = send_messages
         self.attempts = Attempts(
