@@ -199,6 +199,17 @@ class IBudgetStore(Interface):
     def load() -> list[tuple[str, float, float]]:
         """Every row: (key, tokens, updated)."""
 
+    def trusted_device_keys() -> set[str]:
+        """The keys of the devices some account trusts: the ones that earn a budget of
+        their own (an attacker cannot mint them without an account's consent)."""
+
+    def record_login_network(account: str, network: str, now: float, keep: float) -> None:
+        """The account logged in from ``network`` at ``now``, in one transaction; rows
+        older than ``keep`` seconds are forgotten in the same call."""
+
+    def login_networks(since: float) -> list[tuple[str, str]]:
+        """(account, network) of every successful login since ``since``."""
+
     def close() -> None:
         """Release the connection."""
 

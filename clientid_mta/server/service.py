@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from clientid_mta.auth.budgets import Throttle
 from clientid_mta.auth.checker import ClientIdChecker, Defences
 from clientid_mta.auth.credentials import IClientIdUsernamePassword
+from clientid_mta.auth.known_clients import KnownClients
 from clientid_mta.auth.passwd_file import PasswdFile
 from clientid_mta.auth.realm import build_portal
 from clientid_mta.auth.threads import AuthWorkers
@@ -66,6 +67,7 @@ HOUSEKEEPING_INTERVAL = 1.0  # seconds between audit flushes
 # commits, few enough to keep memory small.
 DISK_THREADS = 16
 THROTTLE_SAVE_TICKS = 10  # save the throttle state every this many flushes
+KNOWN_REFRESH_TICKS = 5  # re-read the trusted devices and usual networks this often
 
 
 @dataclass
@@ -125,8 +127,10 @@ def build_components(config: Config) -> Components:
         config.alerts.max_per_account_per_hour,
     )
     approvals = Approvals(store.approval_codes, store.devices, config.approval.code_lifetime)
+    known = KnownClients(store.budgets, config.throttle.usual_network_days)
 
     def approved(account: str, device: str) -> None:  # in a thread, from ApprovalMessage
+        known.trusted(device)
         notice = Notice(DEVICE_APPROVED, account, fingerprint(device), "", "")
         policy.notify(notice)
 
@@ -161,6 +165,7 @@ def build_components(config: Config) -> Components:
         audit=AuditLog(store.audit, config.audit.retention_days),
         failures=FailureCounter(config.alerts.unknown_failures),
         regions=regions,
+        known=known,
     )
 
     def deliver_notice(address: str, data: bytes) -> bool:  # in a thread, from the runner
@@ -300,6 +305,8 @@ class SubmissionService(service.MultiService):
         if defences.audit is not None:
             defences.audit.flush()
         self._ticks += 1
+        if defences.known is not None and self._ticks % KNOWN_REFRESH_TICKS == 0:
+            defences.known.refresh()
         throttle = defences.throttle
         if throttle is not None and (final or self._ticks % THROTTLE_SAVE_TICKS == 0):
             if throttle.shared:
@@ -357,6 +364,10 @@ class SubmissionService(service.MultiService):
         threaded: IReactorThreads = reactor  # type: ignore[assignment]
         threaded.suggestThreadPoolSize(DISK_THREADS)
         self.components.queue_runner.startService()
+        known = self.components.defences.known
+        if known is not None:  # which devices and networks have budgets of their own
+            loaded = threads.deferToThread(known.refresh)
+            loaded.addErrback(self._housekeeping_failed)
         self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
         self._install_sighup()
         admin = "clientid-mta" + (f" --config {config.source}" if config.source else "")
