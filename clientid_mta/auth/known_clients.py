@@ -41,7 +41,7 @@ class KnownClients:
         self._clock = clock
         self._lock = threading.Lock()
         self._devices: frozenset[str] = frozenset()
-        self._usual: frozenset[tuple[str, str]] = frozenset()
+        self._usual: dict[tuple[str, str], float] = {}  # -> the last login the store had
         # Added while a refresh reads the store: kept over its swap, since the read may
         # have started before they were committed.
         self._added_devices: set[str] = set()
@@ -65,8 +65,11 @@ class KnownClients:
     def logged_in(self, account: str, network: str) -> None:
         """A successful login: remembered in the store (shared with the other processes),
         then here. Blocking: call it in a thread."""
+        pair, now = (account, network), self._clock()
+        if pair in self._added_usual or self._usual.get(pair, 0.0) > now - DAY:
+            return  # recorded lately: a day more or less does not matter over the window
         if self._store is not None:
-            self._store.record_login_network(account, network, self._clock(), self.usual_window)
+            self._store.record_login_network(account, network, now, self.usual_window)
         with self._lock:
             if len(self._added_usual) < MAX_USUAL:
                 self._added_usual.add((account, network))
@@ -81,7 +84,7 @@ class KnownClients:
         usual = self._store.login_networks(self._clock() - self.usual_window)[:MAX_USUAL]
         with self._lock:
             self._devices = frozenset(devices)
-            self._usual = frozenset(usual)
+            self._usual = {(account, network): when for account, network, when in usual}
             # What was added before the read started is in what was read (or was revoked
             # since); what was added during the read is kept until the next refresh.
             self._added_devices -= added_devices

@@ -441,12 +441,14 @@ class SQLiteBudgetStore(_Repository):
         with self._transaction() as db:
             _refresh_recent(db, "login_networks", (account, network, now), keep)
 
-    def login_networks(self, since: float) -> list[tuple[str, str]]:
+    def login_networks(self, since: float) -> list[tuple[str, str, float]]:
         with self._locked() as db:
             rows = db.execute(
-                "SELECT account, network FROM login_networks WHERE last_login >= ?", (since,)
+                "SELECT account, network, last_login FROM login_networks WHERE last_login >= ?"
+                " ORDER BY last_login DESC",
+                (since,),
             )
-            return [(str(account), str(network)) for account, network in rows]
+            return [(str(account), str(network), float(when)) for account, network, when in rows]
 
 
 @implementer(IApprovalCodes)

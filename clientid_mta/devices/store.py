@@ -207,8 +207,9 @@ class IBudgetStore(Interface):
         """The account logged in from ``network`` at ``now``, in one transaction; rows
         older than ``keep`` seconds are forgotten in the same call."""
 
-    def login_networks(since: float) -> list[tuple[str, str]]:
-        """(account, network) of every successful login since ``since``."""
+    def login_networks(since: float) -> list[tuple[str, str, float]]:
+        """(account, network, last login) of every network an account logged in from
+        since ``since``."""
 
     def close() -> None:
         """Release the connection."""
