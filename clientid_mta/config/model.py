@@ -174,9 +174,11 @@ class ThrottleConfig:
     action: str = field(default="454", metadata=setting(check=checks.one_of("454", "421")))
     device_burst: int = 10
     device_refill: int = 60
-    network_burst: int = 20
-    network_refill: int = 10
-    network_checks: int = 4
+    # Sized in the README ([throttle]): newcomers behind one CGNAT address vs. argon2id CPU.
+    network_burst: int = 10
+    network_refill: int = 30
+    # Below the four auth threads, so that one network never holds them all.
+    network_checks: int = 2
     usual_network_days: int = 30
     account_unknown_burst: int = 20
     account_unknown_refill: int = 30
