@@ -296,3 +296,24 @@ def test_m2_auth_login_after_auth_plain_with_the_same_credentials_counts_once(
     wire.close()
     # Two failures spent two of bob's budget of 3, not three.
     assert attempt(server, new_token(), BOB, BOB_PW) == ACCEPTED
+
+
+def test_m2_the_protocol_counts_a_retry_of_failed_credentials_once() -> None:
+    """StringTransport: PLAIN, then LOGIN, then PLAIN again with the same wrong password
+    are one failure of the session's three; two other passwords end it."""
+    from tests.test_protocol_units import AUTH_REFUSED, HOST, USER, Session, b64, plain
+
+    session = Session()
+    session.starttls()
+    session.cmd("EHLO client.example")
+    assert session.cmd(f"AUTH PLAIN {plain(password='stale')}") == [AUTH_REFUSED]
+    assert session.cmd("AUTH LOGIN")[0].startswith("334 ")
+    assert session.cmd(b64(USER))[0].startswith("334 ")
+    assert session.cmd(b64("stale")) == [AUTH_REFUSED]
+    assert session.cmd(f"AUTH PLAIN {plain(password='stale')}") == [AUTH_REFUSED]
+    assert session.protocol.auth_failures == 1
+    assert session.cmd(f"AUTH PLAIN {plain(password='other')}") == [AUTH_REFUSED]
+    assert session.cmd(f"AUTH PLAIN {plain(password='third')}") == [
+        AUTH_REFUSED,
+        f"421 4.7.0 {HOST} Error: too many failed authentications",
+    ]
