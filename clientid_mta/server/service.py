@@ -305,14 +305,14 @@ class SubmissionService(service.MultiService):
         if defences.audit is not None:
             defences.audit.flush()
         self._ticks += 1
-        if defences.known is not None and self._ticks % KNOWN_REFRESH_TICKS == 0:
-            defences.known.refresh()
         throttle = defences.throttle
         if throttle is not None and (final or self._ticks % THROTTLE_SAVE_TICKS == 0):
             if throttle.shared:
                 throttle.prune_shared()
             else:
                 self.components.store.budgets.save(throttle.snapshot())
+        if defences.known is not None and not final and self._ticks % KNOWN_REFRESH_TICKS == 0:
+            defences.known.refresh()
 
     def _tick(self) -> defer.Deferred[None] | None:
         checker = self.components.checker
