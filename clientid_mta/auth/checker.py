@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from clientid_mta.auth.budgets import Throttle, account_key_for, source_key_for
+from clientid_mta.auth.budgets import PendingChecks, Throttle, account_key_for, source_key_for
 from clientid_mta.auth.cache import AuthCache
 from clientid_mta.auth.credentials import (
     AuthUnavailable,
@@ -92,6 +92,12 @@ def _unavailable(failure: Failure) -> Failure:
     return failure
 
 
+def _left(result: Any, pending: PendingChecks, network: str) -> Any:
+    """A check of the network's is done (whatever its result): one more may wait."""
+    pending.leave(network)
+    return result
+
+
 @implementer(ICredentialsChecker)
 class ClientIdChecker:
     """Password hash AND device policy AND the abuse defences.
@@ -156,18 +162,13 @@ class ClientIdChecker:
         # Strangers (the "net:" budget) wait for a thread a bounded number at a time, so
         # that one network cannot queue enough checks to delay everyone's logins.
         network = attempt.where.network
-        bounded = throttle is not None and throttle.enabled and attempt.source_key[:4] == "net:"
-        if bounded and throttle is not None and not throttle.pending.enter(network):
+        stranger = attempt.source_key.startswith("net:")
+        pending = throttle.pending if throttle is not None and throttle.enabled else None
+        if pending is not None and stranger and not pending.enter(network):
             return self._refuse_now(NETWORK_BUSY, attempt, creds)
         checked = self.run_in_thread(self._check, attempt, creds.password)
-        if bounded and throttle is not None:
-            pending = throttle.pending
-
-            def left(result: Any) -> Any:
-                pending.leave(network)
-                return result
-
-            checked.addBoth(left)
+        if pending is not None and stranger:
+            checked.addBoth(_left, pending, network)
         checked.addErrback(_unavailable)
         return checked.addCallback(self._conclude, attempt, creds)
 
