@@ -154,25 +154,33 @@ def stranger(host: str) -> ClientIdUsernamePassword:
 
 
 def test_h2_waiting_checks_per_network_are_bounded(tmp_path: Path) -> None:
-    checker, trips = fake_checker(tmp_path, ThrottleConfig(network_checks=2))
-    waiting = [checker.requestAvatarId(stranger(flood_source(n))) for n in range(2)]
-    assert len(trips) == 2
+    checker, trips = fake_checker(tmp_path, ThrottleConfig(network_checks=3))
+    waiting = [checker.requestAvatarId(stranger(flood_source(n))) for n in range(3)]
+    assert len(trips) == 2  # the strangers' two threads; the third waits its turn
 
     refused = checker.requestAvatarId(stranger("127.0.0.14"))
     assert len(trips) == 2  # no thread, so no hash: refused at once
-    failure = refused.result
-    assert failure.check(LoginThrottled)
+    assert refused.result.check(LoginThrottled)
     refused.addErrback(lambda _: None)
-    # Another network is not held up by this one.
+    # Another network is not refused for this one's sake; it waits for the lane too.
     other = checker.requestAvatarId(stranger("127.0.9.1"))
+    assert len(trips) == 2 and not other.called
+
+    # A device an account trusts does not wait behind the strangers.
+    token = new_token()
+    assert checker.defences.known is not None
+    checker.defences.known.trusted(checker.policy.key_of(ClientIdentity("UUID", token)))
+    own = ClientIdUsernamePassword(
+        ALICE, ALICE_PW, ClientIdentity("UUID", token), IPv4Address("TCP", "127.0.0.2", 1)
+    )
+    checker.requestAvatarId(own).addErrback(lambda _: None)
     assert len(trips) == 3
 
-    # One check done: the network may queue one more.
+    # One stranger's check done: the next waiting one gets its thread.
     trips[0].errback(cred_error.UnauthorizedLogin())
-    for pending in (waiting[0], other):
-        pending.addErrback(lambda _: None)
-    checker.requestAvatarId(stranger("127.0.0.15")).addErrback(lambda _: None)
     assert len(trips) == 4
+    for pending in (*waiting, other):
+        pending.addErrback(lambda _: None)
 
 
 def test_pending_checks_count_per_network() -> None:

@@ -42,6 +42,10 @@ THROTTLED_BY_SOURCE = {
     "usual": "usual_network_throttled",
 }
 NETWORK_BUSY = "network_busy"  # too many of the network's checks waiting for a thread
+# Checks for strangers (the "net:" budgets) run at most this many at once, whatever their
+# network: half of the four login threads, so a flood from anywhere never holds them all
+# while a trusted device or an account's usual network waits. The rest wait their turn.
+STRANGER_THREADS = 2
 REPEATED_FAILURE = "bad_password_repeated"
 
 
@@ -129,6 +133,7 @@ class ClientIdChecker:
         self.run_in_thread: Callable[..., defer.Deferred[Any]] = threads.deferToThread
         self.throttled_count = 0  # read (and reset) by the server's housekeeping
         self.repeats = RecentFailures()
+        self._stranger_lane = defer.DeferredSemaphore(STRANGER_THREADS)
 
     def _attempt(self, creds: IClientIdUsernamePassword) -> Attempt:
         host = peer_host(creds.peer)
@@ -159,18 +164,28 @@ class ClientIdChecker:
             # No thread, no hash: a throttled source costs next to nothing.
             reason = THROTTLED_BY_SOURCE[attempt.source_key.partition(":")[0]]
             return self._refuse_now(reason, attempt, creds)
-        # Strangers (the "net:" budget) wait for a thread a bounded number at a time, so
-        # that one network cannot queue enough checks to delay everyone's logins.
-        network = attempt.where.network
-        stranger = attempt.source_key.startswith("net:")
-        pending = throttle.pending if throttle is not None and throttle.enabled else None
-        if pending is not None and stranger and not pending.enter(network):
-            return self._refuse_now(NETWORK_BUSY, attempt, creds)
-        checked = self.run_in_thread(self._check, attempt, creds.password)
-        if pending is not None and stranger:
-            checked.addBoth(_left, pending, network)
+        if attempt.source_key.startswith("net:"):
+            checked = self._stranger_check(attempt, creds.password)
+            if checked is None:
+                return self._refuse_now(NETWORK_BUSY, attempt, creds)
+        else:
+            checked = self.run_in_thread(self._check, attempt, creds.password)
         checked.addErrback(_unavailable)
         return checked.addCallback(self._conclude, attempt, creds)
+
+    def _stranger_check(self, attempt: Attempt, password: str) -> defer.Deferred[Any] | None:
+        """A stranger's check, in the strangers' lane of the login threads; None when
+        its network already has ``network_checks`` running or waiting (bounded memory
+        and delay: the attempt is refused at once, with no hash)."""
+        throttle = self.defences.throttle
+        pending = throttle.pending if throttle is not None and throttle.enabled else None
+        network = attempt.where.network
+        if pending is not None and not pending.enter(network):
+            return None
+        checked = self._stranger_lane.run(self.run_in_thread, self._check, attempt, password)
+        if pending is not None:
+            checked.addBoth(_left, pending, network)
+        return checked
 
     def _refuse_now(
         self, reason: str, attempt: Attempt, creds: IClientIdUsernamePassword

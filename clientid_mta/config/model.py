@@ -177,8 +177,8 @@ class ThrottleConfig:
     # Sized in the README ([throttle]): newcomers behind one CGNAT address vs. argon2id CPU.
     network_burst: int = 10
     network_refill: int = 30
-    # Below the four auth threads, so that one network never holds them all.
-    network_checks: int = 2
+    # Waiting included: a few newcomers logging in at once from one network wait, not 454.
+    network_checks: int = 8
     usual_network_days: int = 30
     account_unknown_burst: int = 20
     account_unknown_refill: int = 30
