@@ -67,6 +67,10 @@ REASON_CODES = (
     "unknown_account",
     "shared_device",
     "device_throttled",
+    "network_throttled",
+    "usual_network_throttled",
+    "network_busy",
+    "bad_password_repeated",
     "account_throttled",
 )
 
@@ -387,8 +391,8 @@ def test_alerts_repeated_failures_from_unknown_devices_notify_the_holder(
         assert login(server, connect, DEVICE_A, "wrong-password")[0] == 535
     assert notices(server, ALICE, REPEATED_SUBJECT) == []
     unknown = [None, "LICENSE stolen-1", "LICENSE stolen-2"]
-    for count, identity in enumerate(unknown, 1):
-        assert login(server, connect, identity, "wrong-password")[0] == 535
+    for count, identity in enumerate(unknown, 1):  # each another password: repeats count once
+        assert login(server, connect, identity, f"wrong-password-{count}")[0] == 535
         assert len(notices(server, ALICE, REPEATED_SUBJECT)) == count // 3
     [body] = notices(server, ALICE, REPEATED_SUBJECT)
     assert "Your own devices are not affected" in body
@@ -426,14 +430,15 @@ NOBODY = "nobody@example.org"
 
 @pytest.fixture
 def audited(serve: Serve, connect: Connect) -> tuple[RunningServer, list[Reply]]:
-    """One attempt of each kind (device budget: one failure); the server and every reply."""
-    server = serve("[throttle]\ndevice_burst = 1")
+    """One attempt of each kind; the server and every reply. After the first login, HOME
+    is alice's usual network: unknown devices there spend her budget on it (two failures)."""
+    server = serve("[throttle]\naccount_known_burst = 2")
     attempts: list[tuple[str, str, str, int]] = [
         (DEVICE_A, ALICE_PW, ALICE, 235),  # accepted: first device
         (WRONG_PASSWORD_DEVICE, "wrong-password", ALICE, 535),
         (UNKNOWN_ACCOUNT_DEVICE, ALICE_PW, NOBODY, 535),
         (DEVICE_B, ALICE_PW, ALICE, 535),  # right password, new device: pending
-        (WRONG_PASSWORD_DEVICE, ALICE_PW, ALICE, 454),  # its budget is spent
+        (WRONG_PASSWORD_DEVICE, ALICE_PW, ALICE, 454),  # the budget is spent
     ]
     replies: list[Reply] = []
     for identity, password, user, code in attempts:
@@ -457,7 +462,7 @@ def expected_audit(server: RunningServer) -> list[AuditRow]:
         ("refused", ALICE, fp(WRONG_PASSWORD_DEVICE), HOME_NETWORK, "bad_password"),
         ("refused", nobody, fp(UNKNOWN_ACCOUNT_DEVICE), HOME_NETWORK, "unknown_account"),
         ("refused", ALICE, fp(DEVICE_B), HOME_NETWORK, "new_device_pending"),
-        ("454 x 1", "*", fp(WRONG_PASSWORD_DEVICE), HOME_NETWORK, "device_throttled"),
+        ("454 x 1", "*", fp(WRONG_PASSWORD_DEVICE), HOME_NETWORK, "usual_network_throttled"),
     ]
 
 

@@ -345,6 +345,7 @@ class Model:
         self.handshake_due = False
         self.errors = 0
         self.auth_failures = 0
+        self.failed_credentials: set[object] = set()
         self.mode = Mode.COMMAND
         self.reset_session()
 
@@ -557,18 +558,20 @@ class Model:
             return self.refuse(what, (501, "5.5.2"))  # RFC 4954: undecodable is 501
         fields = message.split(b"\0")
         if len(fields) != 3:
-            return self.malformed(what)
+            return self.malformed(what, ("plain", response))
         authzid, authcid, password = fields
         user, secret = sasl_name(authcid), sasl_text(password)
         if user is None or secret is None:
-            return self.malformed(what)
+            return self.malformed(what, ("plain", response))
         if authzid and authzid != authcid:
-            return self.login(what, None, "")  # acting for another user is not offered
+            # Acting for another user is not offered.
+            return self.login(what, None, "", tried=("proxy", user))
         return self.login(what, user, secret)
 
-    def malformed(self, what: str) -> list[Expect]:
+    def malformed(self, what: str, tried: object) -> list[Expect]:
         """Decodable but not credentials: a syntax error or a failed authentication."""
-        return [Expect(what, {501: self.counted("5.5.2"), 535: self.auth_failed()})]
+        failed = self.auth_failed(tried)
+        return [Expect(what, {501: self.counted("5.5.2"), 535: failed})]
 
     def login_user_response(self, what: str, response: bytes) -> list[Expect]:
         message = b64(response)
@@ -596,10 +599,12 @@ class Model:
             return self.refuse(what, (501, "5.5.2"))
         secret = sasl_text(message)
         if secret is None:
-            return self.malformed(what)
+            return self.malformed(what, ("login", user, response))
         return self.login(what, user, secret)
 
-    def login(self, what: str, user: str | None, password: str) -> list[Expect]:
+    def login(
+        self, what: str, user: str | None, password: str, tried: object = None
+    ) -> list[Expect]:
         account = user.strip().lower() if user is not None else None
         if (
             account in PASSWORDS
@@ -612,10 +617,15 @@ class Model:
                 return []
 
             return self.ok(what, 235, "2.7.0", accepted)
-        return [Expect(what, {535: self.auth_failed()})]
+        return [Expect(what, {535: self.auth_failed(tried or ("login", user, password))})]
 
-    def auth_failed(self) -> Outcome:
+    def auth_failed(self, tried: object) -> Outcome:
+        """A refusal; credentials that already failed in this session count once (M2)."""
+
         def then() -> list[Expect]:
+            if tried in self.failed_credentials:
+                return []
+            self.failed_credentials.add(tried)
             self.auth_failures += 1
             if self.auth_failures >= MAX_AUTH_FAILURES:  # S13
                 return [Expect("(too many failed AUTH)", {421: Outcome("4.7.0", self.close)})]

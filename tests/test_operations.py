@@ -291,14 +291,15 @@ def test_throttle_take_lets_one_of_many_concurrent_attempts_through() -> None:
 def test_S13_throttled_attempts_count_towards_the_session_limit(
     make_server: Callable[..., RunningServer],
 ) -> None:
-    server = make_server("[throttle]\ndevice_burst = 1\n[auth]\nmax_failures_per_session = 3")
+    # The device is unknown: it spends its network's budget.
+    server = make_server("[throttle]\nnetwork_burst = 1\n[auth]\nmax_failures_per_session = 3")
     server.add_user("alice@example.org", "alice-password")
     wire = server.wire().tls_session()
     assert wire.code("CLIENTID UUID 0b6b2f7e-0000-4000-8000-0000000000aa") == 250
-    assert wire.auth_plain("alice@example.org", "wrong") == 535  # spends the device's budget
-    assert wire.auth_plain("alice@example.org", "wrong") == 454
+    assert wire.auth_plain("alice@example.org", "wrong-1") == 535  # spends the budget
+    assert wire.auth_plain("alice@example.org", "wrong-2") == 454
     code, [text] = wire.cmd(
-        "AUTH PLAIN " + base64.b64encode(b"\0alice@example.org\0wrong").decode()
+        "AUTH PLAIN " + base64.b64encode(b"\0alice@example.org\0wrong-3").decode()
     )
     assert code == 421 and text.startswith("4.7.0 ")
     assert wire.is_closed()

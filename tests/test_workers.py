@@ -8,6 +8,7 @@ SIGKILLed server leaves no worker behind holding its ports.
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from pathlib import Path
@@ -52,21 +53,24 @@ def test_workers_both_processes_serve_the_ports(tmp_path: Path) -> None:
     assert stored == main + worker
 
 
-def wrong_password(server: ServerProcess) -> int:
-    """One fresh connection (the kernel picks the process), CLIENTID, a wrong AUTH."""
+def wrong_password(server: ServerProcess, n: int) -> int:
+    """One fresh connection (the kernel picks the process), CLIENTID, a wrong AUTH (another
+    wrong password each time: the same one repeated counts once)."""
     client = server.smtp()
     assert client.docmd("CLIENTID", f"UUID {DEVICE}")[0] == 250
-    code = client.docmd("AUTH", "PLAIN AGFsaWNlQGV4YW1wbGUub3JnAHdyb25n")[0]
+    response = base64.b64encode(f"\0alice@example.org\0wrong-{n}".encode()).decode()
+    code = client.docmd("AUTH", f"PLAIN {response}")[0]
     client.close()
     return code
 
 
 def test_workers_share_one_failure_budget_per_device(tmp_path: Path) -> None:
-    """A device with a burst of 3 gets 3 refusals in all, not 3 per process."""
-    config = WORKERS + "[throttle]\ndevice_burst = 3\ndevice_refill = 3600\n"
+    """A device no account trusts spends its network's budget: with a burst of 3, 3
+    refusals in all, not 3 per process."""
+    config = WORKERS + "[throttle]\nnetwork_burst = 3\nnetwork_refill = 3600\n"
     with running(tmp_path / "server", config) as server:
         wait_until(lambda: "worker 1: clientid-mta" in server.output() or None, 10, "worker 1")
-        codes = [wrong_password(server) for _ in range(12)]
+        codes = [wrong_password(server, n) for n in range(12)]
         output = server.output()
     assert codes[:3] == [535, 535, 535], codes
     assert set(codes[3:]) == {454}, codes

@@ -1,14 +1,24 @@
-"""Budgets for failed AUTH attempts: token buckets keyed by device, not by address.
+"""Budgets for failed AUTH attempts: token buckets keyed on what an attacker cannot mint.
 
-Keys:
-- ``device:<hmac>`` for a session that presented a client identity, else
-  ``net:<prefix>`` (/24, /56), so that one attacker behind a carrier-grade NAT spends
-  only his own device's budget;
-- ``known:<account>`` and ``unknown:<account>``: failures from devices the account does
-  not trust never spend the budget of the devices it does.
+A budget keyed on something the attacker mints for free protects nothing: a fresh
+CLIENTID costs nothing, and neither does a made-up account name. So every attempt
+spends two buckets, one for where it comes from and one for the account it names:
+
+- where from: ``device:<hmac>`` for a device some account trusts (the attacker cannot
+  mint one without an account holder's consent); ``usual:<account>|<network>`` when the
+  named account logged in successfully from this network recently (its own budget, so a
+  stranger elsewhere cannot lock the account's usual network out); otherwise
+  ``net:<prefix>`` (/24, /56), shared by every unknown device and every session
+  without CLIENTID on that network;
+- the account: ``known:<account>`` from a device it trusts, ``unknown:<account>`` from
+  anything else (none for a usual network: its ``usual:`` bucket is the account's
+  budget there), and ``nobody:<prefix>`` when no such account exists, one per network
+  whatever name is made up. ``nobody`` has the shape of ``net`` and is only ever spent
+  together with a source bucket, so from an unknown device the network is spent first
+  and a made-up name cannot be told from a real one by its reply.
 
 Only failures spend; successes never do. The reactor only looks (``admit``: a dict
-look-up and a little arithmetic), so a spent device costs no hash and no thread; the
+look-up and a little arithmetic), so a spent source costs no hash and no thread; the
 auth thread takes the attempt (``take``) before the password check. State is kept in
 memory, bounded, and saved to the store so that it survives a restart.
 
@@ -31,12 +41,46 @@ from clientid_mta.devices.store import Budget, BudgetRow, IBudgetStore, change_b
 MAX_KEYS = 200_000  # beyond this the longest-untouched buckets are forgotten
 
 
-def device_key_for(device: str | None, network: str) -> str:
-    return f"device:{device}" if device else f"net:{network}"
+def source_key_for(device: str | None, usual_account: str | None, network: str) -> str:
+    """The bucket of where an attempt comes from: ``device`` is the key of a device some
+    account trusts (else None); ``usual_account`` the named account when this network
+    is one it usually logs in from (else None)."""
+    if device:
+        return f"device:{device}"
+    if usual_account:
+        return f"usual:{usual_account}|{network}"
+    return f"net:{network}"
 
 
-def account_key_for(account: str, known_device: bool) -> str:
+def account_key_for(account: str, known_device: bool, exists: bool, network: str) -> str:
+    if not exists:
+        return f"nobody:{network}"
     return f"{'known' if known_device else 'unknown'}:{account}"
+
+
+class PendingChecks:
+    """Password checks per network that are in a thread or queued for one, counted on
+    the reactor. Beyond ``bound`` the attempt is refused at once (454, no hash): one
+    network cannot fill the auth threads' queue and delay everyone's logins."""
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self._count: dict[str, int] = {}
+
+    def enter(self, network: str) -> bool:
+        count = self._count.get(network, 0)
+        if count >= self.bound:
+            return False
+        self._count[network] = count + 1
+        return True
+
+    def leave(self, network: str) -> None:
+        count = self._count.pop(network, 0) - 1
+        if count > 0:
+            self._count[network] = count
+
+    def __len__(self) -> int:
+        return sum(self._count.values())
 
 
 class Throttle:
@@ -44,12 +88,17 @@ class Throttle:
 
     def __init__(self, settings: ThrottleConfig, clock: Callable[[], float] = time.time) -> None:
         self.enabled = settings.enabled
+        network = Budget(settings.network_burst, settings.network_refill)
+        known = Budget(settings.account_known_burst, settings.account_known_refill)
         self._budgets = {
             "device": Budget(settings.device_burst, settings.device_refill),
-            "net": Budget(settings.device_burst, settings.device_refill),
-            "known": Budget(settings.account_known_burst, settings.account_known_refill),
+            "net": network,
+            "nobody": network,
+            "usual": known,  # the account's own client on its usual network
+            "known": known,
             "unknown": Budget(settings.account_unknown_burst, settings.account_unknown_refill),
         }
+        self.pending = PendingChecks(settings.network_checks)
         self._clock = clock
         self._buckets: OrderedDict[str, BudgetRow] = OrderedDict()
         self._lock = threading.Lock()
@@ -64,8 +113,8 @@ class Throttle:
         return self._shared is not None
 
     def admit(self, key: str) -> bool:
-        """The reactor's look at a device budget, before any thread is used: False
-        for a device known to be spent. It takes nothing; ``take`` in the auth thread
+        """The reactor's look at a source budget, before any thread is used: False
+        for a source known to be spent. It takes nothing; ``take`` in the auth thread
         does, atomically, so attempts that pass here together still share no token.
         Shared between processes, the level looked at is the last one this process saw.
         """

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from clientid_mta.auth.budgets import Throttle, account_key_for, device_key_for
+from clientid_mta.auth.budgets import PendingChecks, Throttle, account_key_for, source_key_for
 from clientid_mta.auth.cache import AuthCache
 from clientid_mta.auth.credentials import (
     AuthUnavailable,
@@ -21,7 +21,9 @@ from clientid_mta.auth.credentials import (
     LoginThrottled,
     peer_host,
 )
+from clientid_mta.auth.known_clients import KnownClients
 from clientid_mta.auth.passwd_file import Account, PasswdFile, normalise_address, verify_password
+from clientid_mta.auth.repeats import RecentFailures
 from clientid_mta.devices import notices as alerts
 from clientid_mta.devices.audit import AuditLog
 from clientid_mta.devices.policy import Decision, DevicePolicy, Where
@@ -33,6 +35,19 @@ from clientid_mta.smtp.network import network_prefix
 
 log = Logger()
 
+# Internal reasons of refusals decided by the budgets (audited, never sent to the client).
+THROTTLED_BY_SOURCE = {
+    "device": "device_throttled",
+    "net": "network_throttled",
+    "usual": "usual_network_throttled",
+}
+NETWORK_BUSY = "network_busy"  # too many of the network's checks waiting for a thread
+# Checks for strangers (the "net:" budgets) run at most this many at once, whatever their
+# network: half of the four login threads, so a flood from anywhere never holds them all
+# while a trusted device or an account's usual network waits. The rest wait their turn.
+STRANGER_THREADS = 2
+REPEATED_FAILURE = "bad_password_repeated"
+
 
 @dataclass
 class Defences:
@@ -43,6 +58,8 @@ class Defences:
     audit: AuditLog | None = None
     failures: alerts.FailureCounter | None = None
     regions: Regions | None = None
+    # Which devices and networks earn a budget of their own; without it, none does.
+    known: KnownClients | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +71,7 @@ class Attempt:
     client_type: str
     device: str | None  # HMAC device key, when an identity is usable
     where: Where
-    throttle_key: str  # device:<hmac> or net:<prefix>
+    source_key: str  # device:<hmac>, usual:<account>|<prefix> or net:<prefix>
 
     @property
     def fingerprint(self) -> str:
@@ -77,6 +94,12 @@ def _unavailable(failure: Failure) -> Failure:
     if failure.check(StoreUnavailable):
         raise AuthUnavailable(str(failure.value))
     return failure
+
+
+def _left(result: Any, pending: PendingChecks, network: str) -> Any:
+    """A check of the network's is done (whatever its result): one more may wait."""
+    pending.leave(network)
+    return result
 
 
 @implementer(ICredentialsChecker)
@@ -109,34 +132,67 @@ class ClientIdChecker:
         # Where the blocking half runs; the server gives it its own pool (workers.py).
         self.run_in_thread: Callable[..., defer.Deferred[Any]] = threads.deferToThread
         self.throttled_count = 0  # read (and reset) by the server's housekeeping
+        self.repeats = RecentFailures()
+        self._stranger_lane = defer.DeferredSemaphore(STRANGER_THREADS)
 
     def _attempt(self, creds: IClientIdUsernamePassword) -> Attempt:
         host = peer_host(creds.peer)
         network = network_prefix(host)
         identity, _flags = self.policy.usable(creds.clientId)
         device = self.policy.key_of(identity)
+        address = normalise_address(creds.username)
         regions = self.defences.regions
         where = Where(network, regions.region(host) if regions else "")
+        # Set look-ups only: the reactor picks the budget without the store.
+        known = self.defences.known
+        trusted = known is not None and known.knows_device(device)
+        usual = known is not None and not trusted and known.is_usual(address, network)
         return Attempt(
-            normalise_address(creds.username),
+            address,
             identity,
             identity.type if identity else "",
             device,
             where,
-            device_key_for(device, network),
+            source_key_for(device if trusted else None, address if usual else None, network),
         )
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes | tuple[()]]:
         creds = IClientIdUsernamePassword(credentials)
         attempt = self._attempt(creds)
         throttle = self.defences.throttle
-        if throttle is not None and not throttle.admit(attempt.throttle_key):
-            # No thread, no hash: a throttled device costs next to nothing.
-            outcome = AuthOutcome(None, False, Decision(False, "device_throttled"), throttled=True)
-            return defer.maybeDeferred(self._conclude, outcome, attempt, creds)
-        checked = self.run_in_thread(self._check, attempt, creds.password)
+        if throttle is not None and not throttle.admit(attempt.source_key):
+            # No thread, no hash: a throttled source costs next to nothing.
+            reason = THROTTLED_BY_SOURCE[attempt.source_key.partition(":")[0]]
+            return self._refuse_now(reason, attempt, creds)
+        if attempt.source_key.startswith("net:"):
+            checked = self._stranger_check(attempt, creds.password)
+            if checked is None:
+                return self._refuse_now(NETWORK_BUSY, attempt, creds)
+        else:
+            checked = self.run_in_thread(self._check, attempt, creds.password)
         checked.addErrback(_unavailable)
         return checked.addCallback(self._conclude, attempt, creds)
+
+    def _stranger_check(self, attempt: Attempt, password: str) -> defer.Deferred[Any] | None:
+        """A stranger's check, in the strangers' lane of the login threads; None when
+        its network already has ``network_checks`` running or waiting (bounded memory
+        and delay: the attempt is refused at once, with no hash)."""
+        throttle = self.defences.throttle
+        pending = throttle.pending if throttle is not None and throttle.enabled else None
+        network = attempt.where.network
+        if pending is not None and not pending.enter(network):
+            return None
+        checked = self._stranger_lane.run(self.run_in_thread, self._check, attempt, password)
+        if pending is not None:
+            checked.addBoth(_left, pending, network)
+        return checked
+
+    def _refuse_now(
+        self, reason: str, attempt: Attempt, creds: IClientIdUsernamePassword
+    ) -> defer.Deferred[bytes | tuple[()]]:
+        """A refusal decided on the reactor: no thread, no hash, no store call."""
+        outcome = AuthOutcome(None, False, Decision(False, reason), throttled=True)
+        return defer.maybeDeferred(self._conclude, outcome, attempt, creds)
 
     def _check(self, attempt: Attempt, password: str) -> AuthOutcome:
         """The blocking half: shared-device watch, then the verification proper."""
@@ -149,27 +205,59 @@ class ClientIdChecker:
         return replace(self._verify(attempt, password), flagged_accounts=flagged)
 
     def _verify(self, attempt: Attempt, password: str) -> AuthOutcome:
-        """Account budget, hash, policy, notices. Blocking."""
-        defences = self.defences
+        """Repeat, budgets, hash, policy, notices. Blocking."""
         account = self.passwords.get(attempt.address)
-        address = attempt.address
+        address, network = attempt.address, attempt.where.network
+        stored = account.password_hash if account is not None else None
+        if self.repeats.repeated(address, stored, network, password):
+            # Exactly this wrong password failed from this network a moment ago (a mail
+            # program retrying a stale password): answered as before, counted once.
+            repeated = Decision(False, REPEATED_FAILURE)
+            return AuthOutcome(address if account else None, False, repeated)
         known = (
             account is not None
             and attempt.device is not None
             and getattr(self.policy.store.get(address, attempt.device), "state", "") == TRUSTED
         )
-        account_key = account_key_for(address, known)
-        throttle = defences.throttle
-        if throttle is not None and not throttle.take(attempt.throttle_key):
+        keys = self._budget_keys(attempt, account is not None, known)
+        throttle = self.defences.throttle
+        if throttle is not None and not throttle.take(keys[0]):
             # Passed the reactor's look, but a concurrent attempt took the last token.
-            return AuthOutcome(None, False, Decision(False, "device_throttled"), throttled=True)
-        if throttle is not None and not throttle.take(account_key):
-            throttle.refund(attempt.throttle_key)  # not a failure of this device's
+            reason = THROTTLED_BY_SOURCE[keys[0].partition(":")[0]]
+            return AuthOutcome(None, False, Decision(False, reason), throttled=True)
+        if throttle is not None and len(keys) > 1 and not throttle.take(*keys[1:]):
+            throttle.refund(keys[0])  # not a failure of this source's
             return AuthOutcome(None, False, Decision(False, "account_throttled"), throttled=True)
-        outcome = self._verify_and_decide(attempt, password, account, account_key, known)
-        if throttle is not None and outcome.password_ok and outcome.decision.allowed:
-            throttle.refund(attempt.throttle_key, account_key)  # successes never spend
+        outcome = self._verify_and_decide(attempt, password, account, keys[-1], known)
+        if outcome.password_ok and outcome.decision.allowed:
+            if throttle is not None:
+                throttle.refund(*keys)  # successes never spend
+            self._logged_in(attempt, outcome.decision)
+        elif not outcome.password_ok:
+            self.repeats.failed(address, stored, network, password)
         return outcome
+
+    @staticmethod
+    def _budget_keys(attempt: Attempt, exists: bool, known: bool) -> tuple[str, ...]:
+        """The source's bucket, then the account's (none on a usual network: its
+        ``usual:`` bucket is the account's budget there)."""
+        network = attempt.where.network
+        if exists and not known and attempt.source_key.startswith("usual:"):
+            return (attempt.source_key,)
+        return attempt.source_key, account_key_for(attempt.address, known, exists, network)
+
+    def _logged_in(self, attempt: Attempt, decision: Decision) -> None:
+        """Remember what this login taught the budgets: a trusted device, a usual
+        network. Blocking. A store that cannot take it costs the account nothing now."""
+        known = self.defences.known
+        if known is None:
+            return
+        if decision.device_trusted and attempt.device is not None:
+            known.trusted(attempt.device)
+        try:
+            known.logged_in(attempt.address, attempt.where.network)
+        except StoreUnavailable as problem:
+            log.warn("cannot record the login network now: {problem}", problem=str(problem))
 
     def _verify_and_decide(
         self,

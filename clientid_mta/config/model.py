@@ -177,6 +177,12 @@ class ThrottleConfig:
     action: str = field(default="454", metadata=setting(check=checks.one_of("454", "421")))
     device_burst: int = 10
     device_refill: int = 60
+    # Sized in the README ([throttle]): newcomers behind one CGNAT address vs. argon2id CPU.
+    network_burst: int = 10
+    network_refill: int = 30
+    # Waiting included: a few newcomers logging in at once from one network wait, not 454.
+    network_checks: int = 8
+    usual_network_days: int = 30
     account_unknown_burst: int = 20
     account_unknown_refill: int = 30
     account_known_burst: int = 10

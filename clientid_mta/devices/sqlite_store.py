@@ -100,6 +100,13 @@ CREATE TABLE IF NOT EXISTS throttle (
     tokens  REAL NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS login_networks (
+    account    TEXT NOT NULL,
+    network    TEXT NOT NULL,
+    last_login REAL NOT NULL,
+    PRIMARY KEY (account, network)
+);
+CREATE INDEX IF NOT EXISTS login_networks_by_time ON login_networks (last_login);
 CREATE TABLE IF NOT EXISTS approval_codes (
     code_hash  TEXT PRIMARY KEY,
     account    TEXT NOT NULL,
@@ -235,6 +242,27 @@ class _Repository:
 
 
 _R = TypeVar("_R", bound=_Repository)
+
+# The (key, key, time) tables of recent events: their key columns and time column.
+_RECENT_COLUMNS = {
+    "login_networks": ("account", "network", "last_login"),
+    "device_sightings": ("device_key", "account", "seen"),
+}
+
+
+def _refresh_recent(
+    db: sqlite3.Connection, table: str, row: tuple[str, str, float], window: float
+) -> None:
+    """Insert one event, or move its time forward, and forget the table's events older
+    than ``window`` (by the index on time), inside the caller's transaction: the table
+    holds at most one window's worth."""
+    first, second, when = _RECENT_COLUMNS[table]  # fixed names only reach the SQL text
+    db.execute(f"DELETE FROM {table} WHERE {when} < ?", (row[2] - window,))  # noqa: S608
+    db.execute(
+        f"INSERT INTO {table} VALUES (?, ?, ?) ON CONFLICT({first}, {second})"  # noqa: S608
+        f" DO UPDATE SET {when}=max({when}, excluded.{when})",
+        row,
+    )
 
 
 def _no_hook() -> None:
@@ -498,6 +526,24 @@ class SQLiteBudgetStore(_Repository):
                 for key, tokens, updated in db.execute("SELECT key, tokens, updated FROM throttle")
             ]
 
+    def trusted_device_keys(self) -> set[str]:
+        with self._locked() as db:
+            rows = db.execute("SELECT DISTINCT device_key FROM devices WHERE state=?", (TRUSTED,))
+            return {str(row[0]) for row in rows}
+
+    def record_login_network(self, account: str, network: str, now: float, keep: float) -> None:
+        with self._transaction() as db:
+            _refresh_recent(db, "login_networks", (account, network, now), keep)
+
+    def login_networks(self, since: float) -> list[tuple[str, str, float]]:
+        with self._locked() as db:
+            rows = db.execute(
+                "SELECT account, network, last_login FROM login_networks WHERE last_login >= ?"
+                " ORDER BY last_login DESC",
+                (since,),
+            )
+            return [(str(account), str(network), float(when)) for account, network, when in rows]
+
 
 @implementer(IApprovalCodes)
 class SQLiteApprovalCodes(_Repository):
@@ -568,12 +614,7 @@ class SQLiteSharedDevices(_Repository):
         with self._transaction() as db:
             # Every expired sighting goes (by the index on time), so the table holds at
             # most one window's worth of attempts.
-            db.execute("DELETE FROM device_sightings WHERE seen < ?", (now - window,))
-            db.execute(
-                "INSERT INTO device_sightings VALUES (?, ?, ?) ON CONFLICT(device_key, account)"
-                " DO UPDATE SET seen=max(seen, excluded.seen)",
-                (device_key, account, now),
-            )
+            _refresh_recent(db, "device_sightings", (device_key, account, now), window)
             row = db.execute(
                 "SELECT COUNT(*) FROM device_sightings WHERE device_key=?", (device_key,)
             ).fetchone()

@@ -217,6 +217,18 @@ class IBudgetStore(Interface):
     def load() -> list[tuple[str, float, float]]:
         """Every row: (key, tokens, updated)."""
 
+    def trusted_device_keys() -> set[str]:
+        """The keys of the devices some account trusts: the ones that earn a budget of
+        their own (an attacker cannot mint them without an account's consent)."""
+
+    def record_login_network(account: str, network: str, now: float, keep: float) -> None:
+        """The account logged in from ``network`` at ``now``, in one transaction; rows
+        older than ``keep`` seconds are forgotten in the same call."""
+
+    def login_networks(since: float) -> list[tuple[str, str, float]]:
+        """(account, network, last login) of every network an account logged in from
+        since ``since``."""
+
     def close() -> None:
         """Release the connection."""
 

@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from clientid_mta.auth.budgets import Throttle
 from clientid_mta.auth.checker import ClientIdChecker, Defences
 from clientid_mta.auth.credentials import IClientIdUsernamePassword
+from clientid_mta.auth.known_clients import KnownClients
 from clientid_mta.auth.passwd_file import PasswdFile
 from clientid_mta.auth.realm import build_portal
 from clientid_mta.auth.threads import AuthWorkers
@@ -194,6 +195,7 @@ def _wire(
         store.notices,  # the caps hold for all worker processes together
     )
     approvals = Approvals(store.approval_codes, store.devices, config.approval.code_lifetime)
+    known = KnownClients(store.budgets, config.throttle.usual_network_days)
     policy = DevicePolicy(
         config.clientid,
         store.devices,
@@ -205,6 +207,7 @@ def _wire(
     )
 
     def approved(device: Device) -> None:  # in a thread, from ApprovalMessage
+        known.trusted(device.device_key)  # its own budget from now on
         policy.notify(
             Notice(
                 DEVICE_APPROVED,
@@ -227,6 +230,7 @@ def _wire(
         ),
         failures=FailureCounter(config.alerts.unknown_failures),
         regions=_regions(config),
+        known=known,
     )
     runner = parts.queue_runner
     outbound = Outbound(parts.queue, _dkim_signer(config), runner.add)

@@ -30,6 +30,7 @@ THROTTLE_SAVE_TICKS = 10  # save the throttle state every this many flushes
 # Every this many flushes: give freed pages back, checkpoint the journal, forget the
 # notices sent more than an hour ago and the approval codes used or expired.
 COMPACT_TICKS = 60
+KNOWN_REFRESH_TICKS = 5  # re-read the trusted devices and usual networks this often
 
 
 class Housekeeping(service.Service):
@@ -71,6 +72,8 @@ class Housekeeping(service.Service):
                 throttle.prune_shared()
             else:
                 store.budgets.save(throttle.snapshot())
+        if defences.known is not None and not final and self._ticks % KNOWN_REFRESH_TICKS == 0:
+            defences.known.refresh()  # the admin command's and other workers' changes
         return dropped
 
     def prune_and_compact(self) -> None:

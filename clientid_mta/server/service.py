@@ -189,12 +189,14 @@ class SubmissionService(service.MultiService):
         # Queue recovery deletes leftovers in tmp/, where new sessions write, and logins
         # want the accounts read: both run in threads, and the listeners (bound already,
         # closing connections until then) are given their factories once both are done.
+        pool = self.reactor.getThreadPool()
         waits: list[defer.Deferred[Any]] = [
             self.components.queue_runner.recover(),
-            threads.deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), self.components.passwords.refresh
-            ),
+            threads.deferToThreadPool(self.reactor, pool, self.components.passwords.refresh),
         ]
+        known = self.components.defences.known
+        if known is not None:  # which devices and networks have budgets of their own
+            waits.append(threads.deferToThreadPool(self.reactor, pool, known.refresh))
         super().startService()  # children in order: threads, queue, housekeeping, listeners
         self._install_sighup()
         ready = defer.gatherResults(waits, consumeErrors=True)

@@ -26,6 +26,8 @@ The row ids (C1..C16, S1..S15) are those of docs/conformance.md.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import secrets
 from collections.abc import Callable
 from enum import Enum
@@ -187,6 +189,16 @@ def _store_all(messages: list[IMessageSMTP]) -> defer.Deferred[list[tuple[bool, 
     return settled.addCallback(report)
 
 
+# The key of the per-session memory of failed credentials: random per process and never
+# written anywhere, so the digests say nothing outside this process.
+_CREDENTIALS_KEY = secrets.token_bytes(32)
+
+
+def _credentials_digest(username: str, password: str, proxy: bool) -> bytes:
+    message = "\0".join((username, password, "proxy" if proxy else "")).encode("utf-8", "replace")
+    return hmac.new(_CREDENTIALS_KEY, message, hashlib.sha256).digest()
+
+
 def _tls_info(transport: Any) -> TLSInfo | None:
     try:
         connection = transport.getHandle()
@@ -243,6 +255,9 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self.input_mode = Mode.COMMAND
         self.errors = 0
         self.auth_failures = 0
+        # Keyed hashes of the credentials that failed in this session (never the password):
+        # a client that retries them (AUTH LOGIN after AUTH PLAIN) fails once, not twice.
+        self._failed_credentials: set[bytes] = set()
         self._messages: list[IMessageSMTP] = []
         self.tls = False
         self.can_start_tls = False
@@ -708,7 +723,8 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
             result: defer.Deferred[Any] = defer.fail(cred_error.UnauthorizedLogin())
         else:
             result = self.portal.login(credentials, credentials, IMessageDelivery)
-        result.addCallbacks(self._auth_succeeded, self._auth_failed)
+        tried = _credentials_digest(username, password, proxy)
+        result.addCallbacks(self._auth_succeeded, self._auth_failed, errbackArgs=(tried,))
         return result
 
     def _auth_succeeded(self, login: tuple[Any, IMessageDelivery, Callable[[], None]]) -> None:
@@ -723,11 +739,17 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self.account = getattr(getattr(avatar, "account", None), "address", None)
         self.reply(235, "2.7.0 Authentication successful")
 
-    def _auth_failed(self, failure: Failure) -> None:
+    def _count_failure(self, tried: bytes) -> None:
+        """One more failed AUTH in this session, unless it retried failed credentials."""
+        if tried not in self._failed_credentials:
+            self._failed_credentials.add(tried)
+            self.auth_failures += 1
+
+    def _auth_failed(self, failure: Failure, tried: bytes) -> None:
         if self._closing:
             return
         if failure.check(LoginThrottled):
-            self.auth_failures += 1
+            self._count_failure(tried)
             if self.throttle_action == "421" or self.auth_failures >= self.max_auth_failures:
                 self.reply(421, f"4.7.0 {self.hostname} Error: too many failed logins, try later")
                 self._close()
@@ -747,7 +769,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
                 )
             self.reply(454, "4.7.0 Temporary authentication failure")
             return
-        self.auth_failures += 1
+        self._count_failure(tried)
         self.reply(*AUTH_FAILED)  # C12: one reply for every refusal
         if self.auth_failures >= self.max_auth_failures:
             self.reply(421, f"4.7.0 {self.hostname} Error: too many failed authentications")
