@@ -82,14 +82,18 @@ def used_bytes(path: Path) -> int:
 # --- H1: the audit log may not grow without bound ------------------------------------------
 
 
-def flood(server: RunningServer, connect: Connect, sessions: int) -> list[int]:
+def flood(
+    server: RunningServer, connect: Connect, sessions: int, same_password: bool = False
+) -> list[int]:
     """``sessions`` sessions without CLIENTID, 3 AUTH PLAIN each with a 1,000-character
-    user name and a wrong password (the H1 flood); every AUTH reply code."""
+    user name and a wrong password, a new one each time unless ``same_password`` (the
+    H1 flood); every AUTH reply code."""
     codes = []
-    for _ in range(sessions):
+    for n in range(sessions):
         wire = connect(server)
-        for _ in range(3):
-            code, _lines = wire.cmd(conformance.plain(LONG_USER, "not-the-password"))
+        for k in range(3):
+            password = "not-the-password" if same_password else f"guess-{n}-{k}"
+            code, _lines = wire.cmd(conformance.plain(LONG_USER, password))
             codes.append(code)
             if code == 421:
                 break
@@ -118,13 +122,39 @@ def test_h1_auth_flood_without_password_barely_grows_the_store(
     rows = round1.audit_rows(server)
     counts = [row for row in rows if row[1] == "*"]
     assert sum(int(row[0].split(" x ")[1]) for row in counts) == throttled
-    assert {row[4] for row in counts} <= {"device_throttled", "account_throttled"}
+    assert {row[4] for row in counts} <= {
+        "network_throttled",
+        "account_throttled",
+        "network_busy",
+    }
     assert len(counts) <= 4  # one per minute and reason (the flood may cross a minute)
     name = unknown_account(LONG_USER, server.service.components.server_key)
     refused = [row for row in rows if row[0] == "refused"]
     assert refused and {row[1] for row in refused} == {name}
     assert all(len(row[1]) < 40 for row in rows)
     assert "uuuuuuuu" not in server.admin("audit")
+
+
+def test_h1_the_same_wrong_password_again_and_again_is_counted_not_kept(
+    serve: Serve, connect: Connect
+) -> None:
+    """A repeated wrong password costs no hash and no budget (M2), so a stranger can send
+    it as fast as he likes: it must not grow the audit one row at a time either."""
+    server = serve()
+    store = server.config.clientid.device_store
+    audit = server.service.components.defences.audit
+    assert audit is not None
+    audit.flush()
+    before = used_bytes(store)
+    codes = flood(server, connect, 60, same_password=True)
+    audit.flush()
+    grown = used_bytes(store) - before
+    assert codes.count(535) > 100, codes
+    assert grown < 64 * 1024, grown
+    rows = round1.audit_rows(server)
+    repeated = [row for row in rows if row[4] == "bad_password_repeated"]
+    assert repeated and all(row[0].startswith("535 x ") and row[1] == "*" for row in repeated)
+    assert sum(int(row[0].split(" x ")[1]) for row in repeated) == codes.count(535) - 1
 
 
 def test_h1_throttled_attempts_are_one_count_per_minute_network_device_and_reason(
@@ -262,7 +292,8 @@ def test_h1_audit_bound_from_config_drops_the_earliest_with_one_log_line(
     server = serve("[audit]\nmax_entries = 2\n")
     for number in range(5):
         identity = f"LICENSE device-{number}"
-        assert round1.login(server, connect, identity, "wrong-password")[0] == 535
+        # A new wrong password each time: a repeated one is only counted (M2, H1).
+        assert round1.login(server, connect, identity, f"wrong-password-{number}")[0] == 535
     latest = [round1.fingerprint(server, f"LICENSE device-{number}") for number in (3, 4)]
 
     def kept() -> list[str]:

@@ -731,7 +731,7 @@ class Model:
         must, may = from_verdict(kept, account)
         if must:
             refusals.append((550, must))  # S6
-        elif may:
+        if may:  # a malformed header section: what comes after it may be read either way
             refusals += [(550, "5.6.0"), (550, "5.7.1")]
         options = self.refusals(*refusals)
         if not others and not must:

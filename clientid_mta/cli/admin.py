@@ -274,9 +274,10 @@ class Admin:
         )
         throttled_reply = self.config.throttle.action
         for e in entries:
-            if e.outcome == THROTTLED:  # a count per minute, network, device and reason
+            if not e.account:  # a count per minute, network, device and reason
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.time))
-                outcome, account = f"{throttled_reply} x {e.count}", "*"
+                reply = throttled_reply if e.outcome == THROTTLED else "535"
+                outcome, account = f"{reply} x {e.count}", "*"
             else:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
                 outcome, account = e.outcome, _printable(e.account)  # never break a line

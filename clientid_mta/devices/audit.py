@@ -24,6 +24,9 @@ from collections.abc import Callable
 from clientid_mta.devices.store import AuditEntry, IAuditStore
 
 THROTTLED = "throttled"  # the outcome whose attempts are counted, not kept one by one
+# Refusals that cost the server nothing (no hash, no budget) and say nothing new: a
+# stranger can send them as fast as throttled ones, so they are counted the same way.
+COUNTED_REASONS = frozenset({"bad_password_repeated"})
 UNKNOWN_ACCOUNT = "unknown:"
 PRUNE_EVERY = 3600.0  # seconds between the retention prunes
 DROP_REPORT_EVERY = 3600.0  # at most one "dropped entries" line an hour
@@ -72,7 +75,7 @@ class AuditLog:
     ) -> None:
         """Note one attempt; ``known``: ``account`` is an account of this server."""
         now = self._clock()
-        if outcome == THROTTLED:
+        if outcome == THROTTLED or reason in COUNTED_REASONS:
             key = (now - now % 60, network, fingerprint, outcome, reason)
             with self._lock:
                 if key in self._counts or len(self._counts) < MAX_PENDING:
