@@ -1107,8 +1107,13 @@ def wait_for_workers(server: ServerProcess, processes: int) -> None:
     wait_until(ready, 30, f"{processes - 1} worker(s) to start")
 
 
+# A soak sends thousands of messages an hour from a few accounts: no hourly sending limit.
+NO_SENDING_LIMIT = "[limits]\nmax_messages_per_hour = 0\nmax_recipients_per_hour = 0\n"
+
+
 def soak_config(maildir_root: Path | None) -> str:
-    return f'[delivery]\nmaildir_root = "{maildir_root}"\n' if maildir_root else ""
+    delivery = f'[delivery]\nmaildir_root = "{maildir_root}"\n' if maildir_root else ""
+    return delivery + NO_SENDING_LIMIT
 
 
 def prepare(server: ServerProcess, senders: int) -> None:
