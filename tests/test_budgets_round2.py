@@ -81,6 +81,24 @@ def test_h2_fresh_clientid_and_made_up_accounts_spend_the_network_budget(
     assert attempt(server, trusted, ALICE, ALICE_PW, source="127.0.0.2") == ACCEPTED
 
 
+def test_h2_fresh_clientids_are_counted_in_one_audit_row_not_one_each(
+    make_server: Serve,
+) -> None:
+    """Throttled attempts are counted per minute, network, device and reason (H1); a
+    device nobody trusts is not part of that key, or a fresh CLIENTID per attempt would
+    make every count a row of its own and grow the store without a password."""
+    server = serve(make_server, "[throttle]\nnetwork_burst = 1\nnetwork_refill = 3600")
+    replies = [attempt(server, new_token(), made_up(), WRONG, flood_source(0)) for _ in range(8)]
+    assert replies == [REFUSED] + [THROTTLED] * 7
+    audit = server.service.components.defences.audit
+    assert audit is not None
+    audit.flush()
+    counted = [e for e in server.service.components.store.audit.audit() if e.count > 1]
+    assert [(e.fingerprint, e.count) for e in counted] == [("", 7)] or (
+        len(counted) == 2 and sum(e.count for e in counted) == 7  # the flood crossed a minute
+    )
+
+
 def test_h2_made_up_accounts_share_one_budget_per_network(
     make_server: Serve, hashes: list[str | None]
 ) -> None:

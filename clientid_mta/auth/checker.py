@@ -25,7 +25,7 @@ from clientid_mta.auth.known_clients import KnownClients
 from clientid_mta.auth.passwd_file import Account, PasswdFile, normalise_address, verify_password
 from clientid_mta.auth.repeats import RecentFailures
 from clientid_mta.devices import notices as alerts
-from clientid_mta.devices.audit import AuditLog
+from clientid_mta.devices.audit import COUNTED_REASONS, AuditLog
 from clientid_mta.devices.policy import Decision, DevicePolicy, Where
 from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.sharing import SharedDevices
@@ -355,9 +355,13 @@ class ClientIdChecker:
         accepted = decision.allowed and outcome.password_ok and outcome.account is not None
         result = "accepted" if accepted else "throttled" if outcome.throttled else "refused"
         if self.defences.audit is not None:
+            # Counted attempts keep the fingerprint only of a device with a budget of its
+            # own: a stranger mints a new one per attempt, and each would be a row.
+            counted = outcome.throttled or decision.reason in COUNTED_REASONS
+            own_budget = attempt.source_key.startswith("device:")
             self.defences.audit.record(
                 attempt.address,
-                attempt.fingerprint,
+                attempt.fingerprint if own_budget or not counted else "",
                 attempt.where.network,
                 result,
                 decision.reason,
