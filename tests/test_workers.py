@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -147,3 +149,19 @@ def test_workers_reject_a_negative_count(tmp_path: Path) -> None:
     path.write_text("[server]\nworkers = -1\n")
     with pytest.raises(ConfigError, match=r"\[server\] workers"):
         load_config(path)
+
+
+def test_a_sighup_before_the_worker_can_reload_does_not_end_it() -> None:
+    """The parent passes SIGHUP on to every worker; one still starting used to die of it
+    (SIGHUP's default action), seen twice in a soak."""
+    code = (
+        "import os, signal\n"
+        "from clientid_mta.server import worker\n"
+        "worker.ignore_early_reloads()\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "print('alive')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "alive"), result.stderr

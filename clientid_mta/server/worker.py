@@ -33,7 +33,15 @@ def _format(event: dict[str, object]) -> str:
     return f"{getattr(level, 'name', 'info')} {text}\n"
 
 
+def ignore_early_reloads() -> None:
+    """SIGHUP's default action ends the process: until the service installs its reload
+    handler (at start), a SIGHUP the parent passes on is ignored. The certificate is read
+    at start anyway, after any such signal."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    ignore_early_reloads()
     parser = argparse.ArgumentParser(prog="clientid_mta.server.worker")
     parser.add_argument("--number", type=int, required=True)
     parser.add_argument("--config")
