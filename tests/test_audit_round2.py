@@ -101,18 +101,25 @@ def flood(
     return codes
 
 
-def test_h1_auth_flood_without_password_barely_grows_the_store(
-    serve: Serve, connect: Connect
-) -> None:
-    server = serve()
+def flood_and_growth(
+    server: RunningServer, connect: Connect, same_password: bool
+) -> tuple[list[int], int]:
+    """The H1 flood of 60 sessions, its reply codes and how much the store grew."""
     store = server.config.clientid.device_store
     audit = server.service.components.defences.audit
     assert audit is not None
     audit.flush()
     before = used_bytes(store)
-    codes = flood(server, connect, 60)
+    codes = flood(server, connect, 60, same_password)
     audit.flush()
-    grown = used_bytes(store) - before
+    return codes, used_bytes(store) - before
+
+
+def test_h1_auth_flood_without_password_barely_grows_the_store(
+    serve: Serve, connect: Connect
+) -> None:
+    server = serve()
+    codes, grown = flood_and_growth(server, connect, same_password=False)
     # Throttled: 454, or 421 when it also ends the session (max_failures_per_session).
     throttled = codes.count(454) + codes.count(421)
     assert throttled > 100, codes  # the budget of the network is spent early on
@@ -141,14 +148,7 @@ def test_h1_the_same_wrong_password_again_and_again_is_counted_not_kept(
     """A repeated wrong password costs no hash and no budget (M2), so a stranger can send
     it as fast as he likes: it must not grow the audit one row at a time either."""
     server = serve()
-    store = server.config.clientid.device_store
-    audit = server.service.components.defences.audit
-    assert audit is not None
-    audit.flush()
-    before = used_bytes(store)
-    codes = flood(server, connect, 60, same_password=True)
-    audit.flush()
-    grown = used_bytes(store) - before
+    codes, grown = flood_and_growth(server, connect, same_password=True)
     assert codes.count(535) > 100, codes
     assert grown < 64 * 1024, grown
     rows = round1.audit_rows(server)
