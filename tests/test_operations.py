@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import capturedLogs, formatEvent
@@ -26,7 +27,7 @@ from clientid_mta.config import LimitsConfig, load_config
 from clientid_mta.devices.notices import NEW_DEVICE_SEEN
 from clientid_mta.devices.policy import Where
 from clientid_mta.server.filelimit import files_needed, fit_open_files
-from clientid_mta.server.listeners import LateFactory
+from clientid_mta.server.listeners import BoundPort, LateFactory
 from clientid_mta.server.service import (
     STOP_POLL,
     STOP_WAIT,
@@ -134,6 +135,32 @@ def test_a_port_bound_before_the_state_is_open_closes_early_connections() -> Non
     assert isinstance(late.buildProtocol(None), protocol.Protocol)
     late.doStop()
     assert target.numPorts == 0
+
+
+class Greeter(protocol.Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(b"220 ready\r\n")
+
+
+def test_a_connection_before_the_server_serves_waits_in_the_listen_queue() -> None:
+    """Bound is not accepting: a client that connects while the server is still opening
+    its state (or, with workers, to a worker still starting) is greeted once the server
+    serves, instead of being accepted and closed."""
+    _ensure_reactor()
+    late = LateFactory("submission")
+    listener = BoundPort(serverFromString(reactor, "tcp:0:interface=127.0.0.1"), late)
+    blockingCallFromThread(reactor, listener.privilegedStartService)
+    assert listener.port is not None
+    port = listener.port.getHost().port  # type: ignore[attr-defined]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            for _ in range(3):  # reactor turns in which an accepting port would take it
+                blockingCallFromThread(reactor, lambda: None)
+            late.attach(protocol.Factory.forProtocol(Greeter))
+            blockingCallFromThread(reactor, listener.serve)
+            assert client.recv(100) == b"220 ready\r\n"
+    finally:
+        blockingCallFromThread(reactor, listener.stopService)
 
 
 class FakeLimits:

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
     IReactorSocket,
+    IReadDescriptor,
     IStreamServerEndpoint,
 )
 from twisted.python.failure import Failure
@@ -58,13 +59,18 @@ class BoundPort(service.Service):
     """A listener on an endpoint, bound in ``privilegedStartService`` (as root under
     twistd, for ports below 1024); an embedder that only calls ``startService`` gets it
     bound there. A port that cannot be bound raises at once (``CannotListenError``), so
-    twistd can stop with one line instead of logging a failed Deferred later."""
+    twistd can stop with one line instead of logging a failed Deferred later.
+
+    Bound is not accepting: until ``serve`` the port does not accept, so connections wait
+    in the kernel's listen queue instead of being closed by a server still starting (or,
+    with workers, taken by a process that is not ready while another one is)."""
 
     def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.port: IListeningPort | None = None
         self.bound: defer.Deferred[IListeningPort] = defer.Deferred()  # fires with the port
+        self._serving = False
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -83,7 +89,15 @@ class BoundPort(service.Service):
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
+        if not self._serving:
+            _accepting(port, False)
         self.bound.callback(port)
+
+    def serve(self) -> None:
+        """Start accepting connections (the real factory is attached)."""
+        self._serving = True
+        if self.port is not None:
+            _accepting(self.port, True)
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
@@ -93,8 +107,16 @@ class BoundPort(service.Service):
         return port.stopListening()
 
 
+def _accepting(port: IListeningPort, on: bool) -> None:
+    """Accept connections or leave them in the listen queue (a TCP port is a reader)."""
+    reader = IReadDescriptor(port, None)
+    if reader is not None:
+        (reader.startReading if on else reader.stopReading)()  # type: ignore[attr-defined]
+
+
 class AdoptedPort(service.Service):
-    """A listener on a socket another process bound (a worker's share of a port)."""
+    """A listener on a socket another process bound (a worker's share of a port). The
+    socket is adopted, so this process takes connections, only at ``serve``."""
 
     def __init__(self, fd: int, factory: IProtocolFactory, reactor: Any) -> None:
         self.fd = fd
@@ -103,8 +125,10 @@ class AdoptedPort(service.Service):
         self.port: IListeningPort | None = None
         self.bound: defer.Deferred[IListeningPort] = defer.Deferred()  # fires with the port
 
-    def startService(self) -> None:
-        super().startService()
+    def serve(self) -> None:
+        """Take the port: from now on this process accepts its share of connections."""
+        if self.port is not None:
+            return
         probe = socket.socket(fileno=self.fd)
         family = probe.family
         probe.detach()
@@ -114,4 +138,7 @@ class AdoptedPort(service.Service):
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
-        return self.port.stopListening() if self.port else None
+        if self.port is None:
+            os.close(self.fd)  # never adopted
+            return None
+        return self.port.stopListening()

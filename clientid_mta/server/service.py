@@ -207,6 +207,8 @@ class SubmissionService(service.MultiService):
     def _serve(self) -> None:
         for late, implicit in self._factories:
             late.attach(build_factory(self.config, implicit, self.components, reactor=self.reactor))
+        for listener in self.listeners:  # bound already: now they accept
+            listener.serve()
         self._log_start()
 
     def _log_start(self) -> None:
