@@ -294,6 +294,31 @@ def test_m2_the_same_wrong_password_repeated_counts_once(
     assert attempt(server, None, BOB, BOB_PW) == ACCEPTED
 
 
+def test_c12_a_repeated_right_password_is_answered_like_a_repeated_wrong_one(
+    make_server: Serve, hashes: list[str | None]
+) -> None:
+    """The repeat memory must not tell a stolen password from a wrong one: a right
+    password that the policy refused (a device not yet approved) is remembered exactly
+    like a wrong one, so its repeat costs no hash and no budget either. Once the device is
+    approved, the same credentials are checked afresh and go through."""
+    server = serve(make_server, "[throttle]\nnetwork_burst = 2\naccount_unknown_burst = 2")
+    assert attempt(server, new_token(), ALICE, ALICE_PW) == ACCEPTED  # the first device
+    stranger = new_token()
+    hashes.clear()
+    right = [attempt(server, stranger, ALICE, ALICE_PW) for _ in range(4)]
+    right_hashes = len(hashes)
+    hashes.clear()
+    wrong = [attempt(server, stranger, ALICE, "not-it") for _ in range(4)]
+    assert right == wrong == [REFUSED] * 4
+    assert right_hashes == len(hashes) == 1  # one hash each; the repeats none
+    pending = server.admin("device", "list", ALICE).splitlines()[-1].split()[0]
+    server.admin("device", "approve", ALICE, pending)
+    known = server.service.components.defences.known
+    assert known is not None
+    known.refresh()  # what housekeeping does every few seconds
+    assert attempt(server, stranger, ALICE, ALICE_PW) == ACCEPTED
+
+
 def login_exchange(wire: Any, user: str, password: str) -> tuple[int, str]:
     assert wire.cmd("AUTH LOGIN")[0] == 334
     assert wire.cmd(base64.b64encode(user.encode()).decode())[0] == 334

@@ -47,6 +47,13 @@ NETWORK_BUSY = "network_busy"  # too many of the network's checks waiting for a 
 # while a trusted device or an account's usual network waits. The rest wait their turn.
 STRANGER_THREADS = 2
 REPEATED_FAILURE = "bad_password_repeated"
+# Policy refusals of a right password that the repeat memory answers like a wrong one
+# (C12): they change only when the device is approved (a trusted device is checked
+# afresh) or the config changes. A shared-device flag or a journey can be cleared by
+# other means, so those are checked every time.
+REMEMBERED_REFUSALS = frozenset(
+    {"new_device_pending", "device_pending", "device_revoked", "no_clientid_refused"}
+)
 
 
 @dataclass
@@ -209,9 +216,15 @@ class ClientIdChecker:
         account = self.passwords.get(attempt.address)
         address, network = attempt.address, attempt.where.network
         stored = account.password_hash if account is not None else None
-        if self.repeats.repeated(address, stored, network, password):
-            # Exactly this wrong password failed from this network a moment ago (a mail
-            # program retrying a stale password): answered as before, counted once.
+        known_clients = self.defences.known
+        if self.repeats.repeated(address, stored, network, password, attempt.device) and not (
+            known_clients is not None and known_clients.knows_device(attempt.device)
+        ):
+            # Exactly these credentials were refused from this network a moment ago (a
+            # mail program retrying): answered as before, counted once. Right passwords a
+            # policy refused are remembered too, or the repeat's speed (and budget) would
+            # tell a stolen password from a wrong one (C12). A device trusted since then
+            # is checked afresh, so a retry after ``device approve`` goes through.
             repeated = Decision(False, REPEATED_FAILURE)
             return AuthOutcome(address if account else None, False, repeated)
         known = (
@@ -233,8 +246,9 @@ class ClientIdChecker:
             if throttle is not None:
                 throttle.refund(*keys)  # successes never spend
             self._logged_in(attempt, outcome.decision)
-        elif not outcome.password_ok:
-            self.repeats.failed(address, stored, network, password)
+        elif not outcome.password_ok or outcome.decision.reason in REMEMBERED_REFUSALS:
+            # A wrong password, or a right one refused for this device: the same to a client.
+            self.repeats.failed(address, stored, network, password, attempt.device)
         return outcome
 
     @staticmethod

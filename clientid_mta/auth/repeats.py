@@ -40,21 +40,40 @@ class RecentFailures:
         self._lock = threading.Lock()
         self._seen: OrderedDict[bytes, float] = OrderedDict()
 
-    def _digest(self, account: str, stored: str | None, network: str, password: str) -> bytes:
-        message = "\0".join((account, stored or "", network, password)).encode("utf-8", "replace")
+    def _digest(
+        self, account: str, stored: str | None, network: str, password: str, device: str | None
+    ) -> bytes:
+        fields = (account, stored or "", network, password, device or "")
+        message = "\0".join(fields).encode("utf-8", "replace")
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
-    def repeated(self, account: str, stored: str | None, network: str, password: str) -> bool:
-        """Whether exactly this attempt failed recently (``stored``: the account's hash)."""
-        digest = self._digest(account, stored, network, password)
+    def repeated(
+        self,
+        account: str,
+        stored: str | None,
+        network: str,
+        password: str,
+        device: str | None = None,
+    ) -> bool:
+        """Whether exactly this attempt failed recently (``stored``: the account's hash;
+        ``device``: the session's device key, since the policy's answer depends on it)."""
+        digest = self._digest(account, stored, network, password, device)
         now = self._clock()
         with self._lock:
             when = self._seen.get(digest)
             return when is not None and now - when < self._window
 
-    def failed(self, account: str, stored: str | None, network: str, password: str) -> None:
-        """Remember a wrong password (or an account that does not exist)."""
-        digest = self._digest(account, stored, network, password)
+    def failed(
+        self,
+        account: str,
+        stored: str | None,
+        network: str,
+        password: str,
+        device: str | None = None,
+    ) -> None:
+        """Remember a refused attempt: a wrong password, an account that does not exist,
+        or a right password the policy refused for this device."""
+        digest = self._digest(account, stored, network, password, device)
         with self._lock:
             self._seen[digest] = self._clock()
             self._seen.move_to_end(digest)
