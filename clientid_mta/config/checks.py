@@ -8,6 +8,7 @@ nothing about sections, files or defaults; a field names its check in its metada
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
@@ -120,6 +121,40 @@ def domains(value: Any) -> tuple[str, ...]:
     return tuple(hostname(v).lower() for v in value)
 
 
+def networks(value: Any) -> tuple[str, ...]:
+    """A list of networks such as ["127.0.0.1/32", "10.0.0.0/8"] (a bare address: /32, /128)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Invalid('must be a list of networks such as ["127.0.0.1/32", "::1/128"]')
+    try:
+        return tuple(str(ipaddress.ip_network(v.strip(), strict=False)) for v in value)
+    except ValueError as error:
+        raise Invalid(f'must be a list of networks such as ["10.0.0.0/8"] ({error})') from None
+
+
+SYSTEMD_DOMAINS = ("INET", "INET6", "UNIX")
+
+
+def _systemd_endpoint(text: str) -> str:
+    """``systemd:domain=INET:index=0`` or ``...:name=NAME``, checked without the sockets:
+    the admin command reads the same config outside systemd, where there are none."""
+    arguments = dict(part.partition("=")[::2] for part in text.split(":")[1:])
+    usage = (
+        'is not a systemd socket description; write "systemd:domain=INET:index=0" or '
+        '"systemd:domain=INET6:name=submission" (the FileDescriptorName of the .socket unit)'
+    )
+    if arguments.get("domain") not in SYSTEMD_DOMAINS or set(arguments) - {
+        "domain",
+        "index",
+        "name",
+    }:
+        raise Invalid(usage)
+    if ("index" in arguments) == ("name" in arguments) or not (
+        arguments.get("index", "0").isdigit() and arguments.get("name", "x")
+    ):
+        raise Invalid(usage)
+    return text
+
+
 def endpoint(value: Any) -> str:
     """A Twisted server endpoint description, or "" (that listener is off).
 
@@ -129,6 +164,8 @@ def endpoint(value: Any) -> str:
     text = string(value)
     if text == "":
         return text
+    if text.startswith("systemd:"):
+        return _systemd_endpoint(text)
     try:
         serverFromString(MemoryReactor(), text)
     except Exception as error:  # strports raises many kinds; all mean "bad description"

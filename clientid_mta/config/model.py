@@ -96,6 +96,16 @@ class ServerConfig:
 class ListenConfig:
     submission: str = field(default=DEFAULT_SUBMISSION, metadata=setting(check=checks.endpoint))
     submissions: str = field(default=DEFAULT_SUBMISSIONS, metadata=setting(check=checks.endpoint))
+    # each connection starts with a PROXY header (v1 or v2) from a proxy in proxy_from
+    submission_proxy_protocol: bool = False
+    submissions_proxy_protocol: bool = False
+    proxy_from: tuple[str, ...] = field(
+        default=("127.0.0.1/32", "::1/128"), metadata=setting(check=checks.networks)
+    )
+
+    def proxy_protocol(self, listener: str) -> bool:
+        """Does the listener named ``listener`` ("submission", "submissions") expect it?"""
+        return bool(getattr(self, f"{listener}_proxy_protocol"))
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ from clientid_mta.server.delivery import InFlight
 from clientid_mta.server.filelimit import fit_open_files
 from clientid_mta.server.housekeeping import Housekeeping
 from clientid_mta.server.listeners import AdoptedPort, BoundPort, LateFactory
+from clientid_mta.server.proxy_protocol import proxied
+from clientid_mta.server.systemd import Notifier
 
 __all__ = [
     "Components",
@@ -83,6 +85,7 @@ class SubmissionService(service.MultiService):
         self.parts = prepare(config, self.reactor)
         self.components: Components = None  # type: ignore[assignment]  # set by startService
         self.reload_hooks: list[Callable[[], object]] = []
+        self.systemd = Notifier()  # twistd's plugin gives the one for $NOTIFY_SOCKET
         self._shared = False  # share_state: failure budgets in the store, for workers
         self.parts.workers.setServiceParent(self)
         self.parts.queue_runner.setServiceParent(self)
@@ -102,7 +105,7 @@ class SubmissionService(service.MultiService):
             if inherited is not None:
                 listener = AdoptedPort(inherited[key], late, self.reactor)
             else:
-                listener = BoundPort(serverFromString(self.reactor, description), late)
+                listener = BoundPort(_endpoint(self.reactor, key, description), late)
             listener.setName(key)
             listener.setServiceParent(self)
             self.listeners.append(listener)
@@ -149,15 +152,26 @@ class SubmissionService(service.MultiService):
 
     def reload(self) -> bool:
         """SIGHUP: read the certificate and key again; running sessions are kept."""
+        self.systemd.reloading()
         try:
             self.components.tls_context.reload()
         except ConfigError as problem:
             log.error("reload failed, keeping the old certificate: {problem}", problem=str(problem))
+            self.systemd.reloaded(f"reload failed, old certificate kept: {problem}")
             return False
         log.info("reloaded the TLS certificate and key")
         for hook in self.reload_hooks:
             hook()
+        self.systemd.reloaded(self.status())
         return True
+
+    def status(self) -> str:
+        """One line for ``systemctl status``: sessions of this process and the queue."""
+        if self.components is None:
+            return "starting"
+        runner = self.components.queue_runner
+        queue = f"{len(runner.entries)} queued" if runner.owner else "queue run by another process"
+        return f"{self.components.sessions.total} sessions, {queue}"
 
     def _install_sighup(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -205,11 +219,16 @@ class SubmissionService(service.MultiService):
         ready.addBoth(lambda _: self._started.callback(None))
 
     def _serve(self) -> None:
+        listen = self.config.listen
         for late, implicit in self._factories:
-            late.attach(build_factory(self.config, implicit, self.components, reactor=self.reactor))
+            factory = build_factory(self.config, implicit, self.components, reactor=self.reactor)
+            if listen.proxy_protocol(late.name):  # the header comes first, before TLS on 465
+                factory = proxied(factory, listen.proxy_from, self.reactor)
+            late.attach(factory)
         for listener in self.listeners:  # bound already: now they accept
             listener.serve()
         self._log_start()
+        self.systemd.ready(self.status)
 
     def _log_start(self) -> None:
         config = self.config
@@ -251,6 +270,7 @@ class SubmissionService(service.MultiService):
         final housekeeping write must come after the last login and the last message.
         """
         service.Service.stopService(self)
+        self.systemd.stopping()
         listening = [listener for listener in self.listeners if listener.running]
         await defer.gatherResults([defer.maybeDeferred(each.stopService) for each in listening])
         await self._drain()
@@ -279,6 +299,18 @@ class SubmissionService(service.MultiService):
                 storing=in_flight.count,
                 relaying=runner.active,
             )
+
+
+def _endpoint(reactor: Any, key: str, description: str) -> Any:
+    """The endpoint of a listener; a ``systemd:`` one names a socket systemd must have passed."""
+    try:
+        return serverFromString(reactor, description)
+    except (IndexError, KeyError):  # Twisted's systemd parser: no such inherited socket
+        raise ConfigError(
+            f"config error: [listen] {key} = {description!r}: systemd passed no such socket "
+            "to this process (LISTEN_FDS, LISTEN_FDNAMES); start the server through its "
+            ".socket unit (etc/clientid-mta.socket), or listen on a port (tcp:587)."
+        ) from None
 
 
 def build_service(

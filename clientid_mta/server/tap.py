@@ -39,6 +39,9 @@ def makeService(options: Options) -> Any:
     except ConfigError as problem:
         raise SystemExit(f"clientid-mta: {problem}") from None
     service.exit_on_start_error = True
+    from clientid_mta.server.systemd import Notifier
+
+    service.systemd = Notifier.from_environment(reactor)  # Type=notify: READY=1 and so on
     count = options.loaded.server.worker_count
     if count > 1:
         from clientid_mta.server.workerpool import WorkerPool

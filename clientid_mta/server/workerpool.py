@@ -27,6 +27,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from clientid_mta.config import Config
+from clientid_mta.server.systemd import without_systemd_variables
 
 log = Logger()
 
@@ -108,7 +109,7 @@ class WorkerPool(service.Service):
             process,
             sys.executable,
             argv,
-            env=dict(os.environ),
+            env=without_systemd_variables(os.environ),  # READY=1 and sockets: the parent's
             path=os.getcwd(),
             childFDs=child_fds,
         )

@@ -309,8 +309,13 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         """(HELO argument, client address): what Twisted's IMessageDelivery expects."""
         return ((self._helo_name or "").encode("ascii", "replace"), self._peer_host().encode())
 
+    def _peer(self) -> IAddress:
+        """The client's address: every cap, budget, log line and header asks here. Behind
+        the PROXY protocol the transport reports the address the proxy sent."""
+        return self.transport.getPeer()
+
     def _peer_host(self) -> str:
-        return str(getattr(self.transport.getPeer(), "host", "unknown"))
+        return str(getattr(self._peer(), "host", "unknown"))
 
     # --- connection --------------------------------------------------------------
 
@@ -716,7 +721,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
             username=username,
             password=password,
             clientId=self._clientid,  # C11: kept for a retry after a failure
-            peer=self.transport.getPeer(),
+            peer=self._peer(),
             tls=_tls_info(self.transport),
         )
         if proxy:

@@ -1,0 +1,240 @@
+"""The PROXY protocol reader on its own: StringTransport, task.Clock, no sockets.
+
+v1 and v2 headers, split anywhere; garbage, a missing header, one that never ends and
+one that never comes are closed; a connection from outside ``proxy_from`` is closed
+before it may send anything; the SMTP session behind it greets only after the header
+and counts its session cap on the proxied address. ``test_haproxy.py`` runs the same
+through a real HAProxy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+import pytest
+from twisted.internet import address, protocol, task
+from twisted.internet.testing import StringTransport
+
+from clientid_mta.config import load_config
+from clientid_mta.server.proxy_protocol import (
+    HEADER_TIMEOUT,
+    MAX_V2_HEADER,
+    V1_MAX,
+    V2_SIGNATURE,
+    BadHeader,
+    ProxyHeaderFactory,
+    parse_header,
+    proxied,
+)
+from clientid_mta.smtp.protocol import SubmissionFactory
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+PROXY = address.IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+def v2(source: str, destination: str, ports: tuple[int, int], tlv: bytes = b"") -> bytes:
+    """A v2 PROXY header for TCP, as HAProxy's ``send-proxy-v2`` writes it."""
+    six = ":" in source
+    family = socket.AF_INET6 if six else socket.AF_INET
+    body = socket.inet_pton(family, source) + socket.inet_pton(family, destination)
+    body += struct.pack("!HH", *ports) + tlv
+    return V2_SIGNATURE + bytes([0x21, 0x21 if six else 0x11]) + struct.pack("!H", len(body)) + body
+
+
+V1 = b"PROXY TCP4 192.0.2.7 198.51.100.1 51000 587\r\n"
+V2 = v2("192.0.2.7", "198.51.100.1", (51000, 587))
+V2_LOCAL = V2_SIGNATURE + b"\x20\x00\x00\x00"
+
+
+class Recorder(protocol.Protocol):
+    """The protocol behind the reader: what it was told, and the peer it saw."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.peer: object = None
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.peer = self.transport.getPeer()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost = True
+
+
+class Connection:
+    """One connection from ``peer`` through a ProxyHeaderFactory to a Recorder."""
+
+    def __init__(self, peer: address.IPv4Address = PROXY) -> None:
+        self.clock = task.Clock()
+        self.inner = Recorder()
+        inner_factory = protocol.Factory.forProtocol(lambda: self.inner)
+        self.factory = ProxyHeaderFactory(inner_factory, LOOPBACK, self.clock)
+        self.reader = self.factory.buildProtocol(peer)
+        self.transport = StringTransport(peerAddress=peer)
+        self.reader.makeConnection(self.transport)
+
+    def send(self, *chunks: bytes) -> None:
+        for chunk in chunks:
+            self.reader.dataReceived(chunk)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+
+@pytest.mark.parametrize(
+    ("header", "host", "port"),
+    [
+        (V1, "192.0.2.7", 51000),
+        (V2, "192.0.2.7", 51000),
+        (b"PROXY TCP6 2001:db8::7 2001:db8::1 51000 587\r\n", "2001:db8::7", 51000),
+        (v2("2001:db8::7", "2001:db8::1", (51000, 587)), "2001:db8::7", 51000),
+        (v2("192.0.2.7", "198.51.100.1", (51000, 587), b"\x04\x00\x02ab"), "192.0.2.7", 51000),
+    ],
+)
+def test_a_header_gives_the_session_the_client_address(header: bytes, host: str, port: int) -> None:
+    connection = Connection()
+    assert connection.inner.peer is None  # nothing connected before the header
+    connection.send(header + b"EHLO client\r\n")
+    peer = connection.inner.peer
+    assert (getattr(peer, "host", None), getattr(peer, "port", None)) == (host, port)
+    assert connection.reader.getPeer() == peer
+    assert connection.inner.received == b"EHLO client\r\n"
+    assert not connection.closed
+
+
+@pytest.mark.parametrize("header", [V1, V2])
+def test_a_header_split_byte_by_byte_is_read(header: bytes) -> None:
+    connection = Connection()
+    connection.send(*(header[i : i + 1] for i in range(len(header))))
+    assert getattr(connection.inner.peer, "host", None) == "192.0.2.7"
+    connection.send(b"QUIT\r\n")
+    assert connection.inner.received == b"QUIT\r\n"
+
+
+@pytest.mark.parametrize(
+    "header", [V2_LOCAL, b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n"]
+)
+def test_a_local_header_keeps_the_connection_address(header: bytes) -> None:
+    connection = Connection()
+    connection.send(header)
+    assert connection.inner.peer == PROXY
+    assert not connection.closed
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"EHLO client.example\r\n",  # no header at all: a client that came directly
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 51000\r\n",  # a field missing
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 5x000 587\r\n",  # not a port
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 99999 587\r\n",  # out of range
+        b"PROXY TCP4 2001:db8::7 198.51.100.1 51000 587\r\n",  # the wrong family
+        b"PROXY TCP4 192.0.2.300 198.51.100.1 51000 587\r\n",  # not an address
+        b"PROXY UDP4 192.0.2.7 198.51.100.1 51000 587\r\n",
+        b"PROXY TCP4 \xff\xfe 198.51.100.1 51000 587\r\n",
+        V2_SIGNATURE + b"\x11\x11\x00\x0c" + bytes(12),  # version 1 in a v2 signature
+        V2_SIGNATURE + b"\x22\x11\x00\x0c" + bytes(12),  # command 2
+        V2_SIGNATURE + b"\x21\x12\x00\x0c" + bytes(12),  # UDP
+        V2_SIGNATURE + b"\x21\x31\x00\xd8" + bytes(216),  # a UNIX socket
+        V2_SIGNATURE + b"\x21\x11\x00\x04" + bytes(4),  # addresses cut short
+        V2_SIGNATURE + b"\x21\x21\x00\x0c" + bytes(12),  # IPv6 in the length of IPv4
+    ],
+)
+def test_garbage_is_closed_and_never_reaches_the_session(data: bytes) -> None:
+    connection = Connection()
+    connection.send(data)
+    assert connection.closed
+    assert connection.inner.peer is None
+    connection.send(b"MAIL FROM:<a@example.org>\r\n")  # after the close: dropped
+    assert connection.inner.received == b""
+    connection.reader.connectionLost(None)  # type: ignore[arg-type]
+    assert not connection.inner.lost  # never connected, so never told
+
+
+def test_a_v1_line_that_never_ends_is_cut_at_the_protocol_limit() -> None:
+    connection = Connection()
+    connection.send(b"PROXY TCP4 " + b"1" * (V1_MAX - 12))
+    assert not connection.closed  # 106 bytes: may still end
+    connection.send(b"1")
+    assert connection.closed
+
+
+def test_a_v2_header_longer_than_the_cap_is_refused_from_its_length_alone() -> None:
+    connection = Connection()
+    connection.send(V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", MAX_V2_HEADER))
+    assert connection.closed
+
+
+def test_a_header_that_never_comes_is_cut_by_the_timeout() -> None:
+    connection = Connection()
+    connection.send(b"PROXY TCP4 192.0.2.7")  # a start, then silence
+    connection.clock.advance(HEADER_TIMEOUT - 0.1)
+    assert not connection.closed
+    connection.clock.advance(0.1)
+    assert connection.closed
+
+
+def test_the_timeout_stops_once_the_header_is_read() -> None:
+    connection = Connection()
+    connection.send(V1)
+    assert connection.clock.getDelayedCalls() == []
+    connection.clock.advance(HEADER_TIMEOUT * 2)
+    assert not connection.closed
+
+
+def test_a_connection_from_outside_proxy_from_is_closed_at_once() -> None:
+    connection = Connection(address.IPv4Address("TCP", "203.0.113.5", 40000))
+    assert connection.closed
+    connection.send(V1)  # a forged header from the internet
+    assert connection.inner.peer is None
+    assert connection.clock.getDelayedCalls() == []
+
+
+def test_an_ipv4_mapped_proxy_address_is_matched_as_ipv4() -> None:
+    connection = Connection(address.IPv6Address("TCP", "::ffff:127.0.0.1", 40000))  # type: ignore[arg-type]
+    assert not connection.closed
+
+
+def test_parse_header_answers_none_while_incomplete_and_raises_on_garbage() -> None:
+    assert parse_header(b"") is None
+    assert parse_header(b"PRO") is None
+    assert parse_header(V2[:10]) is None
+    assert parse_header(V2[:-1]) is None
+    with pytest.raises(BadHeader):
+        parse_header(b"PROXX")
+    header = parse_header(V2 + b"rest")
+    assert header is not None and header.length == len(V2)
+
+
+def test_the_smtp_session_greets_after_the_header_and_caps_the_proxied_address() -> None:
+    config = load_config()
+    clock = task.Clock()
+    smtp = SubmissionFactory(config, None, None, reactor=clock)
+    factory = proxied(smtp, ("127.0.0.1/32",), clock)
+    cap = config.limits.max_sessions_per_address
+    transports = []
+    for number in range(cap + 1):
+        transport = StringTransport(peerAddress=PROXY)
+        reader = factory.buildProtocol(PROXY)
+        assert reader is not None
+        reader.makeConnection(transport)
+        assert transport.value() == b""  # no greeting before the header
+        transports.append(transport)
+        source = "192.0.2.7" if number < cap else "192.0.2.8"
+        reader.dataReceived(f"PROXY TCP4 {source} 198.51.100.1 {50000 + number} 587\r\n".encode())
+        assert transport.value().startswith(b"220 ")
+    assert smtp.sessions.by_address == {"192.0.2.7": cap, "192.0.2.8": 1}
+    one_more = StringTransport(peerAddress=PROXY)
+    reader = factory.buildProtocol(PROXY)
+    assert reader is not None
+    reader.makeConnection(one_more)
+    reader.dataReceived(b"PROXY TCP4 192.0.2.7 198.51.100.1 1 587\r\n")
+    assert one_more.value().startswith(b"421 4.7.0")  # the proxied client is over its cap
