@@ -148,8 +148,7 @@ class ServerProcess(RunningServer):
             if process.poll() is not None:
                 status = process.returncode
                 raise RuntimeError(f"twistd exited with {status}:\n{self.output()}")
-            # The ports are bound before the state is open: wait for the greeting.
-            return (greets(self.port) and accepts(self.tls_port)) or None
+            return self.serving() or None
 
         try:
             wait_until(listening, START_TIMEOUT, "twistd to listen", interval=0.05)
@@ -158,6 +157,10 @@ class ServerProcess(RunningServer):
             raise RuntimeError(
                 f"twistd did not listen in {START_TIMEOUT} s:\n{self.output()}"
             ) from None
+
+    def serving(self) -> bool:
+        """The ports are bound before the state is open: wait for the greeting."""
+        return greets(self.port) and accepts(self.tls_port)
 
     def _end(self, sig: signal.Signals) -> None:
         process = self.process
