@@ -55,11 +55,13 @@ EXACT_MESSAGES = [
     (
         '[listen]\nsubmision = "tcp:587"\n',
         '[listen] has an unknown key "submision" (did you mean "submission"?); '
-        "known keys are: submission, submissions.",
+        "known keys are: submission, submissions, submission_proxy_protocol, "
+        "submissions_proxy_protocol, proxy_from.",
     ),
     (
         "[listen]\nbogus = 1\n",
-        '[listen] has an unknown key "bogus"; known keys are: submission, submissions.',
+        '[listen] has an unknown key "bogus"; known keys are: submission, submissions, '
+        "submission_proxy_protocol, submissions_proxy_protocol, proxy_from.",
     ),
     (
         "[relay]\nca_fil = 1\n",

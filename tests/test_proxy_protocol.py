@@ -12,12 +12,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 from twisted.internet import address, protocol, task
 from twisted.internet.testing import StringTransport
 
-from clientid_mta.config import load_config
+from clientid_mta.config import ConfigError, load_config
 from clientid_mta.server.proxy_protocol import (
     HEADER_TIMEOUT,
     MAX_V2_HEADER,
@@ -238,3 +239,19 @@ def test_the_smtp_session_greets_after_the_header_and_caps_the_proxied_address()
     reader.makeConnection(one_more)
     reader.dataReceived(b"PROXY TCP4 192.0.2.7 198.51.100.1 1 587\r\n")
     assert one_more.value().startswith(b"421 4.7.0")  # the proxied client is over its cap
+
+
+@pytest.mark.parametrize(
+    "value", ['"127.0.0.1/32"', '["127.0.0.1/33"]', '["proxy.example"]', "[1]"]
+)
+def test_a_bad_proxy_from_is_one_sentence(tmp_path: Path, value: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f"[listen]\nsubmission_proxy_protocol = true\nproxy_from = {value}\n")
+    with pytest.raises(ConfigError, match=r"^config error: \[listen\] proxy_from must be a list"):
+        load_config(config)
+
+
+def test_proxy_from_takes_bare_addresses_as_single_hosts(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[listen]\nproxy_from = ["10.0.0.5", "2001:db8::/48"]\n')
+    assert load_config(config).listen.proxy_from == ("10.0.0.5/32", "2001:db8::/48")

@@ -15,7 +15,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +33,7 @@ from tests.serverproc import (
     twistd_argv,
 )
 from tests.sink import wait_until
-from tests.test_workers import accepted_by, sessions_served
+from tests.test_workers import served_by_both
 
 WORKERS = "[server]\nworkers = 2\n"
 UCRED = struct.Struct("3i")  # pid, uid, gid
@@ -209,12 +208,7 @@ def test_a_socket_passed_by_systemd_is_served_by_all_processes(tmp_path: Path) -
         listener.listen(16)
         with socket_activated(tmp_path / "server", listener, "submission") as server:
             listener.close()  # from now on only the server holds it
-            server.wait_for_output(r"2 processes serve the ports", timeout=15)
-            wait_until(lambda: "worker 1: clientid-mta" in server.output() or None, 15, "worker")
-            deadline = time.monotonic() + 30
-            while min(accepted_by(server.output())) == 0 and time.monotonic() < deadline:
-                sessions_served(server, 5)
-            main, worker = accepted_by(server.output())
+            main, worker = served_by_both(server)
     assert main > 0 and worker > 0, (main, worker)
 
 

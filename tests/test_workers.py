@@ -42,14 +42,20 @@ def accepted_by(output: str) -> tuple[int, int]:
     return main, worker
 
 
+def served_by_both(server: ServerProcess) -> tuple[int, int]:
+    """Once both processes run, sessions until each has accepted a message (bounded):
+    (messages accepted by the twistd process, by worker 1)."""
+    server.wait_for_output(r"2 processes serve the ports", timeout=10)
+    wait_until(lambda: "worker 1: clientid-mta" in server.output() or None, 10, "worker 1")
+    deadline = time.monotonic() + 30
+    while min(accepted_by(server.output())) == 0 and time.monotonic() < deadline:
+        sessions_served(server, 5)
+    return accepted_by(server.output())
+
+
 def test_workers_both_processes_serve_the_ports(tmp_path: Path) -> None:
     with running(tmp_path / "server", WORKERS) as server:
-        server.wait_for_output(r"2 processes serve the ports", timeout=10)
-        wait_until(lambda: "worker 1: clientid-mta" in server.output() or None, 10, "worker 1")
-        deadline = time.monotonic() + 30
-        while min(accepted_by(server.output())) == 0 and time.monotonic() < deadline:
-            sessions_served(server, 5)
-        main, worker = accepted_by(server.output())
+        main, worker = served_by_both(server)
         stored = len(server.messages("bob@example.org"))
     assert main > 0 and worker > 0, (main, worker)
     assert stored == main + worker
