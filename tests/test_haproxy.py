@@ -181,6 +181,7 @@ def test_logins_through_haproxy_are_audited_logged_and_received_with_the_client_
     received = [m["Received"] for n in cluster.nodes for m in n.messages("bob@example.org")]
     assert len(received) == 1
     assert f"from client.example.net ([{NET_A}])" in received[0]
+    assert "with ESMTPSA (TLSv1." in received[0]  # STARTTLS below the PROXY reader
 
 
 def test_per_network_budgets_count_the_proxied_address(cluster: Cluster) -> None:
