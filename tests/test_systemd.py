@@ -20,9 +20,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from twisted.internet import task
 
 from clientid_mta.config import ConfigError, load_config
-from clientid_mta.server.systemd import Notifier, socket_address, without_systemd_variables
+from clientid_mta.server.systemd import (
+    STATUS_INTERVAL,
+    Notifier,
+    socket_address,
+    without_systemd_variables,
+)
 from tests.serverproc import (
     START_TIMEOUT,
     USERS,
@@ -136,6 +142,28 @@ def test_notifier_writes_to_an_abstract_socket(tmp_path: Path) -> None:
         assert receiver.recv(100) == b"READY=1\nSTATUS=up"
     finally:
         receiver.close()
+
+
+def test_status_is_sent_every_interval_until_stopping(tmp_path: Path) -> None:
+    receiver = FakeSystemd(tmp_path / "notify")
+    clock = task.Clock()
+    sessions = iter(range(100))
+    notifier = Notifier(str(receiver.path), clock)
+    try:
+        notifier.ready(lambda: f"{next(sessions)} sessions")
+        clock.advance(STATUS_INTERVAL)
+        clock.advance(STATUS_INTERVAL)
+        notifier.stopping()
+        assert clock.getDelayedCalls() == []  # no status after STOPPING=1
+        receiver.drain()
+    finally:
+        receiver.close()
+    assert [message for _pid, message in receiver.received] == [
+        "READY=1\nSTATUS=0 sessions",
+        "STATUS=1 sessions",
+        "STATUS=2 sessions",
+        "STOPPING=1\nSTATUS=stopping",
+    ]
 
 
 def test_notifier_without_systemd_sends_nothing_and_a_gone_socket_is_one_warning(
