@@ -142,15 +142,10 @@ def _systemd_endpoint(text: str) -> str:
         'is not a systemd socket description; write "systemd:domain=INET:index=0" or '
         '"systemd:domain=INET6:name=submission" (the FileDescriptorName of the .socket unit)'
     )
-    if arguments.get("domain") not in SYSTEMD_DOMAINS or set(arguments) - {
-        "domain",
-        "index",
-        "name",
-    }:
-        raise Invalid(usage)
-    if ("index" in arguments) == ("name" in arguments) or not (
-        arguments.get("index", "0").isdigit() and arguments.get("name", "x")
-    ):
+    known_keys = set(arguments) <= {"domain", "index", "name"}
+    one_way = ("index" in arguments) != ("name" in arguments)  # by position or by name
+    values = arguments.get("index", "0").isdigit() and arguments.get("name", "-") != ""
+    if not (known_keys and one_way and values and arguments.get("domain") in SYSTEMD_DOMAINS):
         raise Invalid(usage)
     return text
 
