@@ -10,11 +10,15 @@ through a real HAProxy.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import address, protocol, task
 from twisted.internet.testing import StringTransport
 
@@ -255,3 +259,48 @@ def test_proxy_from_takes_bare_addresses_as_single_hosts(tmp_path: Path) -> None
     config = tmp_path / "c.toml"
     config.write_text('[listen]\nproxy_from = ["10.0.0.5", "2001:db8::/48"]\n')
     assert load_config(config).listen.proxy_from == ("10.0.0.5/32", "2001:db8::/48")
+
+
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None)
+PREFIXES = st.sampled_from([b"", b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ", V2_SIGNATURE])
+
+
+@FUZZ
+@given(prefix=PREFIXES, rest=st.binary(max_size=300))
+def test_any_bytes_parse_to_a_header_to_more_or_to_bad_header(prefix: bytes, rest: bytes) -> None:
+    try:
+        header = parse_header(prefix + rest)
+    except BadHeader:
+        return
+    if header is not None:
+        assert 0 < header.length <= len(prefix + rest)
+
+
+@FUZZ
+@given(
+    ips=st.one_of(
+        st.tuples(st.ip_addresses(v=4), st.ip_addresses(v=4)),
+        st.tuples(st.ip_addresses(v=6), st.ip_addresses(v=6)),
+    ),
+    ports=st.tuples(st.integers(0, 65535), st.integers(0, 65535)),
+    version=st.sampled_from([1, 2]),
+    cuts=st.lists(st.integers(1, 120), max_size=8),
+)
+def test_a_header_cut_anywhere_names_the_client(
+    ips: tuple[Any, Any], ports: tuple[int, int], version: int, cuts: list[int]
+) -> None:
+    source, destination = ips
+    if version == 1:
+        family = "TCP4" if source.version == 4 else "TCP6"
+        header = f"PROXY {family} {source} {destination} {ports[0]} {ports[1]}\r\n".encode()
+    else:
+        header = v2(str(source), str(destination), ports)
+    connection = Connection()
+    data, chunks = header + b"EHLO x\r\n", []
+    for cut in cuts:
+        chunks.append(data[:cut])
+        data = data[cut:]
+    connection.send(*chunks, data)
+    peer = connection.inner.peer
+    assert (getattr(peer, "host", None), getattr(peer, "port", None)) == (str(source), ports[0])
+    assert connection.inner.received == b"EHLO x\r\n"
