@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from twisted.application import service
@@ -24,6 +24,10 @@ from twisted.mail.interfaces import IMessageDelivery
 
 from clientid_mta.config import Config, ConfigError
 from clientid_mta.delivery.sweep import TmpSweeper
+from clientid_mta.observe.events import NO_EVENTS, IServerEvents
+from clientid_mta.observe.health import Check
+from clientid_mta.observe.metrics import PrometheusEvents
+from clientid_mta.observe.web import Observed
 from clientid_mta.server.components import (
     Components,
     build_components,
@@ -37,6 +41,12 @@ from clientid_mta.server.delivery import InFlight
 from clientid_mta.server.filelimit import fit_open_files
 from clientid_mta.server.housekeeping import Housekeeping
 from clientid_mta.server.listeners import AdoptedPort, BoundPort, LateFactory
+from clientid_mta.server.observing import (
+    make_events,
+    observe_service,
+    queue_states,
+    readiness_checks,
+)
 
 __all__ = [
     "Components",
@@ -106,6 +116,29 @@ class SubmissionService(service.MultiService):
             listener.setName(key)
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        self._parent = inherited is None  # a worker counts; its parent serves the sums
+        self.events: IServerEvents = NO_EVENTS  # made at start, with the state
+        if config.metrics.listen and self._parent:
+            observe_service(self.reactor, config.metrics.listen, self._observed()).setServiceParent(
+                self
+            )
+
+    def _observed(self) -> Observed:
+        def metrics() -> PrometheusEvents | None:
+            return self.events if isinstance(self.events, PrometheusEvents) else None
+
+        def not_ready() -> list[str]:
+            if not self._started.called:
+                return ["server: starting"]
+            return [f"{each.name}: not listening" for each in self.listeners if each.port is None]
+
+        def checks() -> Sequence[tuple[str, Check]]:
+            return readiness_checks(self.config, self.parts.queue_runner)
+
+        def queue() -> dict[str, int] | None:
+            return queue_states(self.parts.queue_runner)
+
+        return Observed(metrics, not_ready, checks, queue)
 
     def share_state(self) -> None:
         """Several processes serve this config: keep the failure budgets in the store."""
@@ -180,9 +213,17 @@ class SubmissionService(service.MultiService):
         self.housekeeping.watch(components.defences, components.store, components.checker)
         return components
 
+    def _count_into(self, events: IServerEvents) -> None:
+        """Every part that reports events reports to ``events`` from now on."""
+        self.events = events
+        self.components.events = events
+        self.components.checker.events = events
+        self.parts.queue_runner.attempts.events = events
+
     def startService(self) -> None:
         if self.components is None:
             self.components = self._open()
+            self._count_into(make_events(self.config, self._parent))
         fit_open_files(self.config.limits.max_sessions)
         if IReactorThreads.providedBy(self.reactor):
             self.reactor.suggestThreadPoolSize(DISK_THREADS)

@@ -27,6 +27,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from clientid_mta.config import Config
+from clientid_mta.observe.metrics import process_ended
 
 log = Logger()
 
@@ -119,6 +120,7 @@ class WorkerPool(service.Service):
         if current is None or current[0] is not process:
             return
         del self.workers[process.number]
+        process_ended(current[1].pid)  # its share of the live gauges goes with it
         if self.running:
             log.error(
                 "worker {worker} ended ({reason}); starting it again",
