@@ -9,6 +9,7 @@ scrape is parsed with prometheus_client's own text parser.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sqlite3
 import urllib.error
@@ -192,3 +193,23 @@ def test_two_worker_processes_report_the_whole_servers_figures(tmp_path: Path) -
     accepted = ("clientid_mta_auth_total", (("refusal", ""), ("result", "accepted")))
     sessions = ("clientid_mta_sessions_total", (("listener", "submission"),))
     assert changes[accepted] == logins and changes[sessions] == logins, changes
+
+
+def test_documented_metric_names_are_the_exported_ones(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    (port,) = free_ports(1)
+    make_server(metrics_config(port))
+    families = text_string_to_metric_families(get(port, "/metrics")[1])
+    exported = {f.name for f in families if not f.name.endswith("_created")}  # timestamps
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text().split("\n### Monitoring\n", 1)[1]
+    table = set(re.findall(r"^\| `(clientid_mta_\w+)` \|", readme, re.MULTILINE))
+    rules = (root / "etc" / "prometheus" / "clientid-mta.rules.yml").read_text()
+    used = set(re.findall(r"clientid_mta_[a-z_]+", rules))
+
+    def family(name: str) -> str:  # the parser names a counter's family without _total
+        return re.sub(r"_(total|bucket|count|sum)$", "", name)
+
+    assert {family(name) for name in table} == exported
+    assert {family(name) for name in used} <= exported
