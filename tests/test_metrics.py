@@ -21,7 +21,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningServer
-from tests.serverproc import free_ports, login_code, running, submit
+from tests.serverproc import fingerprint_of, free_ports, login_code, running, submit
 from tests.sink import wait_until
 
 ALICE, ALICE_PW = "alice@example.org", "alice-password"
@@ -213,3 +213,25 @@ def test_documented_metric_names_are_the_exported_ones(
 
     assert {family(name) for name in table} == exported
     assert {family(name) for name in used} <= exported
+
+
+def test_device_refusals_count_as_device_events(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    (port,) = free_ports(1)
+    server = make_server(metrics_config(port))
+    server.add_user(ALICE, ALICE_PW)
+    first, second = token(), token()
+    assert login_code(server, ALICE, ALICE_PW, first) == 235
+    before = scrape(port)
+    assert login_code(server, ALICE, ALICE_PW, second) == 535  # tofu: a second device waits
+    server.admin("device", "revoke", ALICE, fingerprint_of(server, first))
+    assert login_code(server, ALICE, ALICE_PW, first) == 535
+    wait_until(no_sessions_open(port), 10, "every session to be closed")
+    assert moved(before, scrape(port)) == {
+        ("clientid_mta_sessions_total", (("listener", "submission"),)): 2,
+        ("clientid_mta_auth_total", (("refusal", "device"), ("result", "refused"))): 2,
+        ("clientid_mta_device_events_total", (("event", "new"),)): 1,
+        ("clientid_mta_device_events_total", (("event", "pending"),)): 1,
+        ("clientid_mta_device_events_total", (("event", "revoked"),)): 1,
+    }
