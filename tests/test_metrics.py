@@ -18,10 +18,20 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RunningServer
-from tests.serverproc import fingerprint_of, free_ports, login_code, running, submit
+from clientid_mta.config import ConfigError
+from tests.conftest import RunningServer, start_server
+from tests.serverproc import (
+    ServerProcess,
+    fingerprint_of,
+    free_ports,
+    login_code,
+    run_twistd_once,
+    running,
+    submit,
+)
 from tests.sink import wait_until
 
 ALICE, ALICE_PW = "alice@example.org", "alice-password"
@@ -235,3 +245,26 @@ def test_device_refusals_count_as_device_events(
         ("clientid_mta_device_events_total", (("event", "pending"),)): 1,
         ("clientid_mta_device_events_total", (("event", "revoked"),)): 1,
     }
+
+
+def test_a_busy_metrics_port_stops_the_start_with_one_sentence(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError) as problem:
+            start_server(tmp_path / "server", metrics_config(port))
+    message = str(problem.value)
+    assert message.startswith(f"config error: [metrics] listen = 'tcp:{port}:interface=127.0.0.1'")
+    assert message.endswith('choose a free port, or "" to turn it off.')
+
+
+def test_twistd_with_a_busy_metrics_port_exits_with_the_sentence(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServerProcess.create(tmp_path / "server", metrics_config(port))
+        status, output = run_twistd_once(server.root, server.config.source)
+    assert status != 0
+    assert f"clientid-mta: config error: [metrics] listen = 'tcp:{port}:" in output, output

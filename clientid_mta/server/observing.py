@@ -14,9 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.python.failure import Failure
 
-from clientid_mta.config import Config
+from clientid_mta.config import Config, ConfigError
 from clientid_mta.devices.sqlite_store import probe_writable
 from clientid_mta.observe.events import NO_EVENTS, IServerEvents
 from clientid_mta.observe.health import Check, writable_folder
@@ -85,8 +89,46 @@ def readiness_checks(config: Config, runner: QueueRunner) -> Sequence[tuple[str,
     return checks
 
 
-def observe_service(reactor: Any, description: str, observed: Observed) -> service.Service:
+class MetricsListener(service.Service):
     """The HTTP endpoint, bound with the other ports (before privileges drop)."""
-    endpoint_service = strports.service(description, observe_site(reactor, observed), reactor)
-    endpoint_service.setName("metrics")
-    return endpoint_service
+
+    name = "metrics"
+
+    def __init__(self, reactor: Any, description: str, observed: Observed) -> None:
+        self.description = description
+        self.endpoint = serverFromString(reactor, description)
+        self.site = observe_site(reactor, observed)
+        self.port: IListeningPort | None = None
+        self._tried = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.listen()
+
+    def startService(self) -> None:
+        self.listen()
+        super().startService()
+
+    def listen(self) -> None:
+        """Bind the port, once (started without the privileged step: embedded, tests).
+        Raises ConfigError."""
+        if self._tried:
+            return
+        self._tried = True
+        failed: list[Failure] = []
+        listening = self.endpoint.listen(self.site)  # a TCP endpoint answers at once
+        listening.addCallbacks(self._bound, failed.append)
+        if failed:
+            raise ConfigError(
+                f"config error: [metrics] listen = {self.description!r}: cannot listen "
+                f'({failed[0].getErrorMessage()}); choose a free port, or "" to turn it off.'
+            )
+
+    def _bound(self, port: IListeningPort) -> None:
+        self.port = port
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        self._tried = False
+        return port.stopListening() if port is not None else None

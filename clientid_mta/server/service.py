@@ -42,8 +42,8 @@ from clientid_mta.server.filelimit import fit_open_files
 from clientid_mta.server.housekeeping import Housekeeping
 from clientid_mta.server.listeners import AdoptedPort, BoundPort, LateFactory
 from clientid_mta.server.observing import (
+    MetricsListener,
     make_events,
-    observe_service,
     queue_states,
     readiness_checks,
 )
@@ -118,10 +118,10 @@ class SubmissionService(service.MultiService):
             self.listeners.append(listener)
         self._parent = inherited is None  # a worker counts; its parent serves the sums
         self.events: IServerEvents = NO_EVENTS  # made at start, with the state
+        self.metrics: MetricsListener | None = None
         if config.metrics.listen and self._parent:
-            observe_service(self.reactor, config.metrics.listen, self._observed()).setServiceParent(
-                self
-            )
+            self.metrics = MetricsListener(self.reactor, config.metrics.listen, self._observed())
+            self.metrics.setServiceParent(self)
 
     def _observed(self) -> Observed:
         def metrics() -> PrometheusEvents | None:
@@ -155,6 +155,11 @@ class SubmissionService(service.MultiService):
                 f"({problem.socketError}); check that no other server uses it and that this "
                 f"user may bind it ({where})."
             )
+        except ConfigError as problem:  # [metrics] listen
+            for listener in self.listeners:
+                if listener.port is not None:
+                    listener.stopService()
+            self._failed_start(str(problem))
 
     def _failed_start(self, message: str) -> NoReturn:
         if self.exit_on_start_error:
@@ -221,6 +226,11 @@ class SubmissionService(service.MultiService):
         self.parts.queue_runner.attempts.events = events
 
     def startService(self) -> None:
+        if self.metrics is not None:  # a busy port stops the start before anything runs
+            try:
+                self.metrics.listen()
+            except ConfigError as problem:
+                self._failed_start(str(problem))
         if self.components is None:
             self.components = self._open()
             self._count_into(make_events(self.config, self._parent))
@@ -296,7 +306,9 @@ class SubmissionService(service.MultiService):
         await defer.gatherResults([defer.maybeDeferred(each.stopService) for each in listening])
         await self._drain()
         # The last logins finish before the final write of the audit log and budgets.
-        for child in (self.parts.queue_runner, self.parts.workers, self.housekeeping):
+        # Health and metrics answer until the end: a balancer sees the drain.
+        last = (self.parts.queue_runner, self.parts.workers, self.housekeeping, self.metrics)
+        for child in [each for each in last if each is not None]:
             if not child.running:
                 continue
             try:
