@@ -30,7 +30,8 @@ from clientid_mta.config.schema import keys_of, sections_of
 ROOT = Path(__file__).resolve().parent.parent
 SECTION_LIST = (
     "[server], [listen], [tls], [auth], [clientid], [delivery], [limits], [throttle], "
-    "[shared_devices], [travel], [alerts], [audit], [approval], [relay], [queue], [dkim]"
+    "[shared_devices], [travel], [alerts], [audit], [approval], [relay], [queue], "
+    "[metrics], [log], [dkim]"
 )
 RELAY_KEYS = (
     "smarthost, tls, username, password_file, client_id, client_id_type, ca_file, helo_name, "

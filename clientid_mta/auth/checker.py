@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,11 +26,19 @@ from clientid_mta.auth.known_clients import KnownClients
 from clientid_mta.auth.passwd_file import Account, PasswdFile, normalise_address, verify_password
 from clientid_mta.auth.repeats import RecentFailures
 from clientid_mta.devices import notices as alerts
+from clientid_mta.devices import policy as rules
 from clientid_mta.devices.audit import COUNTED_REASONS, AuditLog
 from clientid_mta.devices.policy import Decision, DevicePolicy, Where
 from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.sharing import SharedDevices
 from clientid_mta.devices.store import TRUSTED, StoreUnavailable
+from clientid_mta.observe.events import (
+    NO_EVENTS,
+    REFUSED_DEVICE,
+    REFUSED_PASSWORD,
+    REFUSED_POLICY,
+    IServerEvents,
+)
 from clientid_mta.smtp.clientid import ClientIdentity, fingerprint
 from clientid_mta.smtp.network import network_prefix
 
@@ -47,6 +56,33 @@ NETWORK_BUSY = "network_busy"  # too many of the network's checks waiting for a 
 # while a trusted device or an account's usual network waits. The rest wait their turn.
 STRANGER_THREADS = 2
 REPEATED_FAILURE = "bad_password_repeated"
+# The class of a refusal, for metrics (the reason itself stays in the log and audit).
+PASSWORD_REASONS = frozenset({"bad_password", REPEATED_FAILURE, "unknown_account"})
+DEVICE_REASONS = frozenset(
+    {rules.REFUSED_NEW_DEVICE, rules.REFUSED_PENDING, rules.REFUSED_REVOKED, "shared_device"}
+)
+# What a decision tells about devices, as metric events.
+DEVICE_EVENTS = {
+    rules.ALLOWED_FIRST_DEVICE: ("new", "trusted_on_first_use"),
+    rules.REFUSED_NEW_DEVICE: ("new", "pending"),
+    rules.REFUSED_REVOKED: ("revoked",),
+    rules.REFUSED_TRAVEL: ("travel",),
+}
+MAX_LOGGED_NAME = 256  # characters of a typed account name kept in the log
+
+
+def refusal_class(reason: str) -> str:
+    if reason in PASSWORD_REASONS:
+        return REFUSED_PASSWORD
+    return REFUSED_DEVICE if reason in DEVICE_REASONS else REFUSED_POLICY
+
+
+def as_typed(name: str) -> str:
+    """A name a client typed, quoted and escaped for one log line: no space, quote or
+    control character of its own can split the line or fake a field."""
+    return json.dumps(name[:MAX_LOGGED_NAME])
+
+
 # Policy refusals of a right password that the repeat memory answers like a wrong one
 # (C12): they change only when the device is approved (a trusted device is checked
 # afresh) or the config changes. A shared-device flag or a journey can be cleared by
@@ -139,6 +175,7 @@ class ClientIdChecker:
         # Where the blocking half runs; the server gives it its own pool (workers.py).
         self.run_in_thread: Callable[..., defer.Deferred[Any]] = threads.deferToThread
         self.throttled_count = 0  # read (and reset) by the server's housekeeping
+        self.events: IServerEvents = NO_EVENTS  # metrics, when the server counts
         self.repeats = RecentFailures()
         self._stranger_lane = defer.DeferredSemaphore(STRANGER_THREADS)
 
@@ -362,6 +399,18 @@ class ClientIdChecker:
             postmaster=True,
         )
 
+    def _count(self, result: str, decision: Decision, flagged: bool) -> None:
+        events = self.events
+        events.login(result, refusal_class(decision.reason) if result == "refused" else "")
+        for event in DEVICE_EVENTS.get(decision.reason, ()):
+            events.device_event(event)
+        if decision.reason != rules.REFUSED_TRAVEL and any(
+            notice.startswith(alerts.IMPOSSIBLE_TRAVEL) for notice in decision.notices
+        ):
+            events.device_event("travel")
+        if flagged:
+            events.device_event("shared_flagged")
+
     def _conclude(
         self, outcome: AuthOutcome, attempt: Attempt, creds: IClientIdUsernamePassword
     ) -> bytes:
@@ -394,15 +443,21 @@ class ClientIdChecker:
                 fingerprint=attempt.fingerprint,
                 accounts=outcome.flagged_accounts,
             )
+        self._count(result, decision, outcome.flagged_accounts is not None)
         if not outcome.throttled:  # throttled attempts are counted, not logged one by one
+            # One line per attempt that fail2ban can read: the client's address first,
+            # then the name as typed, quoted, so nothing a client types can move a field.
             log.info(
-                "auth {outcome} account={account} device={fingerprint} network={network} "
-                "reason={reason}",
+                "auth {outcome} client={client} device={fingerprint} account={typed} "
+                "network={network} reason={reason}",
                 outcome=result,
+                client=peer_host(creds.peer),
+                typed=as_typed(creds.username),
                 account=outcome.account or "(unknown)",
                 fingerprint=attempt.fingerprint or "-",
                 network=attempt.where.network,
                 reason=decision.reason,
+                refusal=refusal_class(decision.reason) if result == "refused" else "",
                 notices=list(decision.notices),
             )
         else:

@@ -28,6 +28,7 @@ from clientid_mta.auth.passwd_file import (
     normalise_address,
     parse_accounts,
 )
+from clientid_mta.cli import as_json as as_json_rows
 from clientid_mta.config import Config, ConfigError, load_config
 from clientid_mta.devices.audit import THROTTLED, unknown_account
 from clientid_mta.devices.keys import load_or_create_server_key
@@ -186,18 +187,24 @@ class Admin:
             removed = stores.devices.delete_account(account.address)
         print(f"deleted {account.address} and its {removed} device record(s)", file=self.out)
 
-    def user_list(self) -> None:
+    def user_list(self, as_json: bool = False) -> None:
         self._warn_unreadable(self._passwd_bytes(), "skipped")
+        if as_json:
+            as_json_rows.emit(self.out, as_json_rows.accounts(self.passwd.accounts()))
+            return
         for account in self.passwd.accounts():
             extra = f"  send-as: {','.join(sorted(account.send_as))}" if account.send_as else ""
             print(f"{account.address}{extra}", file=self.out)
 
     # --- devices -----------------------------------------------------------------
 
-    def device_list(self, address: str) -> None:
+    def device_list(self, address: str, as_json: bool = False) -> None:
         address = _address(address)
         with self._stores() as stores:
             devices = stores.devices.devices_of(address)
+        if as_json:
+            as_json_rows.emit(self.out, as_json_rows.devices(devices))
+            return
         if not devices:
             print(f"{address} has no devices yet", file=self.out)
             return
@@ -262,12 +269,17 @@ class Admin:
             raise AdminError(f"no flagged device matches {fingerprint}")
         print(f"cleared the shared-device flag of {fingerprint}", file=self.out)
 
-    def audit(self, account: str | None, device: str | None, since: str | None) -> None:
+    def audit(
+        self, account: str | None, device: str | None, since: str | None, as_json: bool = False
+    ) -> None:
         account = self._audited_account(_address(account)) if account else None
         device = _fingerprint(device) if device is not None else None
         since_time = parse_since(since) if since else None
         with self._stores() as stores:
             entries = stores.audit.audit(account=account, fingerprint=device, since=since_time)
+        if as_json:
+            as_json_rows.emit(self.out, as_json_rows.audit(entries))
+            return
         row = "{:<19} {:<9} {:<30} {:<17} {:<18} {}"
         print(
             row.format("TIME", "OUTCOME", "ACCOUNT", "DEVICE", "NETWORK", "REASON"), file=self.out
@@ -335,6 +347,10 @@ def _when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clientid-mta", description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
@@ -349,12 +365,14 @@ def _parser() -> argparse.ArgumentParser:
     send_as.add_argument("address")
     send_as.add_argument("send_as", nargs="*", help="addresses, or * for any")
     user.add_parser("del", help="delete an account and its device records").add_argument("address")
-    user.add_parser("list", help="list accounts")
+    _json_option(user.add_parser("list", help="list accounts"))
 
     device = groups.add_parser("device", help="client identities").add_subparsers(
         dest="action", required=True
     )
-    device.add_parser("list", help="an account's devices").add_argument("address")
+    device_list = device.add_parser("list", help="an account's devices")
+    device_list.add_argument("address")
+    _json_option(device_list)
     dadd = device.add_parser("add", help="trust a device; its token is read from stdin or prompted")
     dadd.add_argument("address")
     dadd.add_argument("type", help="the CLIENTID type, e.g. UUID")
@@ -373,6 +391,7 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--account", help="only this account (as typed)")
     audit.add_argument("--device", help="only this device fingerprint (or a prefix)")
     audit.add_argument("--since", help="2h, 30m, 7d, or a date/time like 2026-11-23T08:00")
+    _json_option(audit)
     label = device.add_parser("label", help="name a device")
     label.add_argument("address")
     label.add_argument("fingerprint")
@@ -381,7 +400,9 @@ def _parser() -> argparse.ArgumentParser:
     queue = groups.add_parser("queue", help="the outbound queue").add_subparsers(
         dest="action", required=True
     )
-    queue.add_parser("list", help="entries: id, age, sender, each recipient's state and error")
+    _json_option(
+        queue.add_parser("list", help="entries: id, age, sender, each recipient's state and error")
+    )
     queue.add_parser("flush", help="retry now (one entry, or all)").add_argument("id", nargs="?")
     queue.add_parser("delete", help="drop an entry without a bounce").add_argument("id")
     queue.add_parser("bounce", help="give up on an entry and bounce it").add_argument("id")
@@ -407,7 +428,7 @@ def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> int:
     if args.group == "queue":
         queue_admin = QueueAdmin(QueueDir(config.queue_config.directory), out)
         if args.action == "list":
-            queue_admin.list()
+            queue_admin.list(as_json=args.json)
         else:
             queue_admin.change(args.action, args.id or "")
         return 0
@@ -419,8 +440,8 @@ def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> int:
         ("user", "passwd"): lambda: admin.user_passwd(args.address),
         ("user", "send-as"): lambda: admin.user_send_as(args.address, args.send_as),
         ("user", "del"): lambda: admin.user_del(args.address),
-        ("user", "list"): admin.user_list,
-        ("device", "list"): lambda: admin.device_list(args.address),
+        ("user", "list"): lambda: admin.user_list(args.json),
+        ("device", "list"): lambda: admin.device_list(args.address, args.json),
         ("device", "add"): lambda: admin.device_add(args.address, args.type, args.label),
         ("device", "approve"): lambda: admin.set_device_state(
             args.address, args.fingerprint, TRUSTED, "approved"
@@ -430,7 +451,7 @@ def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> int:
         ),
         ("device", "label"): lambda: admin.device_label(args.address, args.fingerprint, args.text),
         ("device", "unflag"): lambda: admin.device_unflag(args.fingerprint),
-        ("audit", None): lambda: admin.audit(args.account, args.device, args.since),
+        ("audit", None): lambda: admin.audit(args.account, args.device, args.since, args.json),
     }
     actions[(args.group, getattr(args, "action", None))]()
     return 0

@@ -280,6 +280,18 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # endpoint for /metrics and /healthz/*; "": off
+    listen: str = field(default="", metadata=setting(check=checks.endpoint))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    # text | json (one object per line)
+    format: str = field(default="text", metadata=setting(check=checks.one_of("text", "json")))
+
+
+@dataclass(frozen=True)
 class DkimKey:
     """One [dkim."<domain>"] table."""
 
@@ -307,6 +319,8 @@ class Config:
     approval: ApprovalConfig = ApprovalConfig()
     relay: RelayConfig = RelayConfig()
     queue: QueueConfig | None = None
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
     dkim: tuple[DkimKey, ...] = field(default=(), metadata=setting(sub_tables=True))
     source: Path | None = field(
         default=None, metadata=setting(not_a_key="the file load_config read")

@@ -709,3 +709,23 @@ def open_sqlite_stores(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> Stores
         )
         undo.pop_all()
     return stores
+
+
+def probe_writable(path: Path, timeout: float = 1.0) -> str | None:
+    """None if a write transaction on the store can start within ``timeout`` seconds,
+    else why not (locked by another process, unreadable, gone). For readiness checks:
+    its own short-lived connection, so it never waits behind the server's own calls."""
+    if not path.exists():
+        return f"{path} does not exist"
+    try:
+        db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    except sqlite3.Error as problem:
+        return str(problem)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+    except sqlite3.Error as problem:
+        return str(problem)
+    finally:
+        db.close()
+    return None

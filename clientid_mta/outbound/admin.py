@@ -9,12 +9,14 @@ itself, under the lock; a bounce it records is sent at the next start.
 from __future__ import annotations
 
 import datetime
+import json
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from clientid_mta.outbound.queue import (
     BOUNCED,
     DELIVERED,
+    PENDING,
     AdminBounce,
     Envelope,
     QueueDir,
@@ -38,6 +40,35 @@ def _age(seconds: float) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
+def utc_iso(timestamp: float | None) -> str | None:
+    """A timestamp as ISO 8601 in UTC (for JSON listings); None for none."""
+    if not timestamp:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _entry(envelope: Envelope) -> dict[str, Any]:
+    """One entry for ``queue list --json`` (times in UTC, ISO 8601)."""
+    return {
+        "id": envelope.id,
+        "sender": envelope.sender,
+        "account": envelope.account,
+        "arrival": utc_iso(envelope.arrival),
+        "recipients": [
+            {
+                "address": r.address,
+                "state": r.state,
+                "attempts": r.attempts,
+                "next_attempt": utc_iso(r.next_attempt) if r.state == PENDING else None,
+                "last_error": r.last_error,
+                "status": r.status,
+            }
+            for r in envelope.recipients
+        ],
+    }
+
+
 def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
@@ -47,10 +78,14 @@ class QueueAdmin:
         self.queue = queue
         self.out = out
 
-    def list(self) -> None:
+    def list(self, as_json: bool = False) -> None:
         queue = self.queue
         queue.create()
         envelopes, _ = _readable(queue)
+        if as_json:
+            json.dump([_entry(envelope) for envelope in envelopes], self.out, indent=2)
+            self.out.write("\n")
+            return
         if not envelopes:
             print("the queue is empty", file=self.out)
             return

@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 
 from clientid_mta.config import Config
+from clientid_mta.observe.events import NO_EVENTS, IServerEvents
 from clientid_mta.outbound import bounces as dsn
 from clientid_mta.outbound.queue import (
     BOUNCED,
@@ -154,6 +155,7 @@ class Attempts:
         self.send = send
         self.enqueued = enqueued
         self.password = ""
+        self.events: IServerEvents = NO_EVENTS  # metrics, when the server counts
 
     def _in_thread(self, function: Callable[..., T], *args: Any) -> defer.Deferred[T]:
         pool = cast(IReactorThreads, self.reactor).getThreadPool()
@@ -222,6 +224,7 @@ class Attempts:
             status = enhanced_status(result.code, result.text)
             if result.delivered:
                 recipient.state, recipient.status, recipient.last_error = DELIVERED, status, ""
+                self.events.delivery("delivered")
                 recipient.last_attempt = now
                 log.info(
                     "queue {id}: delivered to <{rcpt}> via {relay}: {reply}",
@@ -340,6 +343,7 @@ class Attempts:
             recipient.state, recipient.status, recipient.last_error = FAILED, status, error
             recipient.last_attempt = now
             recipient.attempts += 1
+            self.events.delivery("failed")
             log.info(
                 "queue {id}: <{rcpt}> failed: {error}",
                 id=envelope.id,
@@ -350,8 +354,10 @@ class Attempts:
         recipient.defer(now, error, status, self.settings.retry_schedule)
         if now - envelope.arrival >= self.settings.max_queue_time:
             give_up([recipient], "4.4.7", f"delivery time expired; last error: {error}")
+            self.events.delivery("expired")
             log.info("queue {id}: <{rcpt}> expired", id=envelope.id, rcpt=recipient.address)
         else:
+            self.events.delivery("deferred")
             log.info(
                 "queue {id}: <{rcpt}> deferred (attempt {n}, next in {wait:.0f} s): {error}",
                 id=envelope.id,

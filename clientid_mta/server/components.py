@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IProtocolFactory
@@ -39,6 +39,7 @@ from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.sharing import SharedDevices
 from clientid_mta.devices.sqlite_store import open_sqlite_stores
 from clientid_mta.devices.store import Device, Stores
+from clientid_mta.observe.events import NO_EVENTS, IServerEvents
 from clientid_mta.outbound.queue import QueueDir
 from clientid_mta.outbound.runner import LocalBounceTarget, QueueRunner
 from clientid_mta.outbound.submit import Outbound
@@ -77,6 +78,7 @@ class Components:
     workers: AuthWorkers
     queue_runner: QueueRunner
     in_flight: InFlight
+    events: IServerEvents = NO_EVENTS  # what counts the sessions, logins, messages
 
 
 def state_files(config: Config) -> list[Path]:
@@ -208,6 +210,7 @@ def _wire(
 
     def approved(device: Device) -> None:  # in a thread, from ApprovalMessage
         known.trusted(device.device_key)  # its own budget from now on
+        checker.events.device_event("approved")  # PrometheusEvents takes it from a thread
         policy.notify(
             Notice(
                 DEVICE_APPROVED,
@@ -248,7 +251,7 @@ def _wire(
         return ServedDelivery(served, router, in_flight, local_delivery)
 
     portal = build_portal(passwords, policy, delivery_for, defences, config.auth)
-    checker = portal.checkers[IClientIdUsernamePassword]
+    checker = cast(ClientIdChecker, portal.checkers[IClientIdUsernamePassword])
     assert isinstance(checker, ClientIdChecker)
     checker.run_in_thread = parts.workers.run
     return Components(
@@ -304,6 +307,7 @@ def build_factory(
         sessions=parts.sessions,
         reactor=reactor,
     )
+    factory.events = parts.events
     if implicit_tls:
         return TLSMemoryBIOFactory(parts.tls_context, False, factory)
     return factory

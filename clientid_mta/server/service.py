@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from twisted.application import service
@@ -24,6 +24,10 @@ from twisted.mail.interfaces import IMessageDelivery
 
 from clientid_mta.config import Config, ConfigError
 from clientid_mta.delivery.sweep import TmpSweeper
+from clientid_mta.observe.events import NO_EVENTS, IServerEvents
+from clientid_mta.observe.health import Check
+from clientid_mta.observe.metrics import PrometheusEvents
+from clientid_mta.observe.web import Observed
 from clientid_mta.server.components import (
     Components,
     build_components,
@@ -37,6 +41,12 @@ from clientid_mta.server.delivery import InFlight
 from clientid_mta.server.filelimit import fit_open_files
 from clientid_mta.server.housekeeping import Housekeeping
 from clientid_mta.server.listeners import AdoptedPort, BoundPort, LateFactory
+from clientid_mta.server.observing import (
+    MetricsListener,
+    make_events,
+    queue_states,
+    readiness_checks,
+)
 from clientid_mta.server.proxy_protocol import proxied
 from clientid_mta.server.systemd import Notifier
 
@@ -109,6 +119,29 @@ class SubmissionService(service.MultiService):
             listener.setName(key)
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        self._parent = inherited is None  # a worker counts; its parent serves the sums
+        self.events: IServerEvents = NO_EVENTS  # made at start, with the state
+        self.metrics: MetricsListener | None = None
+        if config.metrics.listen and self._parent:
+            self.metrics = MetricsListener(self.reactor, config.metrics.listen, self._observed())
+            self.metrics.setServiceParent(self)
+
+    def _observed(self) -> Observed:
+        def metrics() -> PrometheusEvents | None:
+            return self.events if isinstance(self.events, PrometheusEvents) else None
+
+        def not_ready() -> list[str]:
+            if not self._started.called:
+                return ["server: starting"]
+            return [f"{each.name}: not listening" for each in self.listeners if each.port is None]
+
+        def checks() -> Sequence[tuple[str, Check]]:
+            return readiness_checks(self.config, self.parts.queue_runner)
+
+        def queue() -> dict[str, int] | None:
+            return queue_states(self.parts.queue_runner)
+
+        return Observed(metrics, not_ready, checks, queue)
 
     def share_state(self) -> None:
         """Several processes serve this config: keep the failure budgets in the store."""
@@ -125,6 +158,11 @@ class SubmissionService(service.MultiService):
                 f"({problem.socketError}); check that no other server uses it and that this "
                 f"user may bind it ({where})."
             )
+        except ConfigError as problem:  # [metrics] listen
+            for listener in self.listeners:
+                if listener.port is not None:
+                    listener.stopService()
+            self._failed_start(str(problem))
 
     def _failed_start(self, message: str) -> NoReturn:
         if self.exit_on_start_error:
@@ -194,9 +232,22 @@ class SubmissionService(service.MultiService):
         self.housekeeping.watch(components.defences, components.store, components.checker)
         return components
 
+    def _count_into(self, events: IServerEvents) -> None:
+        """Every part that reports events reports to ``events`` from now on."""
+        self.events = events
+        self.components.events = events
+        self.components.checker.events = events
+        self.parts.queue_runner.attempts.events = events
+
     def startService(self) -> None:
+        if self.metrics is not None:  # a busy port stops the start before anything runs
+            try:
+                self.metrics.listen()
+            except ConfigError as problem:
+                self._failed_start(str(problem))
         if self.components is None:
             self.components = self._open()
+            self._count_into(make_events(self.config, self._parent))
         fit_open_files(self.config.limits.max_sessions)
         if IReactorThreads.providedBy(self.reactor):
             self.reactor.suggestThreadPoolSize(DISK_THREADS)
@@ -275,7 +326,9 @@ class SubmissionService(service.MultiService):
         await defer.gatherResults([defer.maybeDeferred(each.stopService) for each in listening])
         await self._drain()
         # The last logins finish before the final write of the audit log and budgets.
-        for child in (self.parts.queue_runner, self.parts.workers, self.housekeeping):
+        # Health and metrics answer until the end: a balancer sees the drain.
+        last = (self.parts.queue_runner, self.parts.workers, self.housekeeping, self.metrics)
+        for child in [each for each in last if each is not None]:
             if not child.running:
                 continue
             try:

@@ -25,6 +25,21 @@ class Options(usage.Options):
             self.loaded: Config = load_config(self["config"])
         except ConfigError as problem:
             raise SystemExit(f"clientid-mta: {problem}") from None
+        self._choose_log_format()
+
+    def _choose_log_format(self) -> None:
+        """twistd picks its log observer before it makes the service: ``[log] format =
+        "json"`` is passed to it as its ``--logger``, unless the admin chose one (or
+        syslog) on twistd's command line."""
+        twistd = getattr(self, "parent", None)
+        if self.loaded.log.format != "json" or twistd is None:
+            return
+        if twistd.get("logger") or twistd.get("syslog"):
+            return
+        from clientid_mta.observe.logs import TWISTD_OBSERVER, use_twistd_output
+
+        use_twistd_output(twistd.get("logfile") or "", bool(twistd.get("nodaemon")))
+        twistd["logger"] = TWISTD_OBSERVER
 
 
 def makeService(options: Options) -> Any:
@@ -32,6 +47,7 @@ def makeService(options: Options) -> Any:
     465), state created and opened only after it switched to ``--uid/--gid``."""
     from twisted.internet import reactor  # twistd has installed the one it was asked for
 
+    from clientid_mta.server.observing import share_metrics
     from clientid_mta.server.service import build_service
 
     try:
@@ -47,6 +63,7 @@ def makeService(options: Options) -> Any:
         from clientid_mta.server.workerpool import WorkerPool
 
         service.share_state()
+        share_metrics(options.loaded)  # before anything imports prometheus_client
         pool = WorkerPool(options.loaded, service.listening, count, reactor)
         pool.setServiceParent(service)
         service.reload_hooks.append(pool.reload)

@@ -27,6 +27,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from clientid_mta.config import Config
+from clientid_mta.observe.metrics import process_ended
 from clientid_mta.server.systemd import without_systemd_variables
 
 log = Logger()
@@ -43,6 +44,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.pool = pool
         self.number = number
         self.ended: defer.Deferred[None] = defer.Deferred()
+        self.pid: int | None = None  # kept: the transport forgets it when the process ends
         self._partial = b""
 
     def outReceived(self, data: bytes) -> None:
@@ -113,6 +115,7 @@ class WorkerPool(service.Service):
             path=os.getcwd(),
             childFDs=child_fds,
         )
+        process.pid = transport.pid
         self.workers[number] = (process, transport)
 
     def ended(self, process: WorkerProcess, reason: Failure) -> None:
@@ -120,6 +123,8 @@ class WorkerPool(service.Service):
         if current is None or current[0] is not process:
             return
         del self.workers[process.number]
+        if process.pid is not None:
+            process_ended(process.pid)  # its share of the live gauges goes with it
         if self.running:
             log.error(
                 "worker {worker} ended ({reason}); starting it again",

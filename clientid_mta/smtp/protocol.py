@@ -33,6 +33,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any, cast
 
+from OpenSSL.SSL import Error as TLSError
 from twisted.cred import error as cred_error
 from twisted.cred.portal import Portal
 from twisted.internet import defer, protocol
@@ -50,6 +51,7 @@ from clientid_mta.auth.credentials import (
     TLSInfo,
 )
 from clientid_mta.config import Config
+from clientid_mta.observe.events import NO_EVENTS, IServerEvents
 from clientid_mta.smtp.addresses import AddressSyntaxError, Path, parse_path
 from clientid_mta.smtp.body import BodyReader
 from clientid_mta.smtp.clientid import (
@@ -240,6 +242,10 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self.server_key = server_key
         self.sessions = sessions or SessionLimits(config.limits)
         self._counted_address: str | None = None  # this session is counted in ``sessions``
+        self.events: IServerEvents = NO_EVENTS  # the factory's counter, if any
+        self._listener = "submissions" if implicit_tls else "submission"
+        self._counted_open = False  # told ``events`` of this session
+        self._data_ended_at = 0.0  # clock at the end of DATA, for the reply's delay
         self._counted_device: str | None = None
         self._device_over_cap = False
         self._clientid: ClientIdentity | None = None
@@ -327,8 +333,10 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
             "session {session} from {network} on {port}",
             session=self.session_id,
             network=network_prefix(self._peer_host()),
-            port="submissions" if self.implicit_tls else "submission",
+            port=self._listener,
         )
+        self.events.session_opened(self._listener)
+        self._counted_open = True
         refused = self.sessions.open(self._peer_host(), self, self._pushed_out)
         if refused is not None:
             self.reply(421, f"4.7.0 {self.hostname} Error: {refused}, try again later")
@@ -343,6 +351,11 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
             self._abort_later.cancel()
             self._abort_later = None
         self._closing = True
+        if self._counted_open:
+            self._counted_open = False
+            self.events.session_closed(self._listener)
+            if reason.check(TLSError) is not None:
+                self.events.tls_failed()
         self._inbuf.clear()
         self._abort_messages()
         self._forget_device()
@@ -983,6 +996,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         or the outcome of storing the message."""
         self.input_mode = Mode.COMMAND
         self.setTimeout(self.limits.command_timeout)
+        self._data_ended_at = self.clock.seconds()
         try:
             result = self._end_of_data()
         except Exception as problem:
@@ -1011,9 +1025,11 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
             refusal = self._refusal(body)
             if refusal is not None:
                 self.error(*refusal)
+                self._count_message("refused", 0)
                 return None
             if storage_failed:
                 self.reply(*LOCAL_ERROR)
+                self._count_message("failed", 0)
                 return None
             messages, unsettled = unsettled, []
         finally:
@@ -1084,6 +1100,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
                 recipients=recipients,
                 size=size,
             )
+        self._count_message("failed" if failures else "accepted", size)
         if self._closing:
             return  # the client left; what was stored stays stored
         if not failures:
@@ -1094,6 +1111,9 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
             self.reply(refused.code, _resp_text(refused.resp))
         else:
             self.reply(*LOCAL_ERROR)  # S11
+
+    def _count_message(self, result: str, size: int) -> None:
+        self.events.message(result, size, self.clock.seconds() - self._data_ended_at)
 
     def _storing_failed(self, failure: Failure) -> None:
         """Our own reporting of a stored message failed: still one line and one reply."""
@@ -1164,6 +1184,7 @@ class SubmissionFactory(protocol.ServerFactory):
         self.server_key = server_key
         self.implicit_tls = implicit_tls
         self.sessions = sessions or SessionLimits(config.limits)
+        self.events: IServerEvents = NO_EVENTS  # set by the server when it counts
 
     def buildProtocol(self, addr: IAddress | None) -> SubmissionESMTP:
         session = SubmissionESMTP(
@@ -1176,4 +1197,5 @@ class SubmissionFactory(protocol.ServerFactory):
             clock=self.reactor,
         )
         session.factory = self
+        session.events = self.events
         return session

@@ -1,0 +1,131 @@
+"""The ``[metrics] listen`` endpoint: ``/metrics``, ``/healthz/live``, ``/healthz/ready``.
+
+Served by twisted.web. The scrape and the readiness checks read files (the other
+processes' counts, the folders, the store), so they run in the reactor's thread pool;
+what only the reactor may read (sessions, the queue's entries, the listeners) is read
+first, on the reactor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+from clientid_mta.observe.health import Check, run_checks
+from clientid_mta.observe.metrics import PrometheusEvents, QueueStates
+
+log = Logger()
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class Observed:
+    """What the endpoint asks the server, each call on the reactor.
+
+    ``metrics``: the counter, None until the server has started; ``not_ready``: the
+    reasons known on the reactor (listeners not bound yet); ``checks``: the blocking
+    checks, run in a thread; ``queue_states``: the queue's entries by state, or None
+    where this process does not run the queue."""
+
+    metrics: Callable[[], PrometheusEvents | None]
+    not_ready: Callable[[], list[str]]
+    checks: Callable[[], Sequence[tuple[str, Check]]]
+    queue_states: Callable[[], dict[str, int] | None]
+
+
+class _Deferring(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+
+    def _in_thread(self, request: server.Request, work: Callable[[], tuple[int, bytes]]) -> Any:
+        pool = self.reactor.getThreadPool()
+        answer = threads.deferToThreadPool(self.reactor, pool, work)
+
+        def send(result: tuple[int, bytes]) -> None:
+            code, body = result
+            request.setResponseCode(code)
+            request.write(body)
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            log.failure("{path} failed", failure, path=request.path.decode("ascii", "replace"))
+            request.setResponseCode(500)
+            request.finish()
+
+        answer.addCallback(send).addErrback(failed)
+        request.notifyFinish().addErrback(lambda _: None)  # the client left: nothing to send
+        return server.NOT_DONE_YET
+
+
+class MetricsPage(_Deferring):
+    def __init__(self, reactor: Any, observed: Observed) -> None:
+        super().__init__(reactor)
+        self.observed = observed
+
+    def render_GET(self, request: server.Request) -> Any:
+        metrics = self.observed.metrics()
+        if metrics is None:
+            request.setResponseCode(503)
+            return b"starting\n"
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        states = self.observed.queue_states()
+        queue: QueueStates | None = None if states is None else (lambda: states)
+        return self._in_thread(request, lambda: (200, metrics.exposition(queue)))
+
+
+class LivePage(resource.Resource):
+    """The process answers: its reactor runs."""
+
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"live\n"
+
+
+class ReadyPage(_Deferring):
+    def __init__(self, reactor: Any, observed: Observed) -> None:
+        super().__init__(reactor)
+        self.observed = observed
+
+    def render_GET(self, request: server.Request) -> Any:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        early = self.observed.not_ready()
+        checks = self.observed.checks()
+
+        def verdict() -> tuple[int, bytes]:
+            problems = early + run_checks(checks)
+            if problems:
+                return 503, ("not ready\n" + "\n".join(problems) + "\n").encode()
+            return 200, b"ready\n"
+
+        return self._in_thread(request, verdict)
+
+
+def observe_site(reactor: Any, observed: Observed) -> server.Site:
+    root = resource.Resource()
+    root.putChild(b"metrics", MetricsPage(reactor, observed))
+    healthz = resource.Resource()
+    healthz.putChild(b"live", LivePage())
+    healthz.putChild(b"ready", ReadyPage(reactor, observed))
+    root.putChild(b"healthz", healthz)
+    site = QuietSite(root)
+    site.noisy = False
+    return site
+
+
+class QuietSite(server.Site):
+    """Scraped every few seconds: no access log line for each."""
+
+    def log(self, request: Any) -> None:
+        pass

@@ -1,0 +1,130 @@
+"""Issue 14, the fast layer: the JSON log line, the failed-AUTH name escaping, the
+refusal classes, twistd's observer choice for ``[log] format = "json"``, the folder
+check, and the counter's exposition. No server, no sockets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+
+from clientid_mta.auth.checker import MAX_LOGGED_NAME, as_typed, refusal_class
+from clientid_mta.observe.health import run_checks, writable_folder
+from clientid_mta.observe.logs import TWISTD_OBSERVER, event_as_json
+from clientid_mta.observe.metrics import PrometheusEvents
+from clientid_mta.server.tap import Options
+
+
+def test_a_json_log_line_is_one_object_with_the_events_fields() -> None:
+    event = {
+        "log_format": "auth {outcome} client={client}",
+        "log_level": LogLevel.warn,
+        "log_namespace": "clientid_mta.auth.checker",
+        "log_time": 0.0,
+        "outcome": "refused",
+        "client": "198.51.100.7",
+        "notices": ("pending",),
+        "path": Path("/srv/mail"),
+    }
+    line = event_as_json(event)
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert json.loads(line) == {
+        "time": "1970-01-01T00:00:00.000Z",
+        "level": "warn",
+        "namespace": "clientid_mta.auth.checker",
+        "text": "auth refused client=198.51.100.7",
+        "outcome": "refused",
+        "client": "198.51.100.7",
+        "notices": ["pending"],
+        "path": "/srv/mail",
+    }
+
+
+def test_a_json_log_line_carries_a_failures_traceback() -> None:
+    try:
+        raise ValueError("broken\nover two lines")
+    except ValueError:
+        failure = Failure()
+    line = event_as_json({"log_format": "oops", "log_failure": failure, "log_time": 1.0})
+    assert line.count("\n") == 1
+    assert "ValueError: broken\nover two lines" in json.loads(line)["traceback"]
+
+
+def test_a_typed_name_cannot_split_the_line_or_fake_a_field() -> None:
+    typed = as_typed('eve" client=10.0.0.1\r\nauth refused client=10.0.0.2 "')
+    assert "\n" not in typed and "\r" not in typed
+    assert json.loads(typed) == 'eve" client=10.0.0.1\r\nauth refused client=10.0.0.2 "'
+    assert typed.count('"') - typed.count('\\"') == 2  # only its own quotes are bare
+    assert len(json.loads(as_typed("a" * 5000))) == MAX_LOGGED_NAME
+
+
+def test_refusal_classes() -> None:
+    assert [refusal_class(r) for r in ("bad_password", "unknown_account")] == ["password"] * 2
+    assert refusal_class("bad_password_repeated") == "password"
+    for reason in ("new_device_pending", "device_pending", "device_revoked", "shared_device"):
+        assert refusal_class(reason) == "device"
+    assert refusal_class("no_clientid_refused") == "policy"
+    assert refusal_class("impossible_travel") == "policy"
+
+
+def tap_options(tmp_path: Path, log_format: str, twistd: dict[str, object]) -> Options:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[server]\ndata_dir = "data"\n[log]\nformat = "{log_format}"\n')
+    options = Options()
+    options.parent = twistd  # what twistd's ServerOptions gives a plugin's options
+    options.parseOptions(["--config", str(config)])
+    return options
+
+
+def test_json_format_becomes_twistds_logger_unless_the_admin_chose_one(tmp_path: Path) -> None:
+    twistd: dict[str, object] = {"logger": None, "syslog": False, "logfile": "-", "nodaemon": 1}
+    tap_options(tmp_path, "json", twistd)
+    assert twistd["logger"] == TWISTD_OBSERVER
+
+    chosen: dict[str, object] = {"logger": "my.observer", "logfile": "", "nodaemon": 1}
+    tap_options(tmp_path, "json", chosen)
+    assert chosen["logger"] == "my.observer"
+
+    text: dict[str, object] = {"logger": None, "logfile": "", "nodaemon": 1}
+    tap_options(tmp_path, "text", text)
+    assert text["logger"] is None
+
+
+def test_folder_check(tmp_path: Path) -> None:
+    assert run_checks([("mail folder", writable_folder(tmp_path / "mail" / "not-yet"))]) == []
+    (tmp_path / "file").write_text("x")
+    problems = run_checks([("mail folder", writable_folder(tmp_path / "file"))])
+    assert problems == [f"mail folder: {tmp_path / 'file'} is not a folder"]
+
+    def broken() -> str | None:
+        raise OSError("no space left on device")
+
+    assert run_checks([("data folder", broken)]) == [
+        "data folder: OSError: no space left on device"
+    ]
+
+
+def test_counting_and_the_queue_gauge() -> None:
+    events = PrometheusEvents()
+    events.session_opened("submissions")
+    events.session_opened("submission")
+    events.session_closed("submission")
+    events.login("refused", "device")
+    events.message("accepted", 1200, 0.02)
+    events.message("refused", 0, 0.001)
+    text = events.exposition(lambda: {"new": 2, "deferred": 1, "active": 0}).decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("clientid_mta_sessions_total", (("listener", "submissions"),))] == 1
+    assert samples[("clientid_mta_sessions_active", ())] == 1
+    assert samples[("clientid_mta_auth_total", (("refusal", "device"), ("result", "refused")))] == 1
+    assert samples[("clientid_mta_message_bytes_total", ())] == 1200
+    assert samples[("clientid_mta_data_reply_seconds_count", ())] == 2
+    assert samples[("clientid_mta_queue_entries", (("state", "new"),))] == 2
+    assert samples[("clientid_mta_queue_entries", (("state", "deferred"),))] == 1
