@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from clientid_mta.auth.checker import ClientIdChecker, Defences
 from clientid_mta.devices.notices import SENT_KEPT_FOR
-from clientid_mta.devices.store import Stores
+from clientid_mta.devices.store import Stores, StoreUnavailable
 
 log = Logger()
 T = TypeVar("T")
@@ -107,7 +107,7 @@ class Housekeeping(service.Service):
             written.addCallback(self._report_dropped).addErrback(self._failed)
 
     def _failed(self, failure: Failure) -> None:
-        if failure.check(OSError, sqlite3.Error):  # locked or full: retried next second
+        if failure.check(OSError, sqlite3.Error, StoreUnavailable):  # retried next second
             log.error("cannot write the audit log now: {problem}", problem=str(failure.value))
         else:
             log.failure("housekeeping failed", failure)

@@ -24,6 +24,7 @@ from twisted.mail.interfaces import IMessageDelivery
 
 from clientid_mta.config import Config, ConfigError
 from clientid_mta.delivery.sweep import TmpSweeper
+from clientid_mta.devices.backends import shared_by_nodes
 from clientid_mta.server.components import (
     Components,
     build_components,
@@ -175,7 +176,8 @@ class SubmissionService(service.MultiService):
                     listener.stopService()
             self._failed_start(str(problem))
         throttle = components.defences.throttle
-        if self._shared and throttle is not None and not throttle.shared:
+        shared = self._shared or shared_by_nodes(self.config)  # worker processes or nodes
+        if shared and throttle is not None and not throttle.shared:
             throttle.share(components.store.budgets)
         self.housekeeping.watch(components.defences, components.store, components.checker)
         return components
