@@ -33,7 +33,7 @@ from clientid_mta.devices.store import (
     StoreUnavailable,
 )
 from clientid_mta.smtp.clientid import parse_clientid
-from tests.postgres_server import Cluster, postgres_cluster  # noqa: F401 (a fixture)
+from tests.postgres_server import Cluster
 
 KEY_A = "a1" * 32  # device keys are 64 hex digits; fingerprints their first 16
 KEY_B = "b2" * 32
