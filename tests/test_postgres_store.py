@@ -1,6 +1,7 @@
 """What only the PostgreSQL backend has (the interfaces are in test_store_conformance.py):
 its migrations under an advisory lock, the key's fingerprint, the connection string,
-what it says when the database cannot be reached, and ``clientid-mta store``.
+what it says when the database cannot be reached (and the notices that wait for it),
+and ``clientid-mta store``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import pytest
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from clientid_mta.cli import admin
+from clientid_mta.delivery.maildir import MaildirRoot
 from clientid_mta.devices import postgres_store
 from clientid_mta.devices.keys import key_fingerprint, load_or_create_server_key
+from clientid_mta.devices.notices import NEW_DEVICE_TRUSTED, Notice, Notifier
 from clientid_mta.devices.postgres_store import (
     KeyMismatch,
     conninfo,
@@ -150,3 +153,34 @@ def test_a_node_that_cannot_reach_the_database_says_so_in_one_line(tmp_path: Pat
     assert len(lines) == 1, output
     assert "[store] url: cannot open the device store mail@127.0.0.1:" in lines[0]
     assert "Traceback" not in output
+
+
+class _LedgerAway:
+    """A notice ledger whose store is away until ``back`` is set."""
+
+    def __init__(self) -> None:
+        self.back = False
+        self.recorded: list[str] = []
+
+    def may_notify(self, recipient: str, fingerprint: str, *_: object) -> bool:
+        if not self.back:
+            raise StoreUnavailable("the database is away")
+        self.recorded.append(fingerprint)
+        return True
+
+
+def test_notices_the_ledger_cannot_record_wait_and_are_sent_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    ledger = _LedgerAway()
+    maildirs = MaildirRoot(tmp_path / "mail")
+    notifier = Notifier(maildirs, "mail.example.org", ledger=ledger)  # type: ignore[arg-type]
+    notices = [Notice(NEW_DEVICE_TRUSTED, "alice@example.org", fp, "UUID", "n") for fp in "ab"]
+    assert [notifier.notify(notice) for notice in notices] == [False, False]
+    assert notifier.send_waiting() == 0  # still away: they keep waiting
+    inbox = tmp_path / "mail" / "example.org" / "alice" / "new"
+    assert not inbox.exists()
+    ledger.back = True
+    assert notifier.send_waiting() == 2
+    assert ledger.recorded == ["a", "b"] and len(list(inbox.iterdir())) == 2
+    assert notifier.send_waiting() == 0  # sent once

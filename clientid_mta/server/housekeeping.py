@@ -72,6 +72,9 @@ class Housekeeping(service.Service):
                 throttle.prune_shared()
             else:
                 store.budgets.save(throttle.snapshot())
+        notifier = self.checker.policy.notifier if self.checker is not None else None
+        if notifier is not None and not final:
+            notifier.send_waiting()  # the notices that waited for the store
         if defences.known is not None and not final and self._ticks % KNOWN_REFRESH_TICKS == 0:
             defences.known.refresh()  # the admin command's and other workers' changes
         return dropped
