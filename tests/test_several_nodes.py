@@ -197,6 +197,9 @@ def test_a_node_with_another_key_refuses_to_start_naming_the_problem(
     assert len(lines) == 1, output
     assert "[clientid] key_file" in lines[0] and "another device-token key" in lines[0]
     assert "Traceback" not in output
+    listed = other.cli("device", "list", ALICE)  # nor does the admin command use it
+    assert listed.returncode == 1 and listed.stderr.count("\n") == 1
+    assert "another device-token key" in listed.stderr
 
 
 def test_store_copy_moves_a_sqlite_store_and_a_node_on_postgresql_knows_its_devices(

@@ -106,7 +106,11 @@ class Admin:
 
     @contextlib.contextmanager
     def _stores(self) -> Iterator[Stores]:
-        stores = open_stores(self.config, None)
+        # A shared store checks the key too (when this node has one), so that a device
+        # added here gets the key the nodes use.
+        key_file = self.config.clientid.key_file
+        shared = self.config.store.url and key_file.exists()
+        stores = open_stores(self.config, load_or_create_server_key(key_file) if shared else None)
         try:
             yield stores
         finally:
