@@ -22,7 +22,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.serverproc import free_ports
 from tests.sink import wait_until
 
 SUPERUSER = "clientid"
@@ -120,6 +119,8 @@ def start_cluster() -> Cluster:
     bin_dir = postgres_bin()
     if bin_dir is None:
         pytest.skip("PostgreSQL is not installed (Debian package postgresql; CI has it)")
+    from tests.serverproc import free_ports  # here: serverproc imports conftest, which imports us
+
     root = Path(tempfile.mkdtemp(prefix="clientid-pg-"))
     (port,) = free_ports(1)
     cluster = Cluster(bin_dir, root, port)
