@@ -175,6 +175,8 @@ def test_the_database_stopped_mid_run_is_454_and_logins_come_back(farm: Farm) ->
         output = node.output()
         assert output.count("cannot be reached") == 1, output  # once per change of state
         assert output.count("is reachable again") == 1, output
+        assert "error connecting" not in output  # the pool's own line per attempt
+        assert "cannot write the audit log now" not in output  # said by the store, once
         assert "Traceback" not in output
 
 

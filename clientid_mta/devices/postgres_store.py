@@ -185,6 +185,10 @@ CREATE TABLE IF NOT EXISTS clientid_mta_schema (
 class PostgresStoreUnavailable(StoreUnavailable):
     """Raised for every database error, so callers need not know the backend."""
 
+    def __init__(self, problem: str, reported: bool = False) -> None:
+        super().__init__(problem)
+        self.reported = reported  # the database unreachable: logged once per change
+
 
 class KeyMismatch(Exception):
     """This node's device-token key is not the one the database was filled with."""
@@ -271,7 +275,7 @@ class Database:
             # The server is gone, restarting or out of connections; the pool replaces
             # the connection. (PoolTimeout is one of these.)
             self._went(True, str(problem).strip().splitlines()[0] if str(problem) else "")
-            raise PostgresStoreUnavailable(str(problem).strip()) from problem
+            raise PostgresStoreUnavailable(str(problem).strip(), reported=True) from problem
         except psycopg.Error as problem:
             raise PostgresStoreUnavailable(str(problem).strip()) from problem
         self._went(False)

@@ -33,6 +33,10 @@ _HEX = frozenset("0123456789abcdef")
 class StoreUnavailable(Exception):
     """The store cannot answer now (locked by another process, disk): try again later."""
 
+    # True when the backend has logged the outage itself (once per change of state), so
+    # that callers retrying every second need not log it each time.
+    reported = False
+
 
 class DeviceNotFound(LookupError):
     pass

@@ -110,6 +110,8 @@ class Housekeeping(service.Service):
             written.addCallback(self._report_dropped).addErrback(self._failed)
 
     def _failed(self, failure: Failure) -> None:
+        if isinstance(failure.value, StoreUnavailable) and failure.value.reported:
+            return  # the backend logs when the store goes and comes back; retried anyway
         if failure.check(OSError, sqlite3.Error, StoreUnavailable):  # retried next second
             log.error("cannot write the audit log now: {problem}", problem=str(failure.value))
         else:
