@@ -14,6 +14,7 @@ import pytest
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from clientid_mta.cli import admin
+from clientid_mta.config import ConfigError, check_server_files, load_config
 from clientid_mta.delivery.maildir import MaildirRoot
 from clientid_mta.devices import postgres_store
 from clientid_mta.devices.keys import key_fingerprint, load_or_create_server_key
@@ -184,3 +185,16 @@ def test_notices_the_ledger_cannot_record_wait_and_are_sent_when_it_is_back(
     assert notifier.send_waiting() == 2
     assert ledger.recorded == ["a", "b"] and len(list(inbox.iterdir())) == 2
     assert notifier.send_waiting() == 0  # sent once
+
+
+def test_a_missing_password_file_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[store]\nurl = "postgresql://clientid@db.example/mail"\npassword_file = "db-password"\n'
+    )
+    with pytest.raises(ConfigError) as problem:
+        check_server_files(load_config(config))
+    assert str(problem.value) == (
+        f"config error: [store] password_file: {tmp_path / 'db-password'} does not exist;"
+        " point it at the file that holds the password."
+    )
