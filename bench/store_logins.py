@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shutil
 import sys
 import time
@@ -162,7 +163,9 @@ def report(results: list[Result], concurrency: int, duration: float) -> str:
         f" enforced, {len(USERS)} accounts,"
         " each node one process (`workers = 1`); the load generator runs on the same"
         " machine as the nodes and the database. The machine is shared with other work, so"
-        " the figures compare the setups of one run rather than measure a capacity.",
+        " the figures compare the setups of one run rather than measure a capacity"
+        f" (1-minute load average at the end: {os.getloadavg()[0]:.1f}, on"
+        f" {os.cpu_count()} CPUs).",
         "",
         "| setup | phase | logins | logins/s | AUTH p50 ms | AUTH p99 ms | other replies |",
         "|---|---|---|---|---|---|---|",
