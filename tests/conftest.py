@@ -409,3 +409,8 @@ class Wire:
             self.sock.close()
         except OSError:
             pass
+
+
+# The private PostgreSQL cluster, for the tests of the PostgreSQL store (at the end: it
+# imports serverproc, which imports this module).
+from tests.postgres_server import postgres_cluster  # noqa: E402, F401

@@ -30,7 +30,7 @@ from clientid_mta.config.schema import keys_of, sections_of
 ROOT = Path(__file__).resolve().parent.parent
 SECTION_LIST = (
     "[server], [listen], [tls], [auth], [clientid], [delivery], [limits], [throttle], "
-    "[shared_devices], [travel], [alerts], [audit], [approval], [relay], [queue], "
+    "[shared_devices], [travel], [alerts], [audit], [store], [approval], [relay], [queue], "
     "[metrics], [log], [dkim]"
 )
 RELAY_KEYS = (
@@ -70,6 +70,21 @@ EXACT_MESSAGES = [
         f"known keys are: {RELAY_KEYS}.",
     ),
     ("[nosuch]\n", f"unknown section [nosuch]; known sections are: {SECTION_LIST}."),
+    (
+        '[store]\nurl = "postgresql://clientid:secret@db.example/clientid"\n',
+        "[store] url must not hold the password: put it in [store] password_file (or libpq's"
+        " PGPASSFILE) and remove it from the URL.",
+    ),
+    (
+        '[store]\nurl = "mysql://db.example/clientid"\n',
+        '[store] url must be a PostgreSQL URL like "postgresql://clientid@db.example:5432/'
+        'clientid", not a mysql:// URL.',
+    ),
+    (
+        '[store]\nurl = "host=db.example dbname"\n',
+        '[store] url is not a PostgreSQL connection URL; write e.g. "postgresql://clientid@'
+        'db.example:5432/clientid" or "host=db.example dbname=clientid user=clientid".',
+    ),
     (
         "[servr]\n",
         f'unknown section [servr] (did you mean "server"?); known sections are: {SECTION_LIST}.',

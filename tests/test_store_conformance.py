@@ -19,6 +19,7 @@ from clientid_mta.cli import admin
 from clientid_mta.config import load_config
 from clientid_mta.devices import store as interfaces
 from clientid_mta.devices.policy import DevicePolicy, Where
+from clientid_mta.devices.postgres_store import open_postgres_stores
 from clientid_mta.devices.sqlite_store import open_sqlite_stores
 from clientid_mta.devices.store import (
     PENDING,
@@ -32,6 +33,7 @@ from clientid_mta.devices.store import (
     StoreUnavailable,
 )
 from clientid_mta.smtp.clientid import parse_clientid
+from tests.postgres_server import Cluster
 
 KEY_A = "a1" * 32  # device keys are 64 hex digits; fingerprints their first 16
 KEY_B = "b2" * 32
@@ -61,6 +63,10 @@ def _sqlite_on_wait(registry: interfaces.IDeviceRegistry, waiting: Callable[[], 
     registry._lock = _ObservedLock(registry._lock, waiting)  # type: ignore[attr-defined]
 
 
+def _postgres_on_wait(registry: interfaces.IDeviceRegistry, waiting: Callable[[], None]) -> None:
+    registry.waiting_for_lock = waiting  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class Backend:
     open: Callable[[Path], Stores]  # a fresh, empty store (a second call: another process)
@@ -68,14 +74,34 @@ class Backend:
     on_wait: Callable[[interfaces.IDeviceRegistry, Callable[[], None]], None]
 
 
-BACKENDS = {
-    "sqlite": Backend(lambda where: open_sqlite_stores(where / "devices.sqlite3"), _sqlite_on_wait),
+def _sqlite(request: pytest.FixtureRequest) -> Backend:
+    return Backend(lambda where: open_sqlite_stores(where / "devices.sqlite3"), _sqlite_on_wait)
+
+
+def _postgres(request: pytest.FixtureRequest) -> Backend:
+    """A fresh database of the session's cluster per test folder (a second open of the
+    same folder is another node on the same database)."""
+    cluster: Cluster = request.getfixturevalue("postgres_cluster")
+    databases: dict[Path, str] = {}
+
+    def open_stores(where: Path) -> Stores:
+        if where not in databases:
+            databases[where] = cluster.new_database()
+        return open_postgres_stores(databases[where], pool_size=4)
+
+    return Backend(open_stores, _postgres_on_wait)
+
+
+# Each backend, built for one test (it may need a fixture, such as a database server).
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "sqlite": _sqlite,
+    "postgresql": _postgres,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> Backend:
-    return BACKENDS[request.param]
+    return BACKENDS[request.param](request)
 
 
 @pytest.fixture
@@ -405,6 +431,39 @@ def test_budget_prune_save_and_load(stores: Stores) -> None:
     assert budgets.load() == [("device:spent", 0.0, 1000.0)]
     budgets.save([("net:192.0.2.0/24", 1.0, 5.0)])  # replaces every row
     assert budgets.load() == [("net:192.0.2.0/24", 1.0, 5.0)]
+
+
+def test_budget_store_trusted_device_keys_are_the_trusted_ones_of_any_account(
+    stores: Stores,
+) -> None:
+    """H2: the devices that earn a budget of their own."""
+    stores.devices.register(ALICE, KEY_A, "UUID", "net", True)  # first: trusted
+    stores.devices.register(ALICE, KEY_B, "UUID", "net", True)  # pending
+    stores.devices.add_trusted(BOB, KEY_A2, "UUID")
+    assert stores.budgets.trusted_device_keys() == {KEY_A, KEY_A2}
+    stores.devices.set_state(BOB, KEY_A2[:16], REVOKED)
+    stores.devices.set_state(ALICE, KEY_B[:16], TRUSTED)
+    assert stores.budgets.trusted_device_keys() == {KEY_A, KEY_B}
+
+
+def test_budget_store_login_networks_are_refreshed_and_forgotten(stores: Stores) -> None:
+    """H2/M2: the networks each account logged in from lately, newest first; a later
+    login moves a row forward, never back; rows older than ``keep`` go."""
+    budgets = stores.budgets
+    budgets.record_login_network(ALICE, "192.0.2.0/24", 1000.0, keep=500.0)
+    budgets.record_login_network(BOB, "198.51.100.0/24", 1100.0, keep=500.0)
+    budgets.record_login_network(ALICE, "192.0.2.0/24", 1200.0, keep=500.0)
+    budgets.record_login_network(ALICE, "192.0.2.0/24", 1150.0, keep=500.0)  # late: kept
+    assert budgets.login_networks(0.0) == [
+        (ALICE, "192.0.2.0/24", 1200.0),
+        (BOB, "198.51.100.0/24", 1100.0),
+    ]
+    assert budgets.login_networks(1150.0) == [(ALICE, "192.0.2.0/24", 1200.0)]
+    budgets.record_login_network(ALICE, "203.0.113.0/24", 1700.0, keep=500.0)  # BOB's: gone
+    assert budgets.login_networks(0.0) == [
+        (ALICE, "203.0.113.0/24", 1700.0),
+        (ALICE, "192.0.2.0/24", 1200.0),
+    ]
 
 
 def race_in_two_processes(

@@ -29,10 +29,12 @@ from clientid_mta.auth.passwd_file import (
     parse_accounts,
 )
 from clientid_mta.cli import as_json as as_json_rows
+from clientid_mta.cli import store_admin
 from clientid_mta.config import Config, ConfigError, load_config
 from clientid_mta.devices.audit import THROTTLED, unknown_account
+from clientid_mta.devices.backends import open_stores
 from clientid_mta.devices.keys import load_or_create_server_key
-from clientid_mta.devices.sqlite_store import open_sqlite_stores
+from clientid_mta.devices.postgres_store import KeyMismatch
 from clientid_mta.devices.store import (
     REVOKED,
     TRUSTED,
@@ -42,6 +44,7 @@ from clientid_mta.devices.store import (
     StoreUnavailable,
     parse_fingerprint,
 )
+from clientid_mta.devices.store_copy import CopyRefused
 from clientid_mta.outbound.admin import QueueAdmin, QueueAdminError
 from clientid_mta.outbound.queue import QueueDir
 from clientid_mta.smtp.addresses import AddressSyntaxError, parse_path
@@ -104,7 +107,11 @@ class Admin:
 
     @contextlib.contextmanager
     def _stores(self) -> Iterator[Stores]:
-        stores = open_sqlite_stores(self.config.clientid.device_store)
+        # A shared store checks the key too (when this node has one), so that a device
+        # added here gets the key the nodes use.
+        key_file = self.config.clientid.key_file
+        shared = self.config.store.url and key_file.exists()
+        stores = open_stores(self.config, load_or_create_server_key(key_file) if shared else None)
         try:
             yield stores
         finally:
@@ -409,6 +416,7 @@ def _parser() -> argparse.ArgumentParser:
     dkim = groups.add_parser("dkim", help="DKIM keys").add_subparsers(dest="action", required=True)
     dkim.add_parser("keygen", help="write a key and print its DNS record", add_help=False)
     groups.add_parser("send", help="send a message from stdin (for scripts)", add_help=False)
+    store_admin.add_parser(groups)
     return parser
 
 
@@ -431,6 +439,9 @@ def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> int:
             queue_admin.list(as_json=args.json)
         else:
             queue_admin.change(args.action, args.id or "")
+        return 0
+    if args.group == "store":
+        store_admin.run(config, args, out)
         return 0
     admin = Admin(config, out, stdin)
     actions: dict[tuple[str, str | None], Callable[[], None]] = {
@@ -460,7 +471,14 @@ def run(argv: Sequence[str], out: TextIO, stdin: TextIO) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv, sys.stdout, sys.stdin)
-    except (AdminError, ConfigError, QueueAdminError) as problem:
+    except (
+        AdminError,
+        ConfigError,
+        QueueAdminError,
+        store_admin.StoreAdminError,
+        KeyMismatch,
+        CopyRefused,
+    ) as problem:
         print(f"clientid-mta: {problem}", file=sys.stderr)
         return 1
     except (OSError, StoreUnavailable, sqlite3.Error) as problem:

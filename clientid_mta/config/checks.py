@@ -171,6 +171,36 @@ def endpoint(value: Any) -> str:
     return text
 
 
+def database_url(value: Any) -> str:
+    """A libpq connection URI or key/value string for PostgreSQL, or "" for SQLite. The
+    password is never in it (a config file is often readable by more than the server)."""
+    text = string(value)
+    if text == "":
+        return text
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    scheme = text.partition("://")[0] if "://" in text else ""
+    if scheme and scheme not in ("postgresql", "postgres"):
+        raise Invalid(
+            f'must be a PostgreSQL URL like "postgresql://clientid@db.example:5432/clientid",'
+            f" not a {scheme}:// URL"
+        )
+    try:
+        parts = conninfo_to_dict(text)
+    except ProgrammingError:
+        raise Invalid(
+            'is not a PostgreSQL connection URL; write e.g. "postgresql://clientid@db.example'
+            ':5432/clientid" or "host=db.example dbname=clientid user=clientid"'
+        ) from None
+    if "password" in parts:
+        raise Invalid(
+            "must not hold the password: put it in [store] password_file (or libpq's"
+            " PGPASSFILE) and remove it from the URL"
+        )
+    return text
+
+
 _BY_TYPE: dict[Any, Check] = {bool: boolean, str: string, int: positive}
 
 

@@ -230,6 +230,17 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where devices, budgets, the audit and approval codes live: the SQLite file
+    [clientid] device_store, or one PostgreSQL database shared by several nodes."""
+
+    # "": SQLite under data_dir; a libpq URI or key/value string: PostgreSQL
+    url: str = field(default="", metadata=setting(check=checks.database_url))
+    password_file: Path | None = None  # None: none, or libpq's PGPASSFILE
+    pool_size: int = 10  # connections to the database at most, per process
+
+
+@dataclass(frozen=True)
 class ApprovalConfig:
     localpart: str = field(default="device-approval", metadata=setting(check=checks.localpart))
     code_lifetime: int = 86400
@@ -316,6 +327,7 @@ class Config:
     travel: TravelConfig = TravelConfig()
     alerts: AlertsConfig = AlertsConfig()
     audit: AuditConfig = AuditConfig()
+    store: StoreConfig = StoreConfig()
     approval: ApprovalConfig = ApprovalConfig()
     relay: RelayConfig = RelayConfig()
     queue: QueueConfig | None = None

@@ -6,6 +6,8 @@ known device unknown, so it is backed up with the device store.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 from pathlib import Path
@@ -36,3 +38,9 @@ def load_or_create_server_key(path: Path) -> bytes:
             "move it aside and restart to generate a new one (known devices will need re-approval)"
         )
     return key
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A short keyed digest that tells two keys apart without revealing either: what a
+    shared store records so that a node with another key refuses to start."""
+    return hmac.new(key, b"clientid-mta device-token key", hashlib.sha256).hexdigest()[:16]

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
 from clientid_mta.delivery.maildir import MaildirRoot
-from clientid_mta.devices.store import INoticeLedger
+from clientid_mta.devices.store import INoticeLedger, StoreUnavailable
 
 NEW_DEVICE_PENDING = "pending"
 NEW_DEVICE_TRUSTED = "trusted"
@@ -110,6 +111,7 @@ _EXPLANATIONS = {
 
 REPEAT_INTERVAL = 3600.0
 HOUR = 3600.0
+MAX_WAITING = 1000  # notices kept while the ledger cannot record them
 SENT_KEPT_FOR = max(REPEAT_INTERVAL, HOUR)  # older notices sent count against no cap
 
 
@@ -186,6 +188,8 @@ class Notifier:
         self._last_sent: dict[tuple[str, str, str], float] = {}
         self._sent_by_account: dict[str, list[float]] = {}
         self._lock = threading.Lock()
+        # Notices the ledger could not record (its store away): sent once it answers.
+        self._waiting: deque[tuple[str, Notice]] = deque(maxlen=MAX_WAITING)
 
     def _due(self, recipient: str, fingerprint: str, kind: str) -> bool:
         if self._ledger is not None:  # one answer for every worker process
@@ -216,8 +220,17 @@ class Notifier:
 
     def _send(self, recipient: str, notice: Notice) -> bool:
         # A notice without a device (a sending limit) is counted per account instead.
-        if not self._due(recipient, notice.fingerprint or notice.account, notice.kind):
+        try:
+            due = self._due(recipient, notice.fingerprint or notice.account, notice.kind)
+        except StoreUnavailable:
+            self._waiting.append((recipient, notice))  # bounded: past it the oldest go
             return False
+        if not due:
+            return False
+        self._deliver(recipient, notice)
+        return True
+
+    def _deliver(self, recipient: str, notice: Notice) -> None:
         message = EmailMessage()
         message["From"] = f"Mail server <postmaster@{self._hostname}>"
         message["To"] = recipient
@@ -236,7 +249,22 @@ class Notifier:
         message.set_content(details + _EXPLANATIONS[notice.kind].format(**fields) + "\n")
         localpart, _, domain = recipient.rpartition("@")
         self._maildirs.deliver_bytes(domain, localpart, message.as_bytes())
-        return True
+
+    def send_waiting(self) -> int:
+        """Send the notices that waited for the ledger, oldest first, until it fails
+        again (they keep waiting). Returns how many went. Blocking."""
+        sent = 0
+        while self._waiting:
+            recipient, notice = self._waiting.popleft()
+            try:
+                due = self._due(recipient, notice.fingerprint or notice.account, notice.kind)
+            except StoreUnavailable:
+                self._waiting.appendleft((recipient, notice))
+                break
+            if due:
+                self._deliver(recipient, notice)
+                sent += 1
+        return sent
 
     @staticmethod
     def _details(notice: Notice) -> str:

@@ -2,9 +2,9 @@
 
 Devices (the registry), the audit log, failure budgets, approval codes, shared
 devices and the notices sent each have their own interface, so that a consumer depends
-on the one it uses and a backend (SQLite today, see sqlite_store.py; a shared database
-for a server farm later) implements them one by one. Kept apart from the password file, keyed by
-account (docs/conformance.md, row C15). Tokens are never stored: a row holds the HMAC
+on the one it uses and a backend (SQLite, see sqlite_store.py; PostgreSQL for several
+nodes, see postgres_store.py) implements them one by one. Kept apart from the password
+file, keyed by account (docs/conformance.md, row C15). Tokens are never stored: a row holds the HMAC
 device key (see clientid.device_key), and approval codes are kept as SHA-256 hashes.
 
 Every decision that must be atomic is one call, run by the backend in one transaction
@@ -32,6 +32,10 @@ _HEX = frozenset("0123456789abcdef")
 
 class StoreUnavailable(Exception):
     """The store cannot answer now (locked by another process, disk): try again later."""
+
+    # True when the backend has logged the outage itself (once per change of state), so
+    # that callers retrying every second need not log it each time.
+    reported = False
 
 
 class DeviceNotFound(LookupError):

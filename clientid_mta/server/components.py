@@ -32,13 +32,14 @@ from clientid_mta.delivery.router import LocalRouter, delivery_factory
 from clientid_mta.delivery.sending import SendingLimit, tell_postmaster
 from clientid_mta.devices.approval import ApprovalMessage, Approvals
 from clientid_mta.devices.audit import AuditLog
+from clientid_mta.devices.backends import open_stores
 from clientid_mta.devices.keys import load_or_create_server_key
 from clientid_mta.devices.notices import DEVICE_APPROVED, FailureCounter, Notice, Notifier
 from clientid_mta.devices.policy import DevicePolicy
+from clientid_mta.devices.postgres_store import KeyMismatch, describe
 from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.sharing import SharedDevices
-from clientid_mta.devices.sqlite_store import open_sqlite_stores
-from clientid_mta.devices.store import Device, Stores
+from clientid_mta.devices.store import Device, Stores, StoreUnavailable
 from clientid_mta.observe.events import NO_EVENTS, IServerEvents
 from clientid_mta.outbound.queue import QueueDir
 from clientid_mta.outbound.runner import LocalBounceTarget, QueueRunner
@@ -162,9 +163,15 @@ def open_components(
     try:
         config.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         server_key = load_or_create_server_key(config.clientid.key_file)
-        store = open_sqlite_stores(config.clientid.device_store)
-        parts.queue.create()
     except (OSError, ValueError) as problem:
+        raise ConfigError(
+            f"config error: [server] data_dir: cannot set up state: {problem}."
+        ) from None
+    store = _open_store(config, server_key)
+    try:
+        parts.queue.create()
+    except OSError as problem:
+        store.close()
         raise ConfigError(
             f"config error: [server] data_dir: cannot set up state: {problem}."
         ) from None
@@ -173,6 +180,30 @@ def open_components(
     except BaseException:
         store.close()
         raise
+
+
+def _open_store(config: Config, server_key: bytes) -> Stores:
+    """The configured store; a failure is one line naming the key and the fix."""
+    if not config.store.url:
+        try:
+            return open_stores(config, server_key)
+        except (OSError, ValueError, StoreUnavailable) as problem:
+            raise ConfigError(
+                f"config error: [server] data_dir: cannot set up state: {problem}."
+            ) from None
+    where = describe(config.store.url)
+    try:
+        return open_stores(config, server_key)
+    except KeyMismatch as problem:
+        raise ConfigError(f"config error: [clientid] key_file: {problem}.") from None
+    except (OSError, ValueError) as problem:
+        raise ConfigError(f"config error: [store] password_file: {problem}.") from None
+    except StoreUnavailable as problem:
+        first = str(problem).splitlines()[0] if str(problem) else "no answer"
+        raise ConfigError(
+            f"config error: [store] url: cannot open the device store {where} ({first});"
+            " check that the database is up and the URL, user and password are right."
+        ) from None
 
 
 def _wire(

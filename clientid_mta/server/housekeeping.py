@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from clientid_mta.auth.checker import ClientIdChecker, Defences
 from clientid_mta.devices.notices import SENT_KEPT_FOR
-from clientid_mta.devices.store import Stores
+from clientid_mta.devices.store import Stores, StoreUnavailable
 
 log = Logger()
 T = TypeVar("T")
@@ -72,6 +72,9 @@ class Housekeeping(service.Service):
                 throttle.prune_shared()
             else:
                 store.budgets.save(throttle.snapshot())
+        notifier = self.checker.policy.notifier if self.checker is not None else None
+        if notifier is not None and not final:
+            notifier.send_waiting()  # the notices that waited for the store
         if defences.known is not None and not final and self._ticks % KNOWN_REFRESH_TICKS == 0:
             defences.known.refresh()  # the admin command's and other workers' changes
         return dropped
@@ -107,7 +110,9 @@ class Housekeeping(service.Service):
             written.addCallback(self._report_dropped).addErrback(self._failed)
 
     def _failed(self, failure: Failure) -> None:
-        if failure.check(OSError, sqlite3.Error):  # locked or full: retried next second
+        if isinstance(failure.value, StoreUnavailable) and failure.value.reported:
+            return  # the backend logs when the store goes and comes back; retried anyway
+        if failure.check(OSError, sqlite3.Error, StoreUnavailable):  # retried next second
             log.error("cannot write the audit log now: {problem}", problem=str(failure.value))
         else:
             log.failure("housekeeping failed", failure)

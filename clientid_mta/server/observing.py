@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.python.failure import Failure
 
 from clientid_mta.config import Config, ConfigError
-from clientid_mta.devices.sqlite_store import probe_writable
+from clientid_mta.devices.backends import probe_store
 from clientid_mta.observe.events import NO_EVENTS, IServerEvents
 from clientid_mta.observe.health import Check, writable_folder
 from clientid_mta.observe.metrics import MULTIPROCESS_ENV, PrometheusEvents, use_multiprocess_folder
@@ -72,17 +72,13 @@ def _queue_owner(queue: QueueDir) -> Check:
     return check
 
 
-def _store(path: Path) -> Check:
-    return lambda: probe_writable(path)
-
-
 def readiness_checks(config: Config, runner: QueueRunner) -> Sequence[tuple[str, Check]]:
     """The blocking checks (run in a thread): folders take files, the store takes a
     write, some process holds the queue."""
     checks: list[tuple[str, Check]] = [
         ("data folder", writable_folder(config.server.data_dir)),
         ("mail folder", writable_folder(config.delivery.maildir_root)),
-        ("device store", _store(config.clientid.device_store)),
+        ("device store", lambda: probe_store(config)),
     ]
     if not runner.owner:  # this process holds the lock: alive by definition
         checks.append(("queue", _queue_owner(runner.queue)))

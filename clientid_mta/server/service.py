@@ -24,6 +24,7 @@ from twisted.mail.interfaces import IMessageDelivery
 
 from clientid_mta.config import Config, ConfigError
 from clientid_mta.delivery.sweep import TmpSweeper
+from clientid_mta.devices.backends import shared_by_nodes
 from clientid_mta.observe.events import NO_EVENTS, IServerEvents
 from clientid_mta.observe.health import Check
 from clientid_mta.observe.metrics import PrometheusEvents
@@ -227,7 +228,8 @@ class SubmissionService(service.MultiService):
                     listener.stopService()
             self._failed_start(str(problem))
         throttle = components.defences.throttle
-        if self._shared and throttle is not None and not throttle.shared:
+        shared = self._shared or shared_by_nodes(self.config)  # worker processes or nodes
+        if shared and throttle is not None and not throttle.shared:
             throttle.share(components.store.budgets)
         self.housekeeping.watch(components.defences, components.store, components.checker)
         return components
