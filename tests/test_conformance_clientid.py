@@ -757,3 +757,19 @@ def test_C16_alert_flags_notify_the_account_holder(
         assert fingerprint(server, PROBE).encode() in text
         assert b"probe-device-token" not in text
     assert server.messages(BOB) == []
+
+
+def test_the_accepted_message_line_names_the_account(
+    serve: Serve, connect: Connect, log_lines: list[str]
+) -> None:
+    """One line per accepted message names the account that sent it (not ``None``)."""
+    server = serve()
+    wire = connect(server)
+    assert wire.cmd(f"CLIENTID {IDENTITY}")[0] == 250
+    assert wire.cmd(plain(ALICE, ALICE_PW))[0] == 235
+    for line in (f"MAIL FROM:<{ALICE}>", f"RCPT TO:<{BOB}>", "DATA"):
+        wire.cmd(line)
+    wire.send(MESSAGE)
+    assert wire.reply()[0] == 250
+    accepted = [line for line in log_lines if line.startswith("accepted ")]
+    assert len(accepted) == 1 and f"account={ALICE} " in accepted[0]

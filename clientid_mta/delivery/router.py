@@ -106,6 +106,11 @@ class AccountDelivery:
         self._recipients: dict[str, MessageFactory] = {}
         self._approval = False  # the approval address is among them
 
+    @property
+    def address(self) -> str:
+        """The account's address, for the session's log lines."""
+        return self.account.address
+
     def receivedHeader(self, helo: object, origin: object, recipients: object) -> None:
         # The protocol writes the Received: header itself (S15): it knows the TLS state.
         return None

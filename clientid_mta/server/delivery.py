@@ -109,6 +109,11 @@ class ServedDelivery:
         self._factories: dict[int, tuple[Callable[[], IMessageSMTP], Callable[[], IMessageSMTP]]]
         self._factories = {}
 
+    @property
+    def address(self) -> str | None:
+        """The account's address (the session logs it with each message)."""
+        return getattr(self.account, "address", None)
+
     def receivedHeader(self, helo: object, origin: object, recipients: object) -> None:
         return None  # the protocol writes Received: itself
 

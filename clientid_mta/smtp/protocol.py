@@ -754,7 +754,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self._logout = logout
         self.authenticated = True
         self.sessions.logged_in(self)
-        self.account = getattr(getattr(avatar, "account", None), "address", None)
+        self.account = getattr(avatar, "address", None)  # for the log lines
         self.reply(235, "2.7.0 Authentication successful")
 
     def _count_failure(self, tried: bytes) -> None:
