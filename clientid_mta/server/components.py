@@ -22,6 +22,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from clientid_mta.auth.budgets import Throttle
 from clientid_mta.auth.checker import ClientIdChecker, Defences
 from clientid_mta.auth.credentials import IClientIdUsernamePassword
+from clientid_mta.auth.dovecot import DovecotAuth
+from clientid_mta.auth.dovecot_accounts import DovecotAccounts
 from clientid_mta.auth.known_clients import KnownClients
 from clientid_mta.auth.passwd_file import PasswdFile
 from clientid_mta.auth.realm import build_portal
@@ -58,6 +60,7 @@ class Prepared:
     queue: QueueDir
     queue_runner: QueueRunner
     workers: AuthWorkers
+    dovecot: DovecotAuth | None = None  # [auth] backend = "dovecot"
 
 
 @dataclass
@@ -112,7 +115,7 @@ def prepare(config: Config, reactor: Any) -> Prepared:
     check_server_files(config)
     if config.tls.certificate is not None and config.tls.key is not None:
         server_context(config.tls.certificate, config.tls.key)
-    passwords = PasswdFile(config.auth.passwd_file)
+    passwords, dovecot = _password_backend(config, reactor)
     maildirs = MaildirRoot(config.delivery.maildir_root)
     router = LocalRouter(
         passwords, config.delivery.local_domains, maildirs, config.approval.localpart
@@ -129,7 +132,18 @@ def prepare(config: Config, reactor: Any) -> Prepared:
     runner = QueueRunner(
         config, queue, LocalBounceTarget(router.is_local, deliver_notice), reactor=reactor
     )
-    return Prepared(passwords, maildirs, router, queue, runner, AuthWorkers(reactor))
+    return Prepared(passwords, maildirs, router, queue, runner, AuthWorkers(reactor), dovecot)
+
+
+def _password_backend(config: Config, reactor: Any) -> tuple[PasswdFile, DovecotAuth | None]:
+    """The accounts, and Dovecot's auth service when it checks the passwords."""
+    auth = config.auth
+    if auth.backend != "dovecot":
+        return PasswdFile(auth.passwd_file), None
+    service = DovecotAuth(
+        reactor, auth.dovecot_socket, auth.dovecot_timeout, auth.dovecot_failure_delay
+    )
+    return DovecotAccounts(auth.passwd_file, auth.send_as_file), service
 
 
 def _dkim_signer(config: Config) -> Any:
@@ -247,7 +261,7 @@ def _wire(
         served = account_delivery(address, trusted_device)
         return ServedDelivery(served, router, in_flight, local_delivery)
 
-    portal = build_portal(passwords, policy, delivery_for, defences, config.auth)
+    portal = build_portal(passwords, policy, delivery_for, defences, config.auth, parts.dovecot)
     checker = portal.checkers[IClientIdUsernamePassword]
     assert isinstance(checker, ClientIdChecker)
     checker.run_in_thread = parts.workers.run
