@@ -12,6 +12,7 @@ skips with a reason (CI installs it).
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import os
 import shutil
@@ -54,6 +55,9 @@ mail_location = maildir:{mail_root}/%d/%n
 mail_uid = {mail_uid}
 mail_gid = {mail_gid}
 lmtp_rcpt_check_quota = no
+# Delivered-To: the recipient as our server gave it (what Sieve tests see)
+lmtp_hdr_delivery_address = original
+deliver_log_format = msgid=%m to_envelope=%{{to_envelope}}: %$
 login_log_format_elements = user=<%u> method=%m rip=%r lip=%l mpid=%e %c session=<%{{session}}>
 auth_verbose_passwords = no
 passdb {{
@@ -116,6 +120,28 @@ userdb {{
   driver = static
   args = uid={mail_uid} gid={mail_gid} home={mail_root}/%d/%n
 }}"""
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Dovecot's master forks its services)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Still running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def _true_or_none(condition: bool) -> bool | None:
@@ -263,17 +289,22 @@ class DovecotServer:
         process, self.process = self.process, None
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(START_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        # As systemd stops it (KillMode=control-group): the master and every process
+        # it forked. Dovecot's auth process otherwise keeps serving the connections it
+        # has until their clients go, so a "stopped" Dovecot would still answer.
+        children = _children(process.pid)
+        for pid in [process.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        try:
+            process.wait(START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
         wait_until(
-            lambda: _true_or_none(not accepts(self.imap_port) and not accepts(self.lmtp_port)),
+            lambda: _true_or_none(not any(_alive(pid) for pid in children)),
             START_TIMEOUT,
-            "dovecot to stop listening",
+            "dovecot's processes to end",
         )
 
     def imap(self, user: str, password: str) -> imaplib.IMAP4:
@@ -306,9 +337,10 @@ def dovecot_missing() -> str | None:
 MakeDovecot = Callable[..., DovecotServer]
 
 
-@pytest.fixture
-def make_dovecot() -> Iterator[MakeDovecot]:
-    """``make_dovecot(passwd, passwd_userdb=False)``: a started private Dovecot, in a
+def dovecot_servers() -> Iterator[MakeDovecot]:
+    """The ``make_dovecot`` fixture (a test module declares it with
+    ``make_dovecot = pytest.fixture(name="make_dovecot")(dovecot_servers)``):
+    ``make_dovecot(passwd, passwd_userdb=False)`` is a started private Dovecot, in a
     folder of its own under /tmp (pytest's are private to the test's user, and Dovecot
     reads mail as another user), removed afterwards."""
     reason = dovecot_missing()

@@ -29,7 +29,8 @@ from clientid_mta.auth.passwd_file import PasswdFile
 from clientid_mta.auth.realm import build_portal
 from clientid_mta.auth.threads import AuthWorkers
 from clientid_mta.config import Config, ConfigError, check_server_files
-from clientid_mta.delivery.maildir import MaildirRoot
+from clientid_mta.delivery.lmtp import LmtpDelivery, LmtpPool
+from clientid_mta.delivery.maildir import Mailboxes, MaildirRoot
 from clientid_mta.delivery.router import LocalRouter, delivery_factory
 from clientid_mta.delivery.sending import SendingLimit, tell_postmaster
 from clientid_mta.devices.approval import ApprovalMessage, Approvals
@@ -61,6 +62,12 @@ class Prepared:
     queue_runner: QueueRunner
     workers: AuthWorkers
     dovecot: DovecotAuth | None = None  # [auth] backend = "dovecot"
+    lmtp: LmtpDelivery | None = None  # [delivery] lmtp
+
+    @property
+    def mailboxes(self) -> Mailboxes:
+        """Where notices and bounces for local accounts go."""
+        return self.lmtp if self.lmtp is not None else self.maildirs
 
 
 @dataclass
@@ -121,18 +128,25 @@ def prepare(config: Config, reactor: Any) -> Prepared:
         passwords, config.delivery.local_domains, maildirs, config.approval.localpart
     )
 
+    lmtp = None
+    if config.delivery.lmtp:
+        pool = LmtpPool(reactor, config.delivery.lmtp, config.server.hostname)
+        lmtp = router.lmtp = LmtpDelivery(pool)
+    mailboxes: Mailboxes = lmtp if lmtp is not None else maildirs
+
     def deliver_notice(address: str, data: bytes) -> bool:  # in a thread, from the runner
         account = passwords.get(address)
         if account is None:
             return False
-        maildirs.deliver_bytes(account.domain, account.localpart, data)
+        mailboxes.deliver_bytes(account.domain, account.localpart, data)
         return True
 
     queue = QueueDir(config.queue_config.directory)
     runner = QueueRunner(
         config, queue, LocalBounceTarget(router.is_local, deliver_notice), reactor=reactor
     )
-    return Prepared(passwords, maildirs, router, queue, runner, AuthWorkers(reactor), dovecot)
+    workers = AuthWorkers(reactor)
+    return Prepared(passwords, maildirs, router, queue, runner, workers, dovecot, lmtp)
 
 
 def _password_backend(config: Config, reactor: Any) -> tuple[PasswdFile, DovecotAuth | None]:
@@ -201,7 +215,7 @@ def _wire(
     tls_context = ReloadableServerTLS(certificate, key)
     passwords, maildirs, router = parts.passwords, parts.maildirs, parts.router
     notifier = Notifier(
-        maildirs,
+        parts.mailboxes,
         config.server.hostname,
         config.postmaster,
         lambda address: passwords.get(address) is not None,
