@@ -205,7 +205,8 @@ class LmtpPool:
             if not connection.closed:
                 return connection
         try:
-            connection = yield self._endpoint.connect(Factory.forProtocol(LmtpClientProtocol))
+            opening = self._endpoint.connect(Factory.forProtocol(LmtpClientProtocol))
+            connection = yield opening.addTimeout(self.timeout, self.reactor)
         except Exception as problem:
             raise LmtpUnavailable(f"cannot connect to LMTP at {self.where}: {problem}") from None
         try:
