@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import RunningServer
 from tests.dovecot_server import DovecotServer, MakeDovecot, dovecot_servers
+from tests.test_abuse_throttling import ACCEPTED, REFUSED, attempt, new_token
 
 make_dovecot = pytest.fixture(name="make_dovecot")(dovecot_servers)
 
@@ -96,3 +97,18 @@ def test_an_unknown_local_recipient_is_still_refused_at_rcpt(
         assert client.rcpt("nobody@example.org") == (550, b"5.1.1 No such user here")
     finally:
         client.close()
+
+
+def test_notices_to_account_holders_go_by_lmtp_too(
+    make_server: Callable[..., RunningServer], make_dovecot: MakeDovecot, tmp_path: Path
+) -> None:
+    server, dovecot = lmtp_server(make_server, make_dovecot, tmp_path)
+    assert attempt(server, new_token(), ALICE, ALICE_PW) == ACCEPTED  # her first device
+    assert attempt(server, new_token(), ALICE, ALICE_PW) == REFUSED  # a second one waits
+    notices = dovecot.imap_messages(ALICE, ALICE_PW)
+    subjects = [line for n in notices for line in n.split(b"\r\n") if line.startswith(b"Subject:")]
+    assert subjects == [
+        b"Subject: A new device can now send mail as you",
+        b"Subject: A new device was refused on your mail account",
+    ]
+    assert server.messages(ALICE) == []  # not written to Maildir by us
