@@ -173,3 +173,60 @@ def test_bad_socket_addresses(bad: object) -> None:
 def test_auth_line_escapes_what_would_split_it() -> None:
     line = auth_line(3, "a@example.org", "p", LoginContext(session="a\tb\nc"))
     assert b"\n" not in line and line.count(b"\t") == 5
+
+
+# --- issue 13, point 3: one passwd file for both --------------------------------------
+
+SEVEN = (
+    "alice@example.org:{ARGON2ID}$argon2id$v=19$x:1000:1000:Alice:/home/alice::"
+    "userdb_mail=maildir:~/Mail send_as=sales@example.org,*  nopassword=n"
+)
+
+
+def test_the_seven_field_form_is_read_with_send_as_in_an_extra_field() -> None:
+    from clientid_mta.auth.passwd_file import DovecotFields, format_line, parse_line
+
+    account = parse_line(SEVEN, 1)
+    assert account is not None
+    assert account.address == "alice@example.org"
+    assert account.password_hash == "{ARGON2ID}$argon2id$v=19$x"
+    assert account.send_as == {"sales@example.org", "*"}
+    assert account.dovecot == DovecotFields(
+        ("1000", "1000", "Alice", "/home/alice", ""), ("userdb_mail=maildir:~/Mail", "nopassword=n")
+    )
+    # Written back with Dovecot's fields as they were (send_as first, then the others).
+    line = format_line(account)
+    assert line == (
+        "alice@example.org:{ARGON2ID}$argon2id$v=19$x:1000:1000:Alice:/home/alice::"
+        "send_as=*,sales@example.org userdb_mail=maildir:~/Mail nopassword=n\n"
+    )
+    assert parse_line(line, 1) == account
+
+
+def test_today_s_form_still_reads_and_either_form_is_written() -> None:
+    from clientid_mta.auth.passwd_file import format_line, parse_line
+
+    short = "bob@example.org:{ARGON2ID}$argon2id$y:bob2@example.org"
+    account = parse_line(short, 1)
+    assert account is not None and account.dovecot is None
+    assert account.send_as == {"bob2@example.org"}
+    assert format_line(account) == short + "\n"
+    seven = format_line(account, seven_fields=True)
+    assert seven == "bob@example.org:{ARGON2ID}$argon2id$y::::::send_as=bob2@example.org\n"
+    again = parse_line(seven, 1)
+    assert again is not None and again.send_as == account.send_as
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "a@example.org:{PLAIN}x:1:2",  # neither form
+        "a@example.org:{PLAIN}x:1:2:g:/h:/s:send_as=not an address",
+        "not-an-address:{PLAIN}x:::::",
+    ],
+)
+def test_lines_of_neither_form_are_refused(line: str) -> None:
+    from clientid_mta.auth.passwd_file import parse_line
+
+    with pytest.raises(PasswdFileError):
+        parse_line(line, 1)

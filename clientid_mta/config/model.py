@@ -122,6 +122,11 @@ class AuthConfig:
     dovecot_failure_delay: int = field(default=2, metadata=setting(check=checks.count))
     # send-as lists of Dovecot users, "address:alias,alias" a line
     send_as_file: Path | None = None
+    # how the admin command writes passwd_file: "short" (address:hash[:send-as]) or
+    # "dovecot" (Dovecot's seven fields, send-as as the extra field send_as=)
+    passwd_format: str = field(
+        default="short", metadata=setting(check=checks.one_of("short", "dovecot"))
+    )
 
 
 @dataclass(frozen=True)
