@@ -347,7 +347,6 @@ class ClientIdChecker:
         refusal must keep the timing class of a wrong password (C12), or a stolen
         password could be confirmed from an unknown device by the speed of the 535.
         """
-        address = attempt.address
         if self.service is not None:
             return self._verify_by_service(
                 self.service, attempt, password, account, account_key, known
@@ -357,19 +356,26 @@ class ClientIdChecker:
         )
         ok = cached or verify_password(account.password_hash if account else None, password)
         if account is None or not ok:
-            decision = (
-                Decision(False, "unknown_account")
-                if account is None
-                else self.policy.password_failed(address, attempt.identity, attempt.where)
-            )
-            self._failed(attempt, account_key, known and account is not None, False)
-            return AuthOutcome(address if account else None, False, decision)
+            return self._wrong_password(attempt, account, account_key, known)
         if not cached:
             self.cache.remember(account.address, account.password_hash, password)
         outcome = self._decide(attempt, account_key, known)
         if cached and not outcome.decision.allowed:
             verify_password(account.password_hash, password)  # C12: the timing equaliser
         return outcome
+
+    def _wrong_password(
+        self, attempt: Attempt, account: Account | None, account_key: str, known: bool
+    ) -> AuthOutcome:
+        """No such account, or a wrong password for it. Blocking."""
+        address = attempt.address
+        decision = (
+            Decision(False, "unknown_account")
+            if account is None
+            else self.policy.password_failed(address, attempt.identity, attempt.where)
+        )
+        self._failed(attempt, account_key, known and account is not None, False)
+        return AuthOutcome(address if account else None, False, decision)
 
     def _verify_by_service(
         self,
@@ -385,13 +391,7 @@ class ClientIdChecker:
         as Dovecot's refusal of a wrong one (C12: the same timing class)."""
         ok, account = self._ask_service(service, attempt, password, account)
         if account is None or not ok:
-            decision = (
-                Decision(False, "unknown_account")
-                if account is None
-                else self.policy.password_failed(attempt.address, attempt.identity, attempt.where)
-            )
-            self._failed(attempt, account_key, known and account is not None, False)
-            return AuthOutcome(attempt.address if account else None, False, decision)
+            return self._wrong_password(attempt, account, account_key, known)
         outcome = self._decide(attempt, account_key, known)
         if not outcome.decision.allowed and service.failure_delay > 0:
             time.sleep(service.failure_delay)  # in a login thread, never the reactor
