@@ -107,3 +107,25 @@ def test_dovecot_stopped_is_454_and_back_works_without_a_restart(
     dovecot.start()
     assert attempt(server, device, CAROL, CAROL_PW) == ACCEPTED  # reconnected
     assert attempt(server, new_token(), ALICE, ALICE_PW) == ACCEPTED
+
+
+def test_dovecot_over_tcp(
+    make_server: Callable[..., RunningServer], make_dovecot: MakeDovecot, tmp_path: Path
+) -> None:
+    passwd = tmp_path / "server" / "data" / "passwd"
+    passwd.parent.mkdir(parents=True)
+    dovecot = make_dovecot(passwd)
+    dovecot.add_user(CAROL, CAROL_PW)
+    server = make_server(
+        f'[auth]\nbackend = "dovecot"\ndovecot_socket = "tcp:127.0.0.1:{dovecot.auth_port}"\n'
+        f'[delivery]\nlmtp = "tcp:127.0.0.1:{dovecot.lmtp_port}"\n'
+    )
+    assert attempt(server, new_token(), CAROL, CAROL_PW) == ACCEPTED
+    client = server.smtp()
+    try:
+        client.login(CAROL, CAROL_PW)
+        client.sendmail(CAROL, [CAROL], b"Subject: over tcp\r\n\r\nhello\r\n")
+    finally:
+        client.close()
+    stored = dovecot.imap_messages(CAROL, CAROL_PW)  # with the new-device notice
+    assert [m for m in stored if b"Subject: over tcp" in m]
