@@ -45,7 +45,7 @@ ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_verbose = yes
-auth_cache_size = 0
+auth_cache_size = {auth_cache_size}
 default_internal_user = {internal_user}
 default_internal_group = {internal_group}
 default_login_user = {login_user}
@@ -188,6 +188,7 @@ class DovecotServer:
     root: Path
     passwd: Path
     passwd_userdb: bool = False
+    auth_cache_size: str = "0"  # Dovecot's own cache of passdb answers
     imap_port: int = 0
     lmtp_port: int = 0
     auth_port: int = 0
@@ -250,6 +251,7 @@ class DovecotServer:
             "imap_port": self.imap_port,
             "lmtp_port": self.lmtp_port,
             "auth_port": self.auth_port,
+            "auth_cache_size": self.auth_cache_size,
         }
         userdb = (PASSWD_USERDB if self.passwd_userdb else STATIC_USERDB).format(**values)
         return CONFIG.format(userdb=userdb, **values)

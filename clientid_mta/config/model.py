@@ -168,6 +168,7 @@ class DeliveryConfig:
     maildir_root: Path = field(kw_only=True, metadata=setting(in_data_dir="mail"))
     # local mail by LMTP: "/run/dovecot/lmtp" or "tcp:127.0.0.1:24"; "": Maildir
     lmtp: str = field(default="", metadata=setting(check=checks.socket_address))
+    lmtp_connections: int = 10  # kept open to Dovecot at most (each is an lmtp process)
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ class LmtpPool:
     """Up to ``size`` LMTP connections to one Dovecot, reused between messages."""
 
     def __init__(
-        self, reactor: Any, where: str, hostname: str, timeout: float = 30.0, size: int = 4
+        self, reactor: Any, where: str, hostname: str, timeout: float = 30.0, size: int = 10
     ) -> None:
         self.reactor = reactor
         self.where = where

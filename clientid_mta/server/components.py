@@ -130,7 +130,10 @@ def prepare(config: Config, reactor: Any) -> Prepared:
 
     lmtp = None
     if config.delivery.lmtp:
-        pool = LmtpPool(reactor, config.delivery.lmtp, config.server.hostname)
+        delivery = config.delivery
+        pool = LmtpPool(
+            reactor, delivery.lmtp, config.server.hostname, size=delivery.lmtp_connections
+        )
         lmtp = router.lmtp = LmtpDelivery(pool)
     mailboxes: Mailboxes = lmtp if lmtp is not None else maildirs
 
