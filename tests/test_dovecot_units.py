@@ -230,3 +230,35 @@ def test_lines_of_neither_form_are_refused(line: str) -> None:
 
     with pytest.raises(PasswdFileError):
         parse_line(line, 1)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            '[auth]\nbackend = "dovecot"\n',
+            'config error: [auth] backend = "dovecot" needs dovecot_socket; set it to '
+            'Dovecot\'s auth-client socket, e.g. "/run/dovecot/auth-client" or '
+            '"tcp:127.0.0.1:12345".',
+        ),
+        (
+            '[auth]\nbackend = "ldap"\n',
+            'config error: [auth] backend must be one of "passwd-file", "dovecot".',
+        ),
+        (
+            '[delivery]\nlmtp = "lmtp"\n',
+            "config error: [delivery] lmtp must be an absolute socket path such as "
+            '"/run/dovecot/lmtp" or "tcp:host:port", not \'lmtp\'.',
+        ),
+    ],
+)
+def test_config_mistakes_are_one_sentence(toml: str, message: str, tmp_path: object) -> None:
+    from pathlib import Path
+
+    from clientid_mta.config import ConfigError, load_config
+
+    path = Path(str(tmp_path)) / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value) == message

@@ -179,3 +179,16 @@ def test_no_answer_in_time_is_unavailable() -> None:
     pool.deliver(ALICE, [BOB], b"x\n").addErrback(failures.append)
     reactor.advance(5)
     assert len(failures) == 1 and failures[0].check(LmtpUnavailable)
+
+
+def test_a_connection_lost_after_the_data_keeps_the_replies_that_came() -> None:
+    protocol, _transport = connected()
+    pool = LmtpPool(MemoryReactorClock(), "unix:/nowhere", "mail.example.org")
+    results: list[Outcome] = []
+    pool._transaction(protocol, ALICE, [BOB, ALICE], b"x\n").addCallback(results.append)
+    for reply in (b"250 OK", b"250 OK", b"250 OK", b"354 OK", b"250 2.0.0 Saved"):
+        protocol.dataReceived(reply + b"\r\n")
+    protocol.connectionLost(None)
+    [outcome] = results
+    assert outcome.delivered == [BOB]  # remembered, so a retry skips bob
+    assert outcome.replies[ALICE][0] == 451

@@ -14,6 +14,7 @@ def check_server_files(config: Config) -> None:
         ("travel", "geoip_database", config.travel.geoip_database),
         ("relay", "password_file", config.relay.password_file),
         ("relay", "ca_file", config.relay.ca_file),
+        ("auth", "send_as_file", config.auth.send_as_file),
         *(("dkim", f'"{k.domain}" key', k.key) for k in config.dkim),
     ]
     if config.source is not None:
@@ -27,6 +28,7 @@ def check_server_files(config: Config) -> None:
                 "passwd_file": f" create it with: clientid-mta --config {config.source} user add"
                 " ADDRESS",
                 "geoip_database": " point it at a MaxMind .mmdb file, or remove the key",
+                "send_as_file": " create it (address:alias,alias a line), or remove the key",
             }
             hint = hints.get(key, " point it at an existing PEM file")
             raise ConfigError(f"config error: [{section}] {key}: {path} does not exist;{hint}.")

@@ -261,7 +261,14 @@ class LmtpPool:
         replies = [connection.expect() for _ in accepted]
         connection.send_data(data)
         for recipient, waiting in zip(accepted, replies, strict=True):
-            outcome.replies[recipient] = yield self._bounded(waiting)
+            try:
+                outcome.replies[recipient] = yield self._bounded(waiting)
+            except LmtpUnavailable as problem:
+                # Lost after the data: those that answered 250 have the message (and
+                # must be remembered as delivered); the rest are deferred.
+                outcome.replies[recipient] = (451, f"4.3.0 {problem}")
+                for each in replies:
+                    each.addErrback(lambda _failure: None)
         return outcome
 
     def close(self) -> None:
@@ -386,8 +393,8 @@ class LmtpMessage:
             self._in_our_header = data.startswith(b"Received:")
             if not self._in_our_header:
                 self._digest.update(data)
-        elif data[:1] in (b"\t", b" "):
-            pass
+        elif data[:1] in (b"\t", b" ") and data.count(b"\n") == 1:
+            pass  # a folded line of our header (they come one line a call)
         else:
             self._in_our_header = False
             self._digest.update(data)
