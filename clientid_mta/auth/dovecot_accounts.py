@@ -81,12 +81,15 @@ class DovecotAccounts(PasswdFile):
         self._learned: dict[str, Account] = {}  # replaced whole, never changed in place
         self._learn_lock = threading.Lock()
 
-    def _current(self) -> dict[str, Account]:
+    def accounts(self) -> list[Account]:
         merged = dict(self._learned)
         if self.send_as is not None:
-            merged.update(self.send_as._current())
-        merged.update(super()._current())  # the passwd file's line wins
-        return merged
+            merged.update((a.address, a) for a in self.send_as.accounts())
+        merged.update((a.address, a) for a in super().accounts())  # the passwd file wins
+        return sorted(merged.values(), key=lambda a: a.address)
+
+    def domains(self) -> frozenset[str]:
+        return frozenset(a.domain for a in self.accounts())
 
     def get(self, address: str) -> Account | None:
         address = normalise_address(address)
