@@ -215,7 +215,7 @@ class DovecotAuth:
             self._connecting.append(waiting)
             return waiting
         self._connecting = [waiting]
-        opened = self._endpoint.connect(Factory.forProtocol(DovecotAuthProtocol))
+        opened = self._endpoint.connect(quiet_factory(DovecotAuthProtocol))
         opened.addCallback(lambda protocol: protocol.ready)
         opened.addTimeout(self.timeout, self.reactor)
         opened.addBoth(self._opened)
@@ -267,3 +267,10 @@ class DovecotAuth:
         connection, self._connection = self._connection, None
         if connection is not None and connection.transport is not None:
             connection.transport.loseConnection()
+
+
+def quiet_factory(protocol: type[Any]) -> Factory:
+    """A client factory that does not log "Starting factory" for every connection."""
+    factory = Factory.forProtocol(protocol)
+    factory.noisy = False
+    return factory

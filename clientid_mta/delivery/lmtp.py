@@ -34,14 +34,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.mail.smtp import SMTPServerError
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from clientid_mta.auth.dovecot import client_endpoint
+from clientid_mta.auth.dovecot import client_endpoint, quiet_factory
 from clientid_mta.smtp.errors import LocalDeliveryError
 from clientid_mta.smtp.staging import IStagedMessage
 
@@ -205,7 +204,7 @@ class LmtpPool:
             if not connection.closed:
                 return connection
         try:
-            opening = self._endpoint.connect(Factory.forProtocol(LmtpClientProtocol))
+            opening = self._endpoint.connect(quiet_factory(LmtpClientProtocol))
             connection = yield opening.addTimeout(self.timeout, self.reactor)
         except Exception as problem:
             raise LmtpUnavailable(f"cannot connect to LMTP at {self.where}: {problem}") from None
