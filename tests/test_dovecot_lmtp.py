@@ -69,6 +69,10 @@ def test_two_local_recipients_arrive_by_lmtp_and_read_back_over_imap(
     assert server.messages(BOB) == []  # Dovecot stored it, not our Maildir writer
     # The envelope recipient reaches Dovecot's delivery (and Sieve) as the client wrote it.
     assert "to_envelope=Alice@" in dovecot.log()
+    # A second message goes over the same LMTP connection.
+    assert send(server, [BOB], message("again"))[0] == 250
+    assert len(dovecot.imap_messages(BOB, BOB_PW)) == 2
+    assert dovecot.log().count("Connect from local") == 1
 
 
 def test_dovecot_stopped_is_451_at_the_end_of_data_and_back_delivers_again(

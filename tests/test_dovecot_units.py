@@ -262,3 +262,18 @@ def test_config_mistakes_are_one_sentence(toml: str, message: str, tmp_path: obj
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     assert str(raised.value) == message
+
+
+def test_the_blocking_check_refuses_to_run_on_the_reactor_thread() -> None:
+    """Called on the reactor it would wait for the reactor it blocks: it says so instead."""
+    from twisted.internet import defer, reactor
+    from twisted.internet.threads import blockingCallFromThread
+
+    from tests.conftest import _ensure_reactor
+
+    _ensure_reactor()
+    auth = DovecotAuth(reactor, "unix:/nowhere", timeout=5)
+    with pytest.raises(DovecotUnavailable):
+        blockingCallFromThread(
+            reactor, lambda: defer.maybeDeferred(auth.verify, "a@example.org", "pw", CONTEXT)
+        )

@@ -259,6 +259,10 @@ class DovecotAuth:
     def verify(self, username: str, password: str, context: LoginContext) -> bool:
         """The blocking form, for the login threads (never call it on the reactor)."""
         from twisted.internet.threads import blockingCallFromThread
+        from twisted.python import threadable
+
+        if threadable.isInIOThread():  # it would wait for the reactor it blocks
+            raise DovecotUnavailable("a blocking Dovecot check was called on the reactor")
 
         check: Any = self.check
         return bool(blockingCallFromThread(self.reactor, check, username, password, context))

@@ -330,7 +330,10 @@ class LmtpDelivery:
         """A whole message (a notice, a bounce) for one local mailbox. Blocking: from a
         thread, like ``MaildirRoot.deliver_bytes``; LocalDeliveryError if not taken."""
         from twisted.internet.threads import blockingCallFromThread
+        from twisted.python import threadable
 
+        if threadable.isInIOThread():  # it would wait for the reactor it blocks
+            raise LmtpUnavailable("a blocking LMTP delivery was called on the reactor")
         recipient = f"{localpart}@{domain}"
         deliver: Any = self.pool.deliver
         outcome = blockingCallFromThread(self.pool.reactor, deliver, "", [recipient], data)
