@@ -17,6 +17,7 @@ import imaplib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -261,6 +262,24 @@ class DovecotServer:
         with self.only_dovecot.open("a") as users:
             users.write(f"{address}:{{PLAIN}}{password}\n")
 
+    def auth_answers(self) -> bool:
+        """Dovecot's auth service completes the handshake on the auth-client socket:
+        started, not just listening (a socket file can outlive a stopped Dovecot)."""
+        try:
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(2)
+                client.connect(str(self.auth_socket))
+                client.sendall(b"VERSION\t1\t2\nCPID\t1\n")
+                received = b""
+                while b"DONE\n" not in received:
+                    chunk = client.recv(4096)
+                    if not chunk:
+                        return False
+                    received += chunk
+                return True
+        except OSError:
+            return False
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -273,10 +292,10 @@ class DovecotServer:
         try:
             wait_until(
                 lambda: _true_or_none(
-                    self.auth_socket.exists()
-                    and self.lmtp_socket.exists()
+                    self.lmtp_socket.exists()
                     and accepts(self.imap_port)
                     and accepts(self.lmtp_port)
+                    and self.auth_answers()
                 ),
                 START_TIMEOUT,
                 "dovecot to listen",
