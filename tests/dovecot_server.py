@@ -46,6 +46,8 @@ ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_verbose = yes
+# Each request in the log (passwords hidden): the tests read what Dovecot was sent.
+auth_debug = yes
 auth_cache_size = {auth_cache_size}
 default_internal_user = {internal_user}
 default_internal_group = {internal_group}

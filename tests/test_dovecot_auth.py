@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import RunningServer
 from tests.dovecot_server import DovecotServer, MakeDovecot, dovecot_servers
+from tests.serverproc import fingerprint_of
 from tests.test_abuse_throttling import (
     ACCEPTED,
     ALICE,
@@ -60,7 +61,7 @@ def beside_dovecot(
 def test_a_dovecot_only_user_logs_in_and_the_device_policy_still_decides(
     make_server: Callable[..., RunningServer], make_dovecot: MakeDovecot, tmp_path: Path
 ) -> None:
-    server, _dovecot = beside_dovecot(make_server, make_dovecot, tmp_path)
+    server, dovecot = beside_dovecot(make_server, make_dovecot, tmp_path)
     assert server.service.components.passwords.get(CAROL) is None  # we never heard of her
     first, second = new_token(), new_token()
     assert attempt(server, first, CAROL, CAROL_PW) == ACCEPTED  # tofu: her first device
@@ -76,6 +77,11 @@ def test_a_dovecot_only_user_logs_in_and_the_device_policy_still_decides(
     assert attempt(server, second, CAROL, CAROL_PW) == ACCEPTED
     # The passwd file's users log in through Dovecot the same way.
     assert attempt(server, new_token(), ALICE, ALICE_PW) == ACCEPTED
+
+    # Dovecot was told the device's fingerprint, never its token.
+    log = dovecot.log()
+    assert f"client_id={fingerprint_of(server, f'UUID {second}')}" in log
+    assert second not in log and first not in log
 
 
 def test_a_wrong_password_is_our_535_and_spends_our_budget(
