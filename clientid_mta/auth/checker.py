@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -22,6 +24,7 @@ from clientid_mta.auth.credentials import (
     LoginThrottled,
     peer_host,
 )
+from clientid_mta.auth.dovecot import DovecotUnavailable, LoginContext
 from clientid_mta.auth.known_clients import KnownClients
 from clientid_mta.auth.passwd_file import Account, PasswdFile, normalise_address, verify_password
 from clientid_mta.auth.repeats import RecentFailures
@@ -92,6 +95,15 @@ REMEMBERED_REFUSALS = frozenset(
 )
 
 
+class PasswordService(Protocol):
+    """A service that checks passwords itself (Dovecot's auth, ``auth/dovecot.py``)
+    instead of the hashes of the passwd file. Blocking: called in the login threads."""
+
+    failure_delay: float  # how long its refusals take: a policy refusal waits as long
+
+    def verify(self, username: str, password: str, context: LoginContext) -> bool: ...
+
+
 @dataclass
 class Defences:
     """The abuse defences the checker consults; all optional for embedders."""
@@ -115,6 +127,9 @@ class Attempt:
     device: str | None  # HMAC device key, when an identity is usable
     where: Where
     source_key: str  # device:<hmac>, usual:<account>|<prefix> or net:<prefix>
+    peer: IAddress | None = None
+    local: IAddress | None = None
+    secured: bool = False
 
     @property
     def fingerprint(self) -> str:
@@ -130,6 +145,13 @@ class AuthOutcome:
     decision: Decision
     throttled: bool = False
     flagged_accounts: int | None = None  # this attempt flagged the device as shared
+
+
+def _session_id() -> str:
+    """A random id for Dovecot's log line of this check (no link to the client)."""
+    import secrets
+
+    return secrets.token_hex(8)
 
 
 def _unavailable(failure: Failure) -> Failure:
@@ -167,8 +189,12 @@ class ClientIdChecker:
         policy: DevicePolicy,
         defences: Defences | None = None,
         cache: AuthCache | None = None,
+        service: PasswordService | None = None,
     ) -> None:
         self.passwords = passwords
+        # Dovecot checks the passwords instead of our hashes; accounts it accepts are
+        # learnt by ``passwords`` (dovecot_accounts.py).
+        self.service = service
         self.policy = policy
         self.defences = defences or Defences()
         self.cache = cache if cache is not None else AuthCache(ttl=0, size=1)  # off
@@ -198,6 +224,9 @@ class ClientIdChecker:
             device,
             where,
             source_key_for(device if trusted else None, address if usual else None, network),
+            creds.peer,
+            getattr(creds, "local", None),
+            creds.tls is not None,
         )
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes | tuple[()]]:
@@ -278,7 +307,12 @@ class ClientIdChecker:
         if throttle is not None and len(keys) > 1 and not throttle.take(*keys[1:]):
             throttle.refund(keys[0])  # not a failure of this source's
             return AuthOutcome(None, False, Decision(False, "account_throttled"), throttled=True)
-        outcome = self._verify_and_decide(attempt, password, account, keys[-1], known)
+        try:
+            outcome = self._verify_and_decide(attempt, password, account, keys[-1], known)
+        except AuthUnavailable:
+            if throttle is not None:
+                throttle.refund(*keys)  # Dovecot down is no failure of the client's
+            raise
         if outcome.password_ok and outcome.decision.allowed:
             if throttle is not None:
                 throttle.refund(*keys)  # successes never spend
@@ -310,6 +344,31 @@ class ClientIdChecker:
         except StoreUnavailable as problem:
             log.warn("cannot record the login network now: {problem}", problem=str(problem))
 
+    def _login_context(self, attempt: Attempt) -> LoginContext:
+        peer, local = attempt.peer, attempt.local
+        return LoginContext(
+            remote_host=str(getattr(peer, "host", "")),
+            remote_port=int(getattr(peer, "port", 0) or 0),
+            local_host=str(getattr(local, "host", "")),
+            local_port=int(getattr(local, "port", 0) or 0),
+            secured=attempt.secured,
+            session=_session_id(),
+            device=attempt.fingerprint,
+        )
+
+    def _ask_service(
+        self, service: PasswordService, attempt: Attempt, password: str, account: Account | None
+    ) -> tuple[bool, Account | None]:
+        """Dovecot's verdict; an account it accepts that we did not know is learnt."""
+        try:
+            ok = service.verify(attempt.address, password, self._login_context(attempt))
+        except DovecotUnavailable as problem:
+            raise AuthUnavailable(str(problem)) from None
+        learn = getattr(self.passwords, "learn", None)
+        if ok and account is None and learn is not None:
+            account = learn(attempt.address)
+        return ok, account
+
     def _verify_and_decide(
         self,
         attempt: Attempt,
@@ -325,24 +384,54 @@ class ClientIdChecker:
         refusal must keep the timing class of a wrong password (C12), or a stolen
         password could be confirmed from an unknown device by the speed of the 535.
         """
-        address = attempt.address
+        if self.service is not None:
+            return self._verify_by_service(
+                self.service, attempt, password, account, account_key, known
+            )
         cached = account is not None and self.cache.check(
             account.address, account.password_hash, password
         )
         ok = cached or verify_password(account.password_hash if account else None, password)
         if account is None or not ok:
-            decision = (
-                Decision(False, "unknown_account")
-                if account is None
-                else self.policy.password_failed(address, attempt.identity, attempt.where)
-            )
-            self._failed(attempt, account_key, known and account is not None, False)
-            return AuthOutcome(address if account else None, False, decision)
+            return self._wrong_password(attempt, account, account_key, known)
         if not cached:
             self.cache.remember(account.address, account.password_hash, password)
         outcome = self._decide(attempt, account_key, known)
         if cached and not outcome.decision.allowed:
             verify_password(account.password_hash, password)  # C12: the timing equaliser
+        return outcome
+
+    def _wrong_password(
+        self, attempt: Attempt, account: Account | None, account_key: str, known: bool
+    ) -> AuthOutcome:
+        """No such account, or a wrong password for it. Blocking."""
+        address = attempt.address
+        decision = (
+            Decision(False, "unknown_account")
+            if account is None
+            else self.policy.password_failed(address, attempt.identity, attempt.where)
+        )
+        self._failed(attempt, account_key, known and account is not None, False)
+        return AuthOutcome(address if account else None, False, decision)
+
+    def _verify_by_service(
+        self,
+        service: PasswordService,
+        attempt: Attempt,
+        password: str,
+        account: Account | None,
+        account_key: str,
+        known: bool,
+    ) -> AuthOutcome:
+        """As ``_verify_and_decide``, with Dovecot's verdict instead of our hash and no
+        cache (Dovecot has its own). A policy refusal of a right password waits as long
+        as Dovecot's refusal of a wrong one (C12: the same timing class)."""
+        ok, account = self._ask_service(service, attempt, password, account)
+        if account is None or not ok:
+            return self._wrong_password(attempt, account, account_key, known)
+        outcome = self._decide(attempt, account_key, known)
+        if not outcome.decision.allowed and service.failure_delay > 0:
+            time.sleep(service.failure_delay)  # in a login thread, never the reactor
         return outcome
 
     def _decide(self, attempt: Attempt, account_key: str, known: bool) -> AuthOutcome:

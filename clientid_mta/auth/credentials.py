@@ -27,6 +27,7 @@ class IClientIdUsernamePassword(ICredentials):
     clientId = Attribute("The session's ClientIdentity, or None when none was presented.")
     peer = Attribute("The client's IAddress.")
     tls = Attribute("TLSInfo of the connection, or None on plaintext.")
+    local = Attribute("Our end of the connection, an IAddress, or None.")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ClientIdUsernamePassword:
     clientId: ClientIdentity | None = field(repr=False)
     peer: IAddress | None = None
     tls: TLSInfo | None = None
+    local: IAddress | None = None  # our end of the connection (Dovecot's lip/lport)
     # The checker appends its Decision here; the realm reads it (passed as the mind).
     verdict: list[Any] = field(default_factory=list, compare=False, repr=False)
 

@@ -5,9 +5,20 @@ Format (one account a line, Dovecot passwd-file style, ``#`` comments)::
     alice@example.org:{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=4$...[:send-as]
 
 ``send-as`` is optional: a comma-separated list of further addresses the account may
-use as sender, or ``*`` for any. Schemes: ``{ARGON2ID}`` (what we write) and
-``{BLF-CRYPT}``/``{BCRYPT}`` (accepted). The file is re-read when it changes, so
-``clientid-mta user ...`` takes effect on a running server.
+use as sender, or ``*`` for any.
+
+Dovecot's own seven-field form is read too, so that one file can serve Dovecot as
+passdb and userdb and us as accounts::
+
+    alice@example.org:{ARGON2ID}$...:uid:gid:gecos:home:shell:send_as=a@x,b@x quota=1G
+
+Fields 3 to 7 (any may be empty) and the extra fields other than ``send_as=`` are
+Dovecot's: kept as read and written back unchanged. ``[auth] passwd_format =
+"dovecot"`` makes the writer use this form for every line.
+
+Schemes: ``{ARGON2ID}`` (what we write) and ``{BLF-CRYPT}``/``{BCRYPT}`` (accepted).
+The file is re-read when it changes, so ``clientid-mta user ...`` takes effect on a
+running server.
 
 Addresses are plain ``local@domain.name`` (a dot-atom local part, no quoting, no
 domain literal), lower case: then no address can hold the ``:`` and ``,`` that
@@ -25,7 +36,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import argon2
@@ -48,11 +59,25 @@ class PasswdFileError(ValueError):
     """A line of the password file cannot be understood."""
 
 
+SEVEN_FIELDS = 7  # user:hash:uid:gid:gecos:home:shell, then Dovecot's extra fields
+SEND_AS_FIELD = "send_as="
+
+
+@dataclass(frozen=True)
+class DovecotFields:
+    """What a seven-field line holds for Dovecot alone, kept to be written back."""
+
+    userdb: tuple[str, ...] = ("", "", "", "", "")  # uid, gid, gecos, home, shell
+    extra: tuple[str, ...] = ()  # extra fields other than send_as=, in file order
+
+
 @dataclass(frozen=True)
 class Account:
     address: str
     password_hash: str
     send_as: frozenset[str] = frozenset()
+    # Set for an account read from (or to be written in) Dovecot's seven-field form.
+    dovecot: DovecotFields | None = None
 
     @property
     def domain(self) -> str:
@@ -134,25 +159,61 @@ def parse_line(line: str, lineno: int) -> Account | None:
     if not text or text.startswith("#"):
         return None
     fields = text.split(":")
+    if len(fields) >= SEVEN_FIELDS:
+        return _seven_fields(fields, lineno)
     while len(fields) > 2 and not fields[-1]:
         fields.pop()  # trailing empty fields say nothing
     if len(fields) not in (2, 3):
-        raise PasswdFileError(f"line {lineno}: expected address:{{SCHEME}}hash[:send-as]")
+        raise PasswdFileError(
+            f"line {lineno}: expected address:{{SCHEME}}hash[:send-as], or Dovecot's "
+            "user:hash:uid:gid:gecos:home:shell:extra_fields"
+        )
+    address, password_hash = _address_and_hash(fields, lineno)
+    send_as = _send_as(fields[2] if len(fields) > 2 else "", lineno)
+    return Account(address, password_hash, send_as)
+
+
+def _address_and_hash(fields: list[str], lineno: int) -> tuple[str, str]:
     if not _HASH_RE.match(fields[1]):
         raise PasswdFileError(f"line {lineno}: the hash must look like {{SCHEME}}...")
-    address = _address(fields[0], lineno, account=True)
-    send_as = frozenset(
+    return _address(fields[0], lineno, account=True), fields[1]
+
+
+def _send_as(text: str, lineno: int) -> frozenset[str]:
+    return frozenset(
         entry if entry == "*" else _address(entry, lineno, account=False)
-        for entry in (a.strip() for a in (fields[2].split(",") if len(fields) > 2 else []))
+        for entry in (a.strip() for a in text.split(","))
         if entry
     )
-    return Account(address, fields[1], send_as)
 
 
-def format_line(account: Account) -> str:
-    """The account's line; PasswdFileError if the reader would not read it back as is."""
-    extra = ":" + ",".join(sorted(account.send_as)) if account.send_as else ""
-    line = f"{account.address}:{account.password_hash}{extra}"
+def _seven_fields(fields: list[str], lineno: int) -> Account:
+    """Dovecot's form; the extra fields (which may hold ':') are the rest of the line."""
+    address, password_hash = _address_and_hash(fields, lineno)
+    userdb = tuple(fields[2:SEVEN_FIELDS])
+    send_as: frozenset[str] = frozenset()
+    extra = []
+    for item in ":".join(fields[SEVEN_FIELDS:]).split():
+        if item.startswith(SEND_AS_FIELD):
+            send_as = _send_as(item[len(SEND_AS_FIELD) :], lineno)
+        else:
+            extra.append(item)
+    return Account(address, password_hash, send_as, DovecotFields(userdb, tuple(extra)))
+
+
+def format_line(account: Account, seven_fields: bool = False) -> str:
+    """The account's line (Dovecot's seven-field form if it was read so, or if
+    ``seven_fields``); PasswdFileError if the reader would not read it back as is."""
+    if seven_fields and account.dovecot is None:
+        account = replace(account, dovecot=DovecotFields())
+    if account.dovecot is not None:
+        send_as = [SEND_AS_FIELD + ",".join(sorted(account.send_as))] if account.send_as else []
+        extra = " ".join(send_as + list(account.dovecot.extra))
+        userdb = ":".join(account.dovecot.userdb)
+        line = f"{account.address}:{account.password_hash}:{userdb}:{extra}"
+    else:
+        extra = ":" + ",".join(sorted(account.send_as)) if account.send_as else ""
+        line = f"{account.address}:{account.password_hash}{extra}"
     if "\n" in line or "\r" in line:
         raise PasswdFileError(f"{account.address!r}: line breaks cannot be stored")
     if parse_line(line, 0) != account:  # e.g. upper case, an empty or '*'-like alias
@@ -201,8 +262,9 @@ class PasswdFile:
 
     CHECK_INTERVAL = 1.0  # seconds between the reactor's look-ups of the file
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, seven_fields: bool = False) -> None:
         self.path = path
+        self.seven_fields = seven_fields  # the writer's form ([auth] passwd_format)
         self._refresh_lock = threading.Lock()
         self._signature: tuple[int, int, int] | None = None
         self._accounts: dict[str, Account] = {}  # replaced whole, never changed in place
@@ -288,13 +350,19 @@ class PasswdFile:
         not read back raises PasswdFileError and the old file stays. ``comments`` are
         written after the header, each as one ``#`` line.
         """
-        lines = [format_line(account) for account in sorted(accounts, key=lambda a: a.address)]
+        ordered = sorted(accounts, key=lambda a: a.address)
+        lines = [format_line(account, self.seven_fields) for account in ordered]
         notes = ["#" + " ".join(c.lstrip("#").splitlines()) + "\n" for c in comments]
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("# clientid-mta accounts: address:{SCHEME}hash[:send-as]\n")
+            handle.write(
+                "# clientid-mta accounts: address:{SCHEME}hash:uid:gid:gecos:home:shell:"
+                "send_as=...\n"
+                if self.seven_fields
+                else "# clientid-mta accounts: address:{SCHEME}hash[:send-as]\n"
+            )
             handle.writelines(notes + lines)
             handle.flush()
             os.fsync(handle.fileno())

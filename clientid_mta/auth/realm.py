@@ -10,7 +10,7 @@ from twisted.mail.interfaces import IMessageDelivery
 from zope.interface import implementer
 
 from clientid_mta.auth.cache import AuthCache
-from clientid_mta.auth.checker import ClientIdChecker, Defences
+from clientid_mta.auth.checker import ClientIdChecker, Defences, PasswordService
 from clientid_mta.auth.passwd_file import PasswdFile
 from clientid_mta.config import AuthConfig
 from clientid_mta.devices.policy import Decision, DevicePolicy
@@ -41,12 +41,17 @@ def build_portal(
     delivery_for: Callable[[str, bool], IMessageDelivery],
     defences: Defences | None = None,
     auth: AuthConfig | None = None,
+    service: PasswordService | None = None,
 ) -> portal.Portal:
     """The one place the portal is assembled; embedders reuse it.
 
     ``auth`` sizes the authentication cache (``cache_ttl``, ``cache_size``); without
-    it there is no cache and every login is hashed.
+    it there is no cache and every login is hashed. With a password ``service``
+    (Dovecot) there is no cache either: Dovecot keeps its own (``auth_cache_size``), and
+    ours could not see a password changed there.
     """
-    cache = AuthCache(auth.cache_ttl, auth.cache_size) if auth is not None else None
-    checker = ClientIdChecker(passwords, policy, defences, cache)
+    cache = (
+        AuthCache(auth.cache_ttl, auth.cache_size) if auth is not None and service is None else None
+    )
+    checker = ClientIdChecker(passwords, policy, defences, cache, service)
     return portal.Portal(SubmissionRealm(delivery_for), [checker])

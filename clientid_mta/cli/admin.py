@@ -16,6 +16,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import TextIO
 
 from clientid_mta.auth.passwd_file import (
@@ -103,7 +104,8 @@ class Admin:
         self.config = config
         self.out = out
         self.stdin = stdin
-        self.passwd = PasswdFile(config.auth.passwd_file)
+        seven_fields = config.auth.passwd_format == "dovecot"  # noqa: S105 (a form's name)
+        self.passwd = PasswdFile(config.auth.passwd_file, seven_fields=seven_fields)
 
     @contextlib.contextmanager
     def _stores(self) -> Iterator[Stores]:
@@ -173,15 +175,14 @@ class Admin:
     def user_passwd(self, address: str) -> None:
         account = self._existing(_address(address))
         password = _read_secret("Password", True, self.stdin)
-        self._replace(
-            account.address, Account(account.address, hash_password(password), account.send_as)
-        )
+        # replace(): a seven-field line keeps its Dovecot fields
+        self._replace(account.address, replace(account, password_hash=hash_password(password)))
         print(f"changed the password of {account.address}", file=self.out)
 
     def user_send_as(self, address: str, send_as: list[str]) -> None:
         account = self._existing(_address(address))
         aliases = frozenset(_storable(a, account=False) for a in send_as)
-        self._replace(account.address, Account(account.address, account.password_hash, aliases))
+        self._replace(account.address, replace(account, send_as=aliases))
         print(
             f"{account.address} may send as: {', '.join(sorted(aliases)) or '(itself only)'}",
             file=self.out,

@@ -201,6 +201,24 @@ def database_url(value: Any) -> str:
     return text
 
 
+def socket_address(value: Any) -> str:
+    """A unix socket path (``/run/dovecot/lmtp`` or ``unix:/run/dovecot/lmtp``) or
+    ``tcp:host:port``, as ``unix:<path>`` or ``tcp:host:port``; "" for none."""
+    text = string(value).strip()
+    if text == "":
+        return text
+    if text.startswith("tcp:"):
+        host_port(text[4:])
+        return text
+    path = text[5:] if text.startswith("unix:") else text
+    if not path.startswith("/"):
+        raise Invalid(
+            f'must be an absolute socket path such as "/run/dovecot/lmtp" or '
+            f'"tcp:host:port", not {text!r}'
+        )
+    return "unix:" + path
+
+
 _BY_TYPE: dict[Any, Check] = {bool: boolean, str: string, int: positive}
 
 

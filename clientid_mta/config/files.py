@@ -15,6 +15,7 @@ def check_server_files(config: Config) -> None:
         ("relay", "password_file", config.relay.password_file),
         ("relay", "ca_file", config.relay.ca_file),
         ("store", "password_file", config.store.password_file),
+        ("auth", "send_as_file", config.auth.send_as_file),
         *(("dkim", f'"{k.domain}" key', k.key) for k in config.dkim),
     ]
     if config.source is not None:
@@ -29,6 +30,7 @@ def check_server_files(config: Config) -> None:
                 " ADDRESS",
                 "geoip_database": " point it at a MaxMind .mmdb file, or remove the key",
                 "password_file": " point it at the file that holds the password",
+                "send_as_file": " create it (address:alias,alias a line), or remove the key",
             }
             hint = hints.get(key, " point it at an existing PEM file")
             raise ConfigError(f"config error: [{section}] {key}: {path} does not exist;{hint}.")

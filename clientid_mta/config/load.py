@@ -20,6 +20,7 @@ from clientid_mta.config.checks import Invalid
 from clientid_mta.config.model import (
     DEFAULT_TYPE_FLAGS,
     TYPE_FLAGS,
+    AuthConfig,
     Config,
     DkimKey,
     RelayConfig,
@@ -225,8 +226,21 @@ def _relay_needs(relay: RelayConfig) -> None:
         )
 
 
+def _auth_backend(auth: AuthConfig) -> None:
+    if auth.backend == "dovecot" and not auth.dovecot_socket:
+        raise ConfigError(
+            'config error: [auth] backend = "dovecot" needs dovecot_socket; set it to '
+            'Dovecot\'s auth-client socket, e.g. "/run/dovecot/auth-client" or '
+            '"tcp:127.0.0.1:12345".'
+        )
+
+
 def _no_rule(_section: Any) -> None:
     pass
 
 
-_RULES: dict[str, Callable[[Any], None]] = {"tls": _tls_pair, "relay": _relay_needs}
+_RULES: dict[str, Callable[[Any], None]] = {
+    "tls": _tls_pair,
+    "relay": _relay_needs,
+    "auth": _auth_backend,
+}

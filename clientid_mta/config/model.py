@@ -121,6 +121,22 @@ class AuthConfig:
     # seconds a verified (account, password) pair is remembered; 0: off
     cache_ttl: int = field(default=3600, metadata=setting(check=checks.count))
     cache_size: int = 10000
+    # "passwd-file": our hashes; "dovecot": Dovecot's auth service checks the passwords
+    backend: str = field(
+        default="passwd-file", metadata=setting(check=checks.one_of("passwd-file", "dovecot"))
+    )
+    # Dovecot's auth-client socket: "/run/dovecot/auth-client" or "tcp:host:port"
+    dovecot_socket: str = field(default="", metadata=setting(check=checks.socket_address))
+    dovecot_timeout: int = 5  # seconds to connect or get an answer, then 454
+    # Dovecot's auth_failure_delay: a device refusal waits as long as a wrong password
+    dovecot_failure_delay: int = field(default=2, metadata=setting(check=checks.count))
+    # send-as lists of Dovecot users, "address:alias,alias" a line
+    send_as_file: Path | None = None
+    # how the admin command writes passwd_file: "short" (address:hash[:send-as]) or
+    # "dovecot" (Dovecot's seven fields, send-as as the extra field send_as=)
+    passwd_format: str = field(
+        default="short", metadata=setting(check=checks.one_of("short", "dovecot"))
+    )
 
 
 @dataclass(frozen=True)
@@ -160,6 +176,9 @@ class DeliveryConfig:
         default=None, metadata=setting(check=checks.domains)
     )
     maildir_root: Path = field(kw_only=True, metadata=setting(in_data_dir="mail"))
+    # local mail by LMTP: "/run/dovecot/lmtp" or "tcp:127.0.0.1:24"; "": Maildir
+    lmtp: str = field(default="", metadata=setting(check=checks.socket_address))
+    lmtp_connections: int = 10  # kept open to Dovecot at most (each is an lmtp process)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -29,6 +30,13 @@ from clientid_mta.smtp.staging import IStagedMessage
 _counter = itertools.count()
 
 TMP_MAX_AGE = 36 * 3600  # seconds a file may stay in tmp/ before it is a crash's leftover
+
+
+class Mailboxes(Protocol):
+    """Where whole messages for local accounts go: Maildir, or Dovecot by LMTP."""
+
+    def deliver_bytes(self, domain: str, localpart: str, data: bytes) -> object:
+        """Deliver durably, or raise. Blocking: call it from a thread."""
 
 
 class UnsafeMailboxName(LocalDeliveryError, ValueError):

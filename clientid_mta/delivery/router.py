@@ -25,6 +25,7 @@ from twisted.mail.smtp import Address, SMTPBadRcpt, SMTPBadSender, User
 from zope.interface import implementer
 
 from clientid_mta.auth.passwd_file import Account, PasswdFile, normalise_address
+from clientid_mta.delivery.lmtp import LmtpDelivery, LmtpTransaction
 from clientid_mta.delivery.maildir import MaildirMessage, MaildirRoot
 from clientid_mta.delivery.sending import SendingLimit
 from clientid_mta.outbound.submit import Outbound, OutboundTransaction
@@ -55,6 +56,7 @@ class LocalRouter:
         self.maildirs = maildirs
         self.approval_localpart = approval_localpart
         self.approval_message = approval_message
+        self.lmtp: LmtpDelivery | None = None  # [delivery] lmtp: Dovecot stores local mail
 
     def approval_address(self, account: str) -> str:
         """The reserved address an account holder sends approval codes to."""
@@ -102,6 +104,7 @@ class AccountDelivery:
         self.outbound = outbound
         self.sending = sending
         self._transaction: OutboundTransaction | None = None
+        self._lmtp: LmtpTransaction | None = None  # the local recipients, by LMTP
         # The transaction's accepted recipients (normalised) and their factories.
         self._recipients: dict[str, MessageFactory] = {}
         self._approval = False  # the approval address is among them
@@ -121,6 +124,8 @@ class AccountDelivery:
         self._recipients, self._approval = {}, False
         if self.outbound is not None:
             self._transaction = self.outbound.transaction(str(origin), self.account.address)
+        if self.router.lmtp is not None:
+            self._lmtp = self.router.lmtp.transaction(str(origin), self.account.address)
         if self.sending is None:
             return origin
 
@@ -136,7 +141,7 @@ class AccountDelivery:
         known = self._recipients.get(address)
         if known is not None:
             return known  # named twice: the same factory, so one copy (and 250 again)
-        factory, approval = self._route(address)
+        factory, approval = self._route(address, str(user.dest))
         if self._recipients and (approval or self._approval):
             raise SMTPBadRcpt(address, 550, APPROVAL_ALONE)
         if self.sending is None:
@@ -154,9 +159,10 @@ class AccountDelivery:
         self._approval = self._approval or approval
         return factory
 
-    def _route(self, address: str) -> tuple[MessageFactory, bool]:
+    def _route(self, address: str, given: str) -> tuple[MessageFactory, bool]:
         """The recipient's message factory, and whether it is the approval address;
-        raises the refusal of a recipient we cannot take."""
+        raises the refusal of a recipient we cannot take. ``given`` is the address as
+        the client wrote it: LMTP passes it on (Sieve rules may test it)."""
         domain = address.rpartition("@")[2]
         if not self.router.is_local(domain):
             if self._transaction is None:
@@ -172,6 +178,8 @@ class AccountDelivery:
         factory = self.router.message_factory(address)
         if factory is None:
             raise SMTPBadRcpt(address, 550, "5.1.1 No such user here")
+        if self._lmtp is not None:
+            return self._lmtp.recipient(given), False
         return factory, False
 
     def may_use_header_from(self, addresses: Iterable[str]) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
-from clientid_mta.delivery.maildir import MaildirRoot
+from clientid_mta.delivery.maildir import Mailboxes
 from clientid_mta.devices.store import INoticeLedger, StoreUnavailable
 
 NEW_DEVICE_PENDING = "pending"
@@ -172,7 +172,7 @@ class Notifier:
 
     def __init__(
         self,
-        maildirs: MaildirRoot,
+        maildirs: Mailboxes,  # Maildir, or Dovecot's LMTP
         hostname: str,
         postmaster: str = "",
         is_local_account: Callable[[str], bool] = lambda _address: True,

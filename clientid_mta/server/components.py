@@ -22,12 +22,15 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from clientid_mta.auth.budgets import Throttle
 from clientid_mta.auth.checker import ClientIdChecker, Defences
 from clientid_mta.auth.credentials import IClientIdUsernamePassword
+from clientid_mta.auth.dovecot import DovecotAuth
+from clientid_mta.auth.dovecot_accounts import DovecotAccounts
 from clientid_mta.auth.known_clients import KnownClients
 from clientid_mta.auth.passwd_file import PasswdFile
 from clientid_mta.auth.realm import build_portal
 from clientid_mta.auth.threads import AuthWorkers
 from clientid_mta.config import Config, ConfigError, check_server_files
-from clientid_mta.delivery.maildir import MaildirRoot
+from clientid_mta.delivery.lmtp import LmtpDelivery, LmtpPool
+from clientid_mta.delivery.maildir import Mailboxes, MaildirRoot
 from clientid_mta.delivery.router import LocalRouter, delivery_factory
 from clientid_mta.delivery.sending import SendingLimit, tell_postmaster
 from clientid_mta.devices.approval import ApprovalMessage, Approvals
@@ -60,6 +63,13 @@ class Prepared:
     queue: QueueDir
     queue_runner: QueueRunner
     workers: AuthWorkers
+    dovecot: DovecotAuth | None = None  # [auth] backend = "dovecot"
+    lmtp: LmtpDelivery | None = None  # [delivery] lmtp
+
+    @property
+    def mailboxes(self) -> Mailboxes:
+        """Where notices and bounces for local accounts go."""
+        return self.lmtp if self.lmtp is not None else self.maildirs
 
 
 @dataclass
@@ -115,24 +125,45 @@ def prepare(config: Config, reactor: Any) -> Prepared:
     check_server_files(config)
     if config.tls.certificate is not None and config.tls.key is not None:
         server_context(config.tls.certificate, config.tls.key)
-    passwords = PasswdFile(config.auth.passwd_file)
+    passwords, dovecot = _password_backend(config, reactor)
     maildirs = MaildirRoot(config.delivery.maildir_root)
     router = LocalRouter(
         passwords, config.delivery.local_domains, maildirs, config.approval.localpart
     )
 
+    lmtp = None
+    if config.delivery.lmtp:
+        delivery = config.delivery
+        pool = LmtpPool(
+            reactor, delivery.lmtp, config.server.hostname, size=delivery.lmtp_connections
+        )
+        lmtp = router.lmtp = LmtpDelivery(pool)
+    mailboxes: Mailboxes = lmtp if lmtp is not None else maildirs
+
     def deliver_notice(address: str, data: bytes) -> bool:  # in a thread, from the runner
         account = passwords.get(address)
         if account is None:
             return False
-        maildirs.deliver_bytes(account.domain, account.localpart, data)
+        mailboxes.deliver_bytes(account.domain, account.localpart, data)
         return True
 
     queue = QueueDir(config.queue_config.directory)
     runner = QueueRunner(
         config, queue, LocalBounceTarget(router.is_local, deliver_notice), reactor=reactor
     )
-    return Prepared(passwords, maildirs, router, queue, runner, AuthWorkers(reactor))
+    workers = AuthWorkers(reactor)
+    return Prepared(passwords, maildirs, router, queue, runner, workers, dovecot, lmtp)
+
+
+def _password_backend(config: Config, reactor: Any) -> tuple[PasswdFile, DovecotAuth | None]:
+    """The accounts, and Dovecot's auth service when it checks the passwords."""
+    auth = config.auth
+    if auth.backend != "dovecot":
+        return PasswdFile(auth.passwd_file), None
+    service = DovecotAuth(
+        reactor, auth.dovecot_socket, auth.dovecot_timeout, auth.dovecot_failure_delay
+    )
+    return DovecotAccounts(auth.passwd_file, auth.send_as_file), service
 
 
 def _dkim_signer(config: Config) -> Any:
@@ -220,7 +251,7 @@ def _wire(
     tls_context = ReloadableServerTLS(certificate, key)
     passwords, maildirs, router = parts.passwords, parts.maildirs, parts.router
     notifier = Notifier(
-        maildirs,
+        parts.mailboxes,
         config.server.hostname,
         config.postmaster,
         lambda address: passwords.get(address) is not None,
@@ -281,7 +312,7 @@ def _wire(
         served = account_delivery(address, trusted_device)
         return ServedDelivery(served, router, in_flight, local_delivery)
 
-    portal = build_portal(passwords, policy, delivery_for, defences, config.auth)
+    portal = build_portal(passwords, policy, delivery_for, defences, config.auth, parts.dovecot)
     checker = cast(ClientIdChecker, portal.checkers[IClientIdUsernamePassword])
     assert isinstance(checker, ClientIdChecker)
     checker.run_in_thread = parts.workers.run

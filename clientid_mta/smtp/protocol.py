@@ -736,6 +736,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
             clientId=self._clientid,  # C11: kept for a retry after a failure
             peer=self._peer(),
             tls=_tls_info(self.transport),
+            local=self.transport.getHost(),
         )
         if proxy:
             result: defer.Deferred[Any] = defer.fail(cred_error.UnauthorizedLogin())
