@@ -282,22 +282,21 @@ class ClientIdChecker:
         account = self.passwords.get(attempt.address)
         address, network = attempt.address, attempt.where.network
         stored = account.password_hash if account is not None else None
-        known_clients = self.defences.known
-        if self.repeats.repeated(address, stored, network, password, attempt.device) and not (
-            known_clients is not None and known_clients.knows_device(attempt.device)
-        ):
-            # Exactly these credentials were refused from this network a moment ago (a
-            # mail program retrying): answered as before, counted once. Right passwords a
-            # policy refused are remembered too, or the repeat's speed (and budget) would
-            # tell a stolen password from a wrong one (C12). A device trusted since then
-            # is checked afresh, so a retry after ``device approve`` goes through.
-            repeated = Decision(False, REPEATED_FAILURE)
-            return AuthOutcome(address if account else None, False, repeated)
+        # Read before the repeat memory is asked, for every attempt alike: a repeat then
+        # costs the same store read whatever it repeats (C12), and a device approved
+        # since, by any process or node, is checked afresh at once.
         known = (
             account is not None
             and attempt.device is not None
             and getattr(self.policy.store.get(address, attempt.device), "state", "") == TRUSTED
         )
+        if not known and self.repeats.repeated(address, stored, network, password, attempt.device):
+            # Exactly these credentials were refused from this network a moment ago (a
+            # mail program retrying): answered as before, counted once. Right passwords a
+            # policy refused are remembered too, or the repeat's speed (and budget) would
+            # tell a stolen password from a wrong one (C12).
+            repeated = Decision(False, REPEATED_FAILURE)
+            return AuthOutcome(address if account else None, False, repeated)
         keys = self._budget_keys(attempt, account is not None, known)
         throttle = self.defences.throttle
         if throttle is not None and not throttle.take(keys[0]):
