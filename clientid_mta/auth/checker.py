@@ -216,10 +216,9 @@ class ClientIdChecker:
         account = self.passwords.get(attempt.address)
         address, network = attempt.address, attempt.where.network
         stored = account.password_hash if account is not None else None
-        known_clients = self.defences.known
-        if self.repeats.repeated(address, stored, network, password, attempt.device) and not (
-            known_clients is not None and known_clients.knows_device(attempt.device)
-        ):
+        if self.repeats.repeated(
+            address, stored, network, password, attempt.device
+        ) and not self._trusted_since(address, attempt.device):
             # Exactly these credentials were refused from this network a moment ago (a
             # mail program retrying): answered as before, counted once. Right passwords a
             # policy refused are remembered too, or the repeat's speed (and budget) would
@@ -250,6 +249,19 @@ class ClientIdChecker:
             # A wrong password, or a right one refused for this device: the same to a client.
             self.repeats.failed(address, stored, network, password, attempt.device)
         return outcome
+
+    def _trusted_since(self, address: str, device: str | None) -> bool:
+        """Whether a device whose refusal is remembered may be trusted now. The known
+        view has this process's trusts at once, but ``device approve`` (another
+        process) only at its next refresh, seconds later: a mail program retrying right
+        after the approval (Thunderbird's Retry) would be refused again, so the store
+        is asked too. Blocking; only for a repeat that names a device."""
+        if device is None:
+            return False
+        known_clients = self.defences.known
+        if known_clients is not None and known_clients.knows_device(device):
+            return True
+        return getattr(self.policy.store.get(address, device), "state", "") == TRUSTED
 
     @staticmethod
     def _budget_keys(attempt: Attempt, exists: bool, known: bool) -> tuple[str, ...]:
