@@ -16,6 +16,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -104,13 +105,17 @@ def assert_sent(thunderbird: Thunderbird, result: SendResult) -> None:
 
 
 def assert_refused(thunderbird: Thunderbird, result: SendResult) -> None:
+    assert not result.sent, explain(thunderbird, result)
+    [prompt] = result.dialogs
+    assert_login_failed_prompt(prompt)
+
+
+def assert_login_failed_prompt(prompt: dict[str, Any]) -> None:
     """What a refused device looks like in Thunderbird: the login-failed prompt, offering
     Retry and Enter New Password, and nothing about devices."""
-    assert not result.sent, explain(thunderbird, result)
-    prompt = result.dialogs[0]
-    assert re.search(r"Login to .*127\.0\.0\.1.* failed", prompt["title"] + prompt["text"]), prompt
-    assert {"Retry", "Enter New Password"} <= set(prompt["buttons"]), prompt
-    assert "device" not in str(result.dialogs).lower(), result.dialogs
+    assert prompt["title"] == 'Login to account "127.0.0.1" failed', prompt
+    assert prompt["text"] == f"Login to server 127.0.0.1 with username {ALICE} failed.", prompt
+    assert prompt["buttons"] == ["Retry", "Cancel", "Enter New Password"], prompt
 
 
 def subjects(server: ServerProcess, address: str = BOB) -> list[str]:
@@ -173,23 +178,35 @@ def test_thunderbird_over_implicit_tls(
     assert state_of(tb_server, LAPTOP) == "trusted"
 
 
-def test_second_thunderbird_refused_until_the_admin_approves_it(
+def test_second_thunderbird_refused_then_retry_after_device_approve_sends(
     tb_server: ServerProcess,
     laptop: tuple[Thunderbird, SendResult],
     start_thunderbird: StartThunderbird,
 ) -> None:
+    """The user keeps the "Login ... failed" dialog open while the administrator
+    approves the device, then presses Retry: Thunderbird logs in again in the same
+    session, without resending CLIENTID, and the server takes it as the approved device."""
     phone = start_thunderbird("phone", PHONE, try_ssl=IMPLICIT_TLS)
-    assert_refused(phone, send(phone, "from the phone, refused"))
-    assert state_of(tb_server, PHONE) == "pending"
-    assert "from the phone, refused" not in subjects(tb_server)
-    notice = pending_notice(tb_server, PHONE)
-    assert 'Thunderbird shows "Login to server ...\nfailed"' in notice  # what it showed
+    fingerprint = fingerprint_of(tb_server, f"UUID {PHONE}")
 
-    approved = tb_server.cli("device", "approve", ALICE, fingerprint_of(tb_server, f"UUID {PHONE}"))
-    assert approved.returncode == 0, approved.stderr
-    assert_sent(phone, send(phone, "from the phone, approved"))
-    assert "from the phone, approved" in subjects(tb_server)
+    def approve_while_the_dialog_is_open() -> None:
+        assert state_of(tb_server, PHONE) == "pending"
+        assert "from the phone" not in subjects(tb_server)
+        notice = pending_notice(tb_server, PHONE)
+        assert 'Thunderbird shows "Login to server ...\nfailed"' in notice  # what it showed
+        approved = tb_server.cli("device", "approve", ALICE, fingerprint)
+        assert approved.returncode == 0, approved.stderr
+
+    result = phone.send_and_retry(
+        ALICE, BOB, "from the phone", "from the phone.\n", approve_while_the_dialog_is_open
+    )
+    assert result.sent, explain(phone, result)
+    [prompt] = result.dialogs
+    assert_login_failed_prompt(prompt)
+    assert "from the phone" in subjects(tb_server)
     assert state_of(tb_server, PHONE) == "trusted"
+    assert wire_lines(phone, "CLIENTID") == [f"CLIENTID UUID {PHONE}"]  # once, before Retry
+    assert len(wire_lines(phone, "AUTH PLAIN")) == 2  # refused, then the Retry
 
 
 def test_approval_code_mailed_from_the_trusted_thunderbird_lets_a_third_in(

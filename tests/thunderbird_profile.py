@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ QUIET_PREFS: dict[str, object] = {
     "mailnews.smtp.loglevel": "All",
     "mailnews.send.loglevel": "All",
     "devtools.console.stdout.chrome": True,
+    "browser.dom.window.dump.enabled": True,  # dump(): the dialog marker send_and_retry waits on
 }
 
 
@@ -142,9 +144,11 @@ def build_profile(directory: Path, server: OutgoingServer, address: str, cafile:
 # Starts a send and returns at once: a modal dialog ends a running Marionette script (it
 # returns null), so the result is kept on the main window, where RESULT_SCRIPT reads
 # it. Every common dialog that opens meanwhile is recorded (title, text, buttons) and
-# answered with Cancel (for the login prompt: stop retrying) or OK (an alert).
+# answered with Cancel (for the login prompt: stop retrying) or OK (an alert). With a
+# ``retryFile``, the first dialog is held open instead (no Marionette command may come
+# then: Marionette would dismiss it) until that file exists, and answered with Retry.
 SEND_SCRIPT = r"""
-const [sendId, from, to, subject, body] = arguments;
+const [sendId, from, to, subject, body, retryFile] = arguments;
 const results = (Services.wm.getMostRecentWindow("mail:3pane").clientidMtaSends ??= {});
 const { MailServices } = ChromeUtils.importESModule(
   "resource:///modules/MailServices.sys.mjs"
@@ -162,8 +166,22 @@ const observer = {
         .map(b => b.label)
     );
     dialogs.push({ title: doc.title || text("infoTitle"), text: text("infoBody"), buttons });
+    const dialog = doc.querySelector("dialog");
+    if (retryFile && dialogs.length == 1) {
+      dump(`clientid-mta test: ${sendId} holds a dialog\n`);
+      const file = Cc["@mozilla.org/file/local;1"].createInstance(Ci.nsIFile);
+      file.initWithPath(retryFile);
+      const timer = win.setInterval(() => {
+        if (file.exists()) {
+          win.clearInterval(timer);
+          dialog.acceptDialog();  // Retry
+          dump(`clientid-mta test: ${sendId} pressed Retry\n`);
+        }
+      }, 50);
+      return;
+    }
     // Cancel (a refused login: stop retrying), or accept an alert; after the load.
-    win.setTimeout(() => doc.querySelector("dialog").cancelDialog(), 0);
+    win.setTimeout(() => dialog.cancelDialog(), 0);
   },
 };
 Services.obs.addObserver(observer, "common-dialog-loaded");
@@ -323,10 +341,39 @@ class Thunderbird:
 
     def send(self, sender: str, recipient: str, subject: str, body: str) -> SendResult:
         """Compose and send one plain-text message now; Thunderbird's verdict."""
+        return self._result(self._start_send([sender, recipient, subject, body, ""]))
+
+    def send_and_retry(
+        self, sender: str, recipient: str, subject: str, body: str, before_retry: Callable[[], None]
+    ) -> SendResult:
+        """Send; when the first dialog (the login failure) opens, call ``before_retry``
+        and then press Retry in it, as a user would after the device was approved."""
+        release = self.profile.parent / f"{self.profile.name}-retry-{self._sends + 1}"
+        send_id = self._start_send([sender, recipient, subject, body, str(release)])
+        self._wait_for_marker(f"{send_id} holds a dialog")
+        before_retry()
+        release.touch()
+        # No Marionette command until then: it would dismiss the dialog (Cancel).
+        self._wait_for_marker(f"{send_id} pressed Retry")
+        return self._result(send_id)
+
+    def _wait_for_marker(self, what: str) -> None:
+        """Wait until the send script has dumped ``what`` to Thunderbird's output."""
+        line = f"clientid-mta test: {what}\n"
+        try:
+            wait_until(lambda: line in self.log() or None, SEND_TIMEOUT, what)
+        except TimeoutError:
+            raise AssertionError(
+                f"Thunderbird: no {what!r} in {SEND_TIMEOUT} s:\n{self.log()[-4000:]}"
+            ) from None
+
+    def _start_send(self, arguments: list[str]) -> str:
         self._sends += 1
         send_id = f"send-{self._sends}"
-        self.session().run(SEND_SCRIPT, [send_id, sender, recipient, subject, body])
+        self.session().run(SEND_SCRIPT, [send_id, *arguments])
+        return send_id
 
+    def _result(self, send_id: str) -> SendResult:
         def verdict() -> dict[str, Any] | None:
             # None also when a dialog opened while this ran (Marionette then ends it).
             return self.session().run(RESULT_SCRIPT, [send_id])  # type: ignore[no-any-return]
