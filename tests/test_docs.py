@@ -99,6 +99,23 @@ def _string_constants(path: Path) -> set[str]:
 def test_every_test_cited_by_conformance_md_exists() -> None:
     cited = CITED_TEST.findall(CONFORMANCE_DOC.read_text())
     assert len(cited) > 100, "docs/conformance.md cites fewer tests than it should"
+    missing = _missing_tests(cited)
+    assert missing == [], "docs/conformance.md cites tests that do not exist:\n" + "\n".join(
+        missing
+    )
+
+
+def test_every_test_in_the_readme_interop_matrix_exists() -> None:
+    readme = (ROOT / "README.md").read_text()
+    matrix = readme[readme.index("### Interop matrix") :]
+    cited = CITED_TEST.findall(matrix[: matrix.index("\n## ")])
+    assert len(cited) >= 20, "the README's interop matrix names fewer tests than it should"
+    missing = _missing_tests(cited)
+    assert missing == [], "the README's interop matrix names missing tests:\n" + "\n".join(missing)
+
+
+def _missing_tests(cited: list[tuple[str, str, str]]) -> list[str]:
+    """The citations (file, test, parameter id) whose test is not in its file."""
     missing = []
     for file, name, parameters in cited:
         path = ROOT / file
@@ -111,9 +128,7 @@ def test_every_test_cited_by_conformance_md_exists() -> None:
         # A parameter id names one case of the test: each part must be written in the file.
         if parameters and not set(parameters.split("-")) <= _string_constants(path):
             missing.append(f"{file}::{name}[{parameters}]")
-    assert missing == [], "docs/conformance.md cites tests that do not exist:\n" + "\n".join(
-        missing
-    )
+    return missing
 
 
 @pytest.mark.parametrize("document", [CONFORMANCE_DOC, ARCHITECTURE_DOC], ids=lambda p: p.name)

@@ -50,10 +50,13 @@ _EXPLANATIONS = {
     NEW_DEVICE_PENDING: (
         "A mail program tried to send mail as you from the device above, which this\n"
         "server had not seen before. It gave your right password, but a new device\n"
-        "needs your approval first, so it was refused. The mail program only says\n"
-        '"Login failed" (or "Authentication failed"); it has not been blocked for good.\n\n'
+        "needs your approval first, so it was refused and its message was not sent.\n\n"
+        'The mail program does not say why. Thunderbird shows "Login to server ...\n'
+        'failed" with the buttons Retry and Enter New Password; other programs say\n'
+        '"Login failed" or "Authentication failed". Your password is right: entering\n'
+        "it again does not help. The device has not been blocked for good.\n\n"
         "If this was you (a new computer, phone or mail program), approve the device\n"
-        "in one of two ways, then send again from it:\n\n"
+        "in one of two ways, then press Retry there (or send the message again):\n\n"
         "  - from a device you already use for this account, send a message to\n"
         "    {approval_address} with this code in the subject: {code}\n"
         "    (the code works once, until {expires});\n"
