@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.error import ConnectionDone
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 
 from clientid_mta.auth.checker import MAX_LOGGED_NAME, as_typed, refusal_class
 from clientid_mta.observe.health import run_checks, writable_folder
 from clientid_mta.observe.logs import TWISTD_OBSERVER, event_as_json
 from clientid_mta.observe.metrics import PrometheusEvents
+from clientid_mta.observe.web import Observed, ReadyPage
 from clientid_mta.server.tap import Options
 
 
@@ -128,3 +133,64 @@ def test_counting_and_the_queue_gauge() -> None:
     assert samples[("clientid_mta_data_reply_seconds_count", ())] == 2
     assert samples[("clientid_mta_queue_entries", (("state", "new"),))] == 2
     assert samples[("clientid_mta_queue_entries", (("state", "deferred"),))] == 1
+
+
+class _HeldPool:
+    """A thread pool that runs nothing until told: the work a page queued so far."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Any, Any]] = []
+
+    def callInThreadWithCallback(self, on_result: Any, work: Any) -> None:
+        self.queued.append((on_result, work))
+
+    def run_all(self) -> None:
+        queued, self.queued = self.queued, []
+        for on_result, work in queued:
+            on_result(True, work())
+
+
+class _PoolReactor:
+    def __init__(self) -> None:
+        self.pool = _HeldPool()
+
+    def getThreadPool(self) -> _HeldPool:
+        return self.pool
+
+    def callFromThread(self, call: Any, *args: Any) -> None:
+        call(*args)
+
+
+def test_hammering_readiness_queues_one_check_run_and_answers_every_request() -> None:
+    """/healthz/ready shares the thread pool with the logins' password checks and store
+    queries: a flood of requests must not fill it (nor open a store connection each)."""
+    reactor = _PoolReactor()
+    runs: list[int] = []
+
+    def store_check() -> str | None:
+        runs.append(1)
+        return "down for the test"
+
+    observed = Observed(
+        metrics=lambda: None,
+        not_ready=list,
+        checks=lambda: [("device store", store_check)],
+        queue_states=lambda: None,
+    )
+    page = ReadyPage(reactor, observed)
+    requests = [DummyRequest([b""]) for _ in range(50)]
+    for request in requests:
+        assert page.render_GET(request) == NOT_DONE_YET
+    requests[7].processingFailed(Failure(ConnectionDone()))  # this client leaves early
+    assert len(reactor.pool.queued) == 1
+    reactor.pool.run_all()
+    assert runs == [1]
+    answered = [r for r in requests if r.finished]
+    assert len(answered) == 49 and requests[7] not in answered
+    assert {r.responseCode for r in answered} == {503}
+    assert b"device store: down for the test" in b"".join(answered[0].written)
+    # The next request, after the answer, runs the checks afresh.
+    later = DummyRequest([b""])
+    page.render_GET(later)
+    reactor.pool.run_all()
+    assert runs == [1, 1] and later.finished

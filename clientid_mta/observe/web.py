@@ -3,7 +3,10 @@
 Served by twisted.web. The scrape and the readiness checks read files (the other
 processes' counts, the folders, the store), so they run in the reactor's thread pool;
 what only the reactor may read (sessions, the queue's entries, the listeners) is read
-first, on the reactor.
+first, on the reactor. That pool also runs the logins' password checks and store
+queries: each page runs at most one piece of work at a time, and requests that come
+while it runs get its answer, so however hard the port is hammered it holds at most
+two of the pool's threads and opens at most one probe connection to the store.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
@@ -46,24 +49,38 @@ class _Deferring(resource.Resource):
     def __init__(self, reactor: Any) -> None:
         super().__init__()
         self.reactor = reactor
+        self._waiting: list[server.Request] | None = None  # requests the running work answers
+        self._gone: set[server.Request] = set()  # of those, the ones whose client left
 
     def _in_thread(self, request: server.Request, work: Callable[[], tuple[int, bytes]]) -> Any:
+        """Answer ``request`` with ``work``'s result, run in the pool; joins the work
+        already running instead, if any (its answer is as fresh as the request)."""
+        request.notifyFinish().addErrback(lambda _: self._gone.add(request))
+        if self._waiting is not None:
+            self._waiting.append(request)
+            return server.NOT_DONE_YET
+        waiting = self._waiting = [request]
         pool = self.reactor.getThreadPool()
-        answer = threads.deferToThreadPool(self.reactor, pool, work)
+        answer: defer.Deferred[tuple[int, bytes]] = threads.deferToThreadPool(
+            self.reactor, pool, work
+        )
 
-        def send(result: tuple[int, bytes]) -> None:
+        def send(result: tuple[int, bytes] | Failure) -> None:
+            self._waiting, gone = None, self._gone
+            self._gone = set()
+            if isinstance(result, Failure):
+                path = request.path.decode("ascii", "replace")
+                log.failure("{path} failed", result, path=path)
+                result = (500, b"")
             code, body = result
-            request.setResponseCode(code)
-            request.write(body)
-            request.finish()
+            for each in waiting:
+                if each in gone:  # the client left while we worked: nothing to send
+                    continue
+                each.setResponseCode(code)
+                each.write(body)
+                each.finish()
 
-        def failed(failure: Failure) -> None:
-            log.failure("{path} failed", failure, path=request.path.decode("ascii", "replace"))
-            request.setResponseCode(500)
-            request.finish()
-
-        answer.addCallback(send).addErrback(failed)
-        request.notifyFinish().addErrback(lambda _: None)  # the client left: nothing to send
+        answer.addBoth(send)
         return server.NOT_DONE_YET
 
 
