@@ -304,3 +304,35 @@ def test_a_header_cut_anywhere_names_the_client(
     peer = connection.inner.peer
     assert (getattr(peer, "host", None), getattr(peer, "port", None)) == (str(source), ports[0])
     assert connection.inner.received == b"EHLO x\r\n"
+
+
+def test_the_per_address_cap_counts_an_ipv6_64_and_ipv4_mapped_addresses_as_one() -> None:
+    """An IPv6 client picks any address of its /64 (SLAAC, privacy addresses): counted
+    per address, one host held every session and pushed out everyone not logged in."""
+    config = load_config()
+    clock = task.Clock()
+    smtp = SubmissionFactory(config, None, None, reactor=clock)
+    factory = proxied(smtp, ("127.0.0.1/32",), clock)
+    cap = config.limits.max_sessions_per_address
+
+    def connect(family: str, source: str, destination: str) -> bytes:
+        transport = StringTransport(peerAddress=PROXY)
+        reader = factory.buildProtocol(PROXY)
+        assert reader is not None
+        reader.makeConnection(transport)
+        reader.dataReceived(f"PROXY {family} {source} {destination} 50000 587\r\n".encode())
+        return transport.value()
+
+    for number in range(1, cap + 1):
+        assert connect("TCP6", f"2001:db8:1:2::{number:x}", "2001:db8::1").startswith(b"220 ")
+    assert connect("TCP6", "2001:db8:1:2:ffff::1", "2001:db8::1").startswith(b"421 4.7.0")
+    assert connect("TCP6", "2001:db8:1:3::1", "2001:db8::1").startswith(b"220 ")  # next /64
+    for _ in range(cap - 1):
+        assert connect("TCP4", "192.0.2.7", "198.51.100.1").startswith(b"220 ")
+    assert connect("TCP6", "::ffff:192.0.2.7", "::ffff:198.51.100.1").startswith(b"220 ")
+    assert connect("TCP4", "192.0.2.7", "198.51.100.1").startswith(b"421 4.7.0")
+    assert smtp.sessions.by_address == {
+        "2001:db8:1:2::/64": cap,
+        "2001:db8:1:3::/64": 1,
+        "192.0.2.7": cap,
+    }

@@ -22,3 +22,15 @@ def network_prefix(host: str, ipv4: int = IPV4_PREFIX, ipv6: int = IPV6_PREFIX) 
         address = address.ipv4_mapped
     prefix = ipv4 if address.version == 4 else ipv6
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+SESSION_IPV6_PREFIX = 64  # one host's network: SLAAC and privacy addresses pick within it
+
+
+def session_address(host: str) -> str:
+    """What the per-address session cap counts as one client: the IPv4 address (IPv4-
+    mapped IPv6 too), or the IPv6 /64, since a host is free to pick any address in it."""
+    network = network_prefix(host, 32, SESSION_IPV6_PREFIX)
+    if network == "unknown":  # not an IP (a UNIX socket): its own name
+        return host
+    return network.removesuffix("/32")

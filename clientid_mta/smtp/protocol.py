@@ -63,7 +63,7 @@ from clientid_mta.smtp.clientid import (
 )
 from clientid_mta.smtp.errors import LocalDeliveryError
 from clientid_mta.smtp.limits import SessionLimits
-from clientid_mta.smtp.network import network_prefix
+from clientid_mta.smtp.network import network_prefix, session_address
 from clientid_mta.smtp.sasl import (
     SaslError,
     decode_response,
@@ -337,12 +337,13 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         )
         self.events.session_opened(self._listener)
         self._counted_open = True
-        refused = self.sessions.open(self._peer_host(), self, self._pushed_out)
+        counted_as = session_address(self._peer_host())
+        refused = self.sessions.open(counted_as, self, self._pushed_out)
         if refused is not None:
             self.reply(421, f"4.7.0 {self.hostname} Error: {refused}, try again later")
             self._close()
             return
-        self._counted_address = self._peer_host()
+        self._counted_address = counted_as
         self.reply(220, f"{self.hostname} ESMTP")  # S14: no software name or version
         self.setTimeout(self.limits.command_timeout)
 
