@@ -22,6 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import blockingCallFromThread
 
 from tests.conftest import THUNDERBIRD_UUID, RunningServer
+from tests.postgres_server import Cluster
 from tests.sink import running_sink, wait_until
 
 # Audit events that touch the disk or a database. "open" covers open(), os.open() and
@@ -196,4 +197,54 @@ def test_reactor_guard_passwd_change_reaches_the_reactor_within_a_second_off_thr
         lambda: blockingCallFromThread(reactor, on_reactor) or None, 3, "dora on the reactor"
     )
     guard.active = False
+    assert guard.violations == [], "\n".join(guard.violations)
+
+
+def test_reactor_guard_session_with_the_postgresql_store(
+    guard: ReactorGuard,
+    make_server: Callable[..., RunningServer],
+    postgres_cluster: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same with the store in PostgreSQL: libpq's socket calls raise no audit event,
+    so every query, pool checkout and connect is checked for the reactor thread."""
+    import psycopg
+    import psycopg_pool
+
+    queries: list[str] = []  # made anywhere: the test is not vacuous
+
+    def checked(owner: Any, name: str) -> None:
+        real = getattr(owner, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            queries.append(name)
+            if guard.on_reactor():
+                guard.violation(f"psycopg {owner.__name__}.{name}", ())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, call)
+
+    checked(psycopg.Connection, "execute")
+    checked(psycopg.Connection, "connect")
+    checked(psycopg.Cursor, "execute")
+    checked(psycopg.Cursor, "executemany")
+    checked(psycopg_pool.ConnectionPool, "getconn")
+
+    guard.active = False
+    server = make_server(f'[store]\nurl = "{postgres_cluster.new_database()}"\n')
+    server.add_user("alice@example.org", "alice-password")
+    server.add_user("bob@example.org", "bob-password")
+    guard.active = True
+    queries.clear()
+    client = server.smtp()
+    assert client.docmd("CLIENTID", f"UUID {THUNDERBIRD_UUID}") == (250, b"2.0.0 OK")
+    assert client.docmd("AUTH", "PLAIN AGFsaWNlQGV4YW1wbGUub3JnAHdyb25n")[0] == 535
+    client.login("alice@example.org", "alice-password")
+    message = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: pg\r\n\r\nhi\r\n"
+    assert client.sendmail("alice@example.org", ["bob@example.org"], message) == {}
+    client.quit()
+    [stored] = server.messages("bob@example.org")
+    assert stored["Subject"] == "pg"
+    guard.active = False
+    assert "getconn" in queries and "execute" in queries
     assert guard.violations == [], "\n".join(guard.violations)
