@@ -208,3 +208,46 @@ def test_readiness_probes_the_database_and_names_it_when_away(postgres_cluster: 
     away = f"postgresql://postgres@127.0.0.1:{closed}/nodes?connect_timeout=1"
     reason = postgres_store.probe_reachable(away, None)
     assert reason is not None and reason.startswith(f"nodes@127.0.0.1:{closed}: ")
+
+
+def test_a_lock_held_by_a_stuck_node_turns_into_unavailable_not_a_wait_forever(
+    postgres_cluster: Cluster,
+) -> None:
+    """A node cut off from the database in the middle of a transaction keeps its locks
+    until the server notices: a login of that account on another node must answer (454)
+    instead of holding a thread and a connection forever, and the stuck transaction
+    must be ended by the server itself."""
+    import zlib
+
+    import psycopg
+
+    url = postgres_cluster.new_database()
+    stores = open_postgres_stores(url, key_fingerprint="3" * 16, pool_size=2)
+    stuck = psycopg.connect(conninfo(url, None))
+    try:
+        key = zlib.crc32(b"alice@example.org") - 2**31
+        stuck.execute("SELECT pg_advisory_xact_lock(%s, %s)", (postgres_store._LOCK_ACCOUNT, key))
+        outcome: list[object] = []
+
+        def register() -> None:
+            try:
+                outcome.append(
+                    stores.devices.register("alice@example.org", "k" * 64, "UUID", "n", True)
+                )
+            except Exception as problem:
+                outcome.append(problem)
+
+        waiting = threading.Thread(target=register, daemon=True)
+        waiting.start()
+        waiting.join(timeout=60)
+        assert outcome and isinstance(outcome[0], StoreUnavailable), outcome
+        settings = stuck.execute(
+            "SELECT current_setting('idle_in_transaction_session_timeout') AS idle,"
+            " current_setting('lock_timeout') AS lock"
+        ).fetchone()
+        assert settings is not None and "0" not in (settings[0], settings[1])
+    finally:
+        stuck.close()
+    _device, first = stores.devices.register("alice@example.org", "k" * 64, "UUID", "n", True)
+    assert first
+    stores.close()

@@ -61,6 +61,15 @@ log = Logger()
 
 POOL_WAIT = 3.0  # seconds a call waits for a connection before it is StoreUnavailable
 CONNECT_TIMEOUT = 3  # seconds libpq waits for the server (unless the URL says otherwise)
+# A node cut off in the middle of a transaction keeps its locks until the server ends
+# it: other nodes' logins wait for a lock at most LOCK_WAIT (then 454), and the server
+# ends a transaction left idle for IDLE_TRANSACTION (ours last milliseconds). The
+# migrations' session lock waits without limit (a long migration on another node).
+LOCK_WAIT = "5s"
+IDLE_TRANSACTION = "60s"
+SESSION_OPTIONS = (
+    f"-c lock_timeout={LOCK_WAIT} -c idle_in_transaction_session_timeout={IDLE_TRANSACTION}"
+)
 # A failed reconnection is given up after this long; the next call starts a new one at
 # once, so recovery never waits on a long back-off.
 RECONNECT_GIVE_UP = 2.0
@@ -202,9 +211,9 @@ def _quiet_pool_logging() -> None:
 
 def conninfo(url: str, password_file: Path | None) -> str:
     """The libpq connection string: ``url`` (a URI or key/value string) with the
-    password read from ``password_file`` (else libpq's own PGPASSFILE applies), and a
-    connect timeout unless the URL sets one. Raises ValueError for a malformed URL or
-    an unreadable password file."""
+    password read from ``password_file`` (else libpq's own PGPASSFILE applies), a
+    connect timeout unless the URL sets one, and SESSION_OPTIONS. Raises ValueError for
+    a malformed URL or an unreadable password file."""
     try:
         parts = conninfo_to_dict(url)
     except psycopg.ProgrammingError as problem:
@@ -212,6 +221,8 @@ def conninfo(url: str, password_file: Path | None) -> str:
     extra: dict[str, Any] = {}
     if "connect_timeout" not in parts:
         extra["connect_timeout"] = CONNECT_TIMEOUT
+    # The URL's own options come after ours: a setting it names wins.
+    extra["options"] = f"{SESSION_OPTIONS} {parts.get('options', '')}".strip()
     if password_file is not None:
         extra["password"] = password_file.read_text().strip("\r\n")
     return make_conninfo(url, **extra)
@@ -790,6 +801,7 @@ def migrate(database: Database) -> list[int]:
     applied: list[int] = []
     with database.transaction() as db:
         db.autocommit = True  # the lock spans the transactions below
+        db.execute("SET lock_timeout = 0")  # another node may be migrating: wait for it
         db.execute("SELECT pg_advisory_lock(%s, 0)", (_LOCK_MIGRATIONS,))
         try:
             for number, what, sql in MIGRATIONS:
@@ -804,6 +816,7 @@ def migrate(database: Database) -> list[int]:
                     applied.append(number)
         finally:
             db.execute("SELECT pg_advisory_unlock(%s, 0)", (_LOCK_MIGRATIONS,))
+            db.execute("RESET lock_timeout")
             db.autocommit = False
     return applied
 
