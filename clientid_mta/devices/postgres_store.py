@@ -282,6 +282,8 @@ class Database:
         try:
             with self.pool.connection() as db:
                 yield db
+        except psycopg.errors.LockNotAvailable as problem:  # lock_timeout: the server is up
+            raise PostgresStoreUnavailable(str(problem).strip()) from problem
         except psycopg.OperationalError as problem:
             # The server is gone, restarting or out of connections; the pool replaces
             # the connection. (PoolTimeout is one of these.)
