@@ -336,3 +336,24 @@ def test_the_per_address_cap_counts_an_ipv6_64_and_ipv4_mapped_addresses_as_one(
         "2001:db8:1:3::/64": 1,
         "192.0.2.7": cap,
     }
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("[]", "is empty"),
+        ('["10.0.0.0/8", "0.0.0.0/0"]', "holds 0.0.0.0/0"),
+        ('["::/0"]', "holds ::/0"),
+    ],
+)
+def test_proxy_from_that_trusts_no_one_or_everyone_is_one_sentence(
+    tmp_path: Path, value: str, problem: str
+) -> None:
+    """Empty: every connection is refused. Every address: anyone on the internet can send
+    a header and choose the address budgets, caps, the audit and fail2ban see."""
+    config = tmp_path / "c.toml"
+    config.write_text(f"[listen]\nsubmissions_proxy_protocol = true\nproxy_from = {value}\n")
+    with pytest.raises(ConfigError, match=rf"^config error: \[listen\] proxy_from {problem}"):
+        load_config(config)
+    config.write_text(f"[listen]\nproxy_from = {value}\n")  # unused without the protocol
+    assert load_config(config).listen.proxy_from is not None

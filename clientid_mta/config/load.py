@@ -23,6 +23,7 @@ from clientid_mta.config.model import (
     AuthConfig,
     Config,
     DkimKey,
+    ListenConfig,
     RelayConfig,
     TLSConfig,
 )
@@ -235,6 +236,23 @@ def _auth_backend(auth: AuthConfig) -> None:
         )
 
 
+def _proxy_sources(listen: ListenConfig) -> None:
+    if not (listen.submission_proxy_protocol or listen.submissions_proxy_protocol):
+        return
+    if not listen.proxy_from:
+        raise ConfigError(
+            "config error: [listen] proxy_from is empty, so every connection to a PROXY"
+            " protocol listener would be refused; list your proxies' addresses."
+        )
+    for network in listen.proxy_from:
+        if network.endswith("/0"):
+            raise ConfigError(
+                f"config error: [listen] proxy_from holds {network}: anyone could send a"
+                " PROXY header and choose the client address that budgets, caps, the audit"
+                " and fail2ban see; list your proxies' addresses only."
+            )
+
+
 def _no_rule(_section: Any) -> None:
     pass
 
@@ -243,4 +261,5 @@ _RULES: dict[str, Callable[[Any], None]] = {
     "tls": _tls_pair,
     "relay": _relay_needs,
     "auth": _auth_backend,
+    "listen": _proxy_sources,
 }
