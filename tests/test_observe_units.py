@@ -19,7 +19,7 @@ from clientid_mta.auth.checker import MAX_LOGGED_NAME, as_typed, refusal_class
 from clientid_mta.observe.health import run_checks, writable_folder
 from clientid_mta.observe.logs import TWISTD_OBSERVER, event_as_json
 from clientid_mta.observe.metrics import PrometheusEvents
-from clientid_mta.observe.web import Observed, ReadyPage
+from clientid_mta.observe.web import MetricsPage, Observed, ReadyPage
 from clientid_mta.server.tap import Options
 
 
@@ -194,3 +194,27 @@ def test_hammering_readiness_queues_one_check_run_and_answers_every_request() ->
     page.render_GET(later)
     reactor.pool.run_all()
     assert runs == [1, 1] and later.finished
+
+
+def test_hammering_metrics_reads_the_queue_once_per_scrape_run() -> None:
+    """Reading the queue's entries walks them on the reactor: a request that joins the
+    running scrape must not walk them again."""
+    reactor = _PoolReactor()
+    walks: list[int] = []
+
+    def queue_states() -> dict[str, int]:
+        walks.append(1)
+        return {"active": 0, "deferred": 2, "new": 1}
+
+    events = PrometheusEvents()
+    observed = Observed(
+        metrics=lambda: events, not_ready=list, checks=list, queue_states=queue_states
+    )
+    page = MetricsPage(reactor, observed)
+    requests = [DummyRequest([b""]) for _ in range(30)]
+    for request in requests:
+        assert page.render_GET(request) == NOT_DONE_YET
+    assert walks == [1] and len(reactor.pool.queued) == 1
+    reactor.pool.run_all()
+    assert all(r.finished for r in requests)
+    assert b"clientid_mta_queue" in b"".join(requests[-1].written)

@@ -52,9 +52,12 @@ class _Deferring(resource.Resource):
         self._waiting: list[server.Request] | None = None  # requests the running work answers
         self._gone: set[server.Request] = set()  # of those, the ones whose client left
 
-    def _in_thread(self, request: server.Request, work: Callable[[], tuple[int, bytes]]) -> Any:
-        """Answer ``request`` with ``work``'s result, run in the pool; joins the work
-        already running instead, if any (its answer is as fresh as the request)."""
+    def _in_thread(
+        self, request: server.Request, prepare: Callable[[], Callable[[], tuple[int, bytes]]]
+    ) -> Any:
+        """Answer ``request`` with the result of the work ``prepare`` gives (``prepare``
+        runs on the reactor, the work in the pool); joins the work already running
+        instead, if any, without preparing anything."""
         request.notifyFinish().addErrback(lambda _: self._gone.add(request))
         if self._waiting is not None:
             self._waiting.append(request)
@@ -62,7 +65,7 @@ class _Deferring(resource.Resource):
         waiting = self._waiting = [request]
         pool = self.reactor.getThreadPool()
         answer: defer.Deferred[tuple[int, bytes]] = threads.deferToThreadPool(
-            self.reactor, pool, work
+            self.reactor, pool, prepare()
         )
 
         def send(result: tuple[int, bytes] | Failure) -> None:
@@ -95,9 +98,13 @@ class MetricsPage(_Deferring):
             request.setResponseCode(503)
             return b"starting\n"
         request.setHeader(b"content-type", CONTENT_TYPE)
-        states = self.observed.queue_states()
-        queue: QueueStates | None = None if states is None else (lambda: states)
-        return self._in_thread(request, lambda: (200, metrics.exposition(queue)))
+
+        def prepare() -> Callable[[], tuple[int, bytes]]:
+            states = self.observed.queue_states()  # the queue's entries: reactor only
+            queue: QueueStates | None = None if states is None else (lambda: states)
+            return lambda: (200, metrics.exposition(queue))
+
+        return self._in_thread(request, prepare)
 
 
 class LivePage(resource.Resource):
@@ -117,16 +124,20 @@ class ReadyPage(_Deferring):
 
     def render_GET(self, request: server.Request) -> Any:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        early = self.observed.not_ready()
-        checks = self.observed.checks()
 
-        def verdict() -> tuple[int, bytes]:
-            problems = early + run_checks(checks)
-            if problems:
-                return 503, ("not ready\n" + "\n".join(problems) + "\n").encode()
-            return 200, b"ready\n"
+        def prepare() -> Callable[[], tuple[int, bytes]]:
+            early = self.observed.not_ready()
+            checks = self.observed.checks()
 
-        return self._in_thread(request, verdict)
+            def verdict() -> tuple[int, bytes]:
+                problems = early + run_checks(checks)
+                if problems:
+                    return 503, ("not ready\n" + "\n".join(problems) + "\n").encode()
+                return 200, b"ready\n"
+
+            return verdict
+
+        return self._in_thread(request, prepare)
 
 
 def observe_site(reactor: Any, observed: Observed) -> server.Site:
