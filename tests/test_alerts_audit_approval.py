@@ -22,6 +22,7 @@ from netaddr import IPSet
 
 from clientid_mta.config import ConfigError
 from clientid_mta.devices.audit import unknown_account
+from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.store import AuditEntry
 from tests import test_conformance_clientid as conformance
 from tests.conftest import THUNDERBIRD_UUID, RunningServer, Wire, start_server
@@ -270,6 +271,18 @@ def geoip_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 GEOIP = '[travel]\ngeoip_database = "{geoip}"'
+
+
+def test_an_ipv4_mapped_address_has_the_country_of_its_ipv4_address(geoip_database: Path) -> None:
+    """A dual-stack listener, or HAProxy's TCP6 header, gives IPv4 clients as ::ffff:a.b.c.d;
+    an IPv4-only database refuses that form, and the region fell back to the network: the
+    same client seen both ways was in two regions (a false impossible journey)."""
+    regions = Regions(geoip_database)
+    try:
+        assert regions.region("::ffff:127.2.0.1") == regions.region("127.2.0.1") == "country:DE"
+    finally:
+        regions.close()
+
 
 # (extra TOML, second source address, AUTH code there, (previous, new) region if it alerts)
 TRAVEL_CASES: dict[str, tuple[str, str, int, tuple[str, str] | None]] = {

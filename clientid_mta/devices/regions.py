@@ -6,6 +6,7 @@ MaxMind-format database it is the country code, falling back to the network.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,19 @@ from clientid_mta.smtp.network import network_prefix
 
 def network_region(host: str) -> str:
     return network_prefix(host, ipv4=16, ipv6=32)
+
+
+def _lookup_form(host: str) -> str:
+    """The address as the database knows it: no zone, and an IPv4-mapped IPv6 address
+    (a dual-stack listener, a PROXY TCP6 header) as IPv4, which an IPv4-only database
+    takes and the others file under the same country."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 class Regions:
@@ -27,7 +41,7 @@ class Regions:
     def region(self, host: str) -> str:
         if self._reader is not None:
             try:
-                record = self._reader.get(host.split("%", 1)[0])
+                record = self._reader.get(_lookup_form(host))
             except ValueError:
                 record = None
             country = (
