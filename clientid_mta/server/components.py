@@ -33,6 +33,7 @@ from clientid_mta.delivery.sending import SendingLimit, tell_postmaster
 from clientid_mta.devices.approval import ApprovalMessage, Approvals
 from clientid_mta.devices.audit import AuditLog
 from clientid_mta.devices.keys import load_or_create_server_key
+from clientid_mta.devices.last_seen import LoginRecorder
 from clientid_mta.devices.notices import DEVICE_APPROVED, FailureCounter, Notice, Notifier
 from clientid_mta.devices.policy import DevicePolicy
 from clientid_mta.devices.regions import Regions
@@ -204,6 +205,7 @@ def _wire(
         config.travel,
         approvals,
         router.approval_address,
+        LoginRecorder(store.devices),  # written by housekeeping, every second and at stop
     )
 
     def approved(device: Device) -> None:  # in a thread, from ApprovalMessage
