@@ -137,6 +137,17 @@ def _describe(problem: BaseException | None) -> str:
     return f"{type(problem).__name__}: {text[:200]}" if text else type(problem).__name__
 
 
+def _account_address(avatar: object) -> str | None:
+    """The logged-in account's address, through the wrappers of the avatar (the service
+    wraps the account's delivery, which holds the account): for the log lines."""
+    for _depth in range(4):
+        address = getattr(avatar, "address", None)
+        if isinstance(address, str):
+            return address
+        avatar = getattr(avatar, "account", None)
+    return None
+
+
 def _discard(message: IMessageSMTP) -> None:
     """``connectionLost``: the message is thrown away, and its file closed."""
     try:
@@ -736,7 +747,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self._logout = logout
         self.authenticated = True
         self.sessions.logged_in(self)
-        self.account = getattr(getattr(avatar, "account", None), "address", None)
+        self.account = _account_address(avatar)
         self.reply(235, "2.7.0 Authentication successful")
 
     def _count_failure(self, tried: bytes) -> None:
@@ -1072,8 +1083,9 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         else:
             log.info(
                 "accepted {id} from account={account} sender=<{sender}> recipients={recipients}"
-                " size={size}",
+                " size={size} session={session}",
                 id=message_id,
+                session=self.session_id,
                 account=self.account,
                 sender=sender.address,
                 recipients=recipients,
