@@ -436,7 +436,10 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
                     break
         finally:
             self._in_process = False
-        if self._waiting and not self._paused and not self._closing:
+        if self._waiting and self._inbuf and not self._paused and not self._closing:
+            # Input came in behind a command still running: read no more until its reply
+            # (S9). A client that waits for each reply (all do: no PIPELINING next to
+            # CLIENTID) is never paused, which spares two epoll calls per command.
             self._paused = True
             self.transport.pauseProducing()
 
