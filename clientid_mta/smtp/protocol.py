@@ -273,6 +273,8 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self.tls = False
         self.can_start_tls = False
         self.session_id = ""
+        self._network = ""
+        self._session_logged = False
         self._reset_session()
 
     # --- session state -----------------------------------------------------------
@@ -329,12 +331,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self.tls = self.implicit_tls  # a WrappingFactory hides ISSLTransport: keep our own flag
         self.can_start_tls = self.tls_context is not None and not self.implicit_tls
         self.session_id = secrets.token_hex(6)
-        log.info(
-            "session {session} from {network} on {port}",
-            session=self.session_id,
-            network=network_prefix(self._peer_host()),
-            port="submissions" if self.implicit_tls else "submission",
-        )
+        self._network = network_prefix(self._peer_host())
         refused = self.sessions.open(self._peer_host(), self, self._pushed_out)
         if refused is not None:
             self.reply(421, f"4.7.0 {self.hostname} Error: {refused}, try again later")
@@ -353,6 +350,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self._abort_messages()
         self._forget_device()
         self._release_session()
+        self._log_session()  # a session that never got as far as CLIENTID or AUTH
         if self._logout is not None:
             logout, self._logout = self._logout, None
             logout()
@@ -630,7 +628,9 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         key = device_key(self.server_key, identity)
         self._counted_device = key
         self._device_over_cap = not self.sessions.add_device(key)  # enforced at AUTH (C12)
-        if "syslog" in flags:
+        if "syslog" in flags and not self._session_logged:
+            self._log_session(identity.type, fingerprint(key))
+        elif "syslog" in flags:
             log.info(
                 "clientid type={client_type} device={fingerprint} session={session}",
                 client_type=identity.type,
@@ -638,9 +638,36 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
                 session=self.session_id,
             )
 
+    def _log_session(self, client_type: str = "", device: str = "") -> None:
+        """The session's line, once: at its first CLIENTID the type's ``syslog`` flag logs
+        (with it, so one line rather than two), else at its first AUTH, else at its end.
+        Issue 16: a line costs the reactor a format and a write."""
+        if self._session_logged or not self.session_id:
+            return
+        self._session_logged = True
+        port = "submissions" if self.implicit_tls else "submission"
+        if client_type:
+            log.info(
+                "session {session} from {network} on {port} clientid type={client_type}"
+                " device={fingerprint}",
+                session=self.session_id,
+                network=self._network,
+                port=port,
+                client_type=client_type,
+                fingerprint=device,
+            )
+        else:
+            log.info(
+                "session {session} from {network} on {port}",
+                session=self.session_id,
+                network=self._network,
+                port=port,
+            )
+
     # --- AUTH (S3, S4, C11, C12) ---------------------------------------------------
 
     def do_AUTH(self, rest: bytes) -> Any:
+        self._log_session()  # before the verdict's line
         if not self.tls:
             self.error(*NEED_TLS)
             return None
