@@ -1,4 +1,6 @@
-"""Issue 16: a trusted device's login is recorded after its 235 (devices/last_seen.py).
+"""Issue 16: fewer writes on the path to a 235. A trusted device's login is recorded
+after its 235 (devices/last_seen.py); the shared-device watch writes a repeat sighting
+once a minute.
 
 The decision still reads the device's state from the store at each login (a revocation
 counts at once); the login count, last-seen time, network and region reach the store
@@ -16,7 +18,7 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.threads import blockingCallFromThread
 
-from clientid_mta.config import ClientIdConfig, TravelConfig
+from clientid_mta.config import ClientIdConfig, SharedDevicesConfig, TravelConfig
 from clientid_mta.devices.last_seen import LoginRecorder, PendingLogin
 from clientid_mta.devices.policy import (
     ALLOWED_KNOWN_DEVICE,
@@ -25,6 +27,7 @@ from clientid_mta.devices.policy import (
     DevicePolicy,
     Where,
 )
+from clientid_mta.devices.sharing import RESIGHT_AFTER, SharedDevices
 from clientid_mta.devices.sqlite_store import open_sqlite_stores
 from clientid_mta.devices.store import REVOKED, Stores, StoreUnavailable
 from clientid_mta.smtp.clientid import ClientIdentity, device_key
@@ -159,3 +162,47 @@ def test_logins_reach_the_store_by_housekeeping_and_at_stop(server: RunningServe
     server.stop()  # the final housekeeping write flushes whatever is pending
     assert len(recorder) == 0
     assert login_count(server) == "3"
+
+
+# --- the shared-device watch writes a repeat sighting once a minute --------------------
+
+
+class CountingSightings:
+    """An ``ISharedDeviceStore`` half: distinct accounts per device, and the writes."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, set[str]] = {}
+        self.writes = 0
+        self.flagged: set[str] = set()
+
+    def saw(self, device_key: str, account: str, now: float, window: float) -> int:
+        self.writes += 1
+        self.accounts.setdefault(device_key, set()).add(account)
+        return len(self.accounts[device_key])
+
+    def flag(self, device_key: str, accounts: int, now: float) -> bool:
+        first = device_key not in self.flagged
+        self.flagged.add(device_key)
+        return first
+
+
+def test_a_repeat_sighting_is_written_once_a_minute_and_flagging_is_unchanged() -> None:
+    store, clock = CountingSightings(), Clock()
+    sharing = SharedDevices(SharedDevicesConfig(max_accounts=2), store, clock)  # type: ignore[arg-type]
+    assert sharing.saw("d1", "a@x") is None
+    assert sharing.saw("d1", "a@x") is None
+    assert store.writes == 1  # the same pair a moment later: nothing to change
+    clock.now += RESIGHT_AFTER
+    sharing.saw("d1", "a@x")
+    assert store.writes == 2  # its time moves forward once a minute
+    assert sharing.saw("d1", "b@x") is None
+    assert sharing.saw("d1", "c@x") == 3  # the third account flags it, as before
+    assert store.writes == 4
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
