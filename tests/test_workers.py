@@ -39,7 +39,9 @@ def sessions_served(server: ServerProcess, count: int) -> None:
 
 def accepted_by(output: str) -> tuple[int, int]:
     """(messages accepted by the twistd process, by worker 1)."""
-    worker = len(re.findall(r"worker 1: accepted [0-9A-F]{16} ", output))
+    # The same line whether the worker wrote it or the parent relayed it (fail2ban reads it).
+    relayed = r"\[clientid_mta\.server\.workerpool#info\] worker 1: accepted [0-9A-F]{16} "
+    worker = len(re.findall(relayed, output))
     main = len(re.findall(r"\[clientid_mta\.smtp\.protocol#info\] accepted [0-9A-F]{16} ", output))
     return main, worker
 

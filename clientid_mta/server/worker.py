@@ -1,7 +1,7 @@
 """One worker process (started by ``workerpool``; not a command for people to run).
 
 It serves the listening sockets it inherited, writes its log to stdout (the parent's
-own output with ``--direct-log``, lines in twistd's format; else a pipe the parent
+own output with ``--direct-log``, in the very format of a relayed line; else a pipe the parent
 relays), stops on SIGTERM, reloads on SIGHUP, and dies with its parent.
 """
 
@@ -20,6 +20,7 @@ from twisted.logger import FileLogObserver, Logger, formatEvent, formatTime, glo
 log = Logger()
 
 PR_SET_PDEATHSIG = 1
+RELAYED_NAMESPACE = "clientid_mta.server.workerpool"  # where the parent logs relayed lines
 
 
 def die_with_parent() -> None:
@@ -39,12 +40,13 @@ def _format(event: dict[str, Any]) -> str:
 
 
 def _direct_format(number: int) -> Callable[[dict[str, Any]], str]:
-    """Lines as twistd writes the parent's, named after the worker as relayed ones were."""
+    """Exactly the line the parent would write for a relayed one (same namespace, same
+    ``worker N:`` prefix), so whatever reads the log (fail2ban's filter) sees no change."""
 
     def line(event: dict[str, Any]) -> str:
         text = (formatEvent(event) or "").replace("\n", " | ")
         level = getattr(event.get("log_level"), "name", "info")
-        system = event.get("log_system") or f"{event.get('log_namespace', '-')}#{level}"
+        system = f"{RELAYED_NAMESPACE}#{level}"
         return f"{formatTime(event.get('log_time'))} [{system}] worker {number}: {text}\n"
 
     return line
