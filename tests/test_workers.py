@@ -85,6 +85,8 @@ def test_workers_log_to_a_twistd_log_file_through_the_parent(tmp_path: Path) -> 
         (["twistd", "-n", "--logfile", "/var/log/mta.log", "clientid-mta"], False),
         (["twistd", "-n", "-l/var/log/mta.log", "clientid-mta"], False),
         (["twistd", "-n", "--syslog", "clientid-mta"], False),
+        (["twistd", "-n", "--logger", "my.observer", "clientid-mta"], False),
+        (["twistd", "-n", "--logger=my.observer", "clientid-mta"], False),
         (["twistd", "clientid-mta"], False),  # daemonised: stdout is not the log
         (["python", "embedder.py"], False),
         ([], False),

@@ -44,8 +44,8 @@ FIRST_FD = 3  # the inherited sockets start here in the child
 
 def twistd_logs_to_stdout(argv: Sequence[str]) -> bool:
     """Whether ``argv`` is ``twistd --nodaemon`` logging to its standard output (no
-    ``--logfile`` but ``-``, no ``--syslog``), so that a worker may write its lines to
-    the same output."""
+    ``--logfile`` but ``-``, no ``--syslog``, no ``--logger``), so that a worker may
+    write its lines to the same output."""
     if not argv or not Path(argv[0]).name.startswith("twistd"):
         return False
     options = list(argv[1 : argv.index("clientid-mta")] if "clientid-mta" in argv else argv[1:])
@@ -54,8 +54,8 @@ def twistd_logs_to_stdout(argv: Sequence[str]) -> bool:
         option = options.pop(0)
         if option in ("-n", "--nodaemon"):
             nodaemon = True
-        elif option == "--syslog":
-            return False
+        elif option in ("--syslog", "--logger") or option.startswith("--logger="):
+            return False  # syslog, or an observer of the admin's: not our stdout
         elif option in ("-l", "--logfile"):
             logfile = options.pop(0) if options else ""
         elif option.startswith("--logfile="):
