@@ -1,6 +1,7 @@
 """Issue 5 point 4: ``[server] workers = N`` processes share the ports and the state.
 
-Real twistd servers (tests/serverproc.py) with two processes: connections reach both,
+Real twistd servers (tests/serverproc.py) with two processes: connections reach both
+(each worker writes its own log lines where twistd logs to stdout, issue 16),
 failure budgets are one budget whatever process a session lands on, mail a worker
 accepts for another domain is relayed by the process that owns the queue, and a
 SIGKILLed server leaves no worker behind holding its ports.
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from clientid_mta.config import ConfigError, load_config
+from clientid_mta.server.workerpool import twistd_logs_to_stdout
 from tests.serverproc import ServerProcess, port_is_free, running
 from tests.sink import running_sink, wait_until
 
@@ -37,7 +39,9 @@ def sessions_served(server: ServerProcess, count: int) -> None:
 
 def accepted_by(output: str) -> tuple[int, int]:
     """(messages accepted by the twistd process, by worker 1)."""
-    worker = len(re.findall(r"worker 1: accepted [0-9A-F]{16} ", output))
+    # The same line whether the worker wrote it or the parent relayed it (fail2ban reads it).
+    relayed = r"\[clientid_mta\.server\.workerpool#info\] worker 1: accepted [0-9A-F]{16} "
+    worker = len(re.findall(relayed, output))
     main = len(re.findall(r"\[clientid_mta\.smtp\.protocol#info\] accepted [0-9A-F]{16} ", output))
     return main, worker
 
@@ -59,6 +63,45 @@ def test_workers_both_processes_serve_the_ports(tmp_path: Path) -> None:
         stored = len(server.messages("bob@example.org"))
     assert main > 0 and worker > 0, (main, worker)
     assert stored == main + worker
+
+
+def test_workers_log_to_a_twistd_log_file_through_the_parent(tmp_path: Path) -> None:
+    """With ``--logfile FILE`` (which twistd rotates) the workers' lines are relayed by
+    the parent into that file; on stdout (the test above) the workers write them."""
+    logfile = tmp_path / "twistd.log"
+
+    def logged() -> str:
+        return logfile.read_text(errors="replace") if logfile.exists() else ""
+
+    with running(tmp_path / "server", WORKERS, logfile=logfile) as server:
+        wait_until(lambda: "worker 1: clientid-mta" in logged() or None, 10, "worker 1")
+        deadline = time.monotonic() + 30
+        while accepted_by(logged())[1] == 0 and time.monotonic() < deadline:
+            sessions_served(server, 5)
+    assert accepted_by(logged())[1] > 0
+    assert "worker 1:" not in server.output()  # nothing on stdout: all in the file
+
+
+@pytest.mark.parametrize(
+    ("argv", "direct"),
+    [
+        (["twistd", "-n", "clientid-mta"], True),
+        (["/usr/bin/twistd", "--nodaemon", "--logfile", "-", "clientid-mta"], True),
+        (["twistd", "-n", "--logfile=-", "clientid-mta", "--logfile", "x"], True),
+        (["twistd", "-n", "--logfile", "/var/log/mta.log", "clientid-mta"], False),
+        (["twistd", "-n", "-l/var/log/mta.log", "clientid-mta"], False),
+        (["twistd", "-n", "--syslog", "clientid-mta"], False),
+        (["twistd", "-n", "--logger", "my.observer", "clientid-mta"], False),
+        (["twistd", "-n", "--logger=my.observer", "clientid-mta"], False),
+        (["twistd", "clientid-mta"], False),  # daemonised: stdout is not the log
+        (["python", "embedder.py"], False),
+        ([], False),
+    ],
+)
+def test_workers_write_their_own_lines_only_where_twistd_logs_to_stdout(
+    argv: list[str], direct: bool
+) -> None:
+    assert twistd_logs_to_stdout(argv) is direct
 
 
 def wrong_password(server: ServerProcess, n: int) -> int:

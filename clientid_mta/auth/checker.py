@@ -299,13 +299,15 @@ class ClientIdChecker:
             return AuthOutcome(address if account else None, False, repeated)
         keys = self._budget_keys(attempt, account is not None, known)
         throttle = self.defences.throttle
-        if throttle is not None and not throttle.take(keys[0]):
-            # Passed the reactor's look, but a concurrent attempt took the last token.
-            reason = THROTTLED_BY_SOURCE[keys[0].partition(":")[0]]
-            return AuthOutcome(None, False, Decision(False, reason), throttled=True)
-        if throttle is not None and len(keys) > 1 and not throttle.take(*keys[1:]):
-            throttle.refund(keys[0])  # not a failure of this source's
-            return AuthOutcome(None, False, Decision(False, "account_throttled"), throttled=True)
+        if throttle is not None and not throttle.take(*keys):
+            # Both budgets in one store call (one transaction, issue 16); nothing was
+            # taken. Which was spent: the levels that call saw are the throttle's now.
+            if len(keys) > 1 and throttle.admit(keys[0]):
+                spent = Decision(False, "account_throttled")  # not a failure of the source's
+            else:
+                # Passed the reactor's look, but a concurrent attempt took the last token.
+                spent = Decision(False, THROTTLED_BY_SOURCE[keys[0].partition(":")[0]])
+            return AuthOutcome(None, False, spent, throttled=True)
         try:
             outcome = self._verify_and_decide(attempt, password, account, keys[-1], known)
         except AuthUnavailable:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from clientid_mta.config import ClientIdConfig, TravelConfig
 from clientid_mta.devices import notices as alerts
 from clientid_mta.devices.approval import Approvals
+from clientid_mta.devices.last_seen import LoginRecorder, PendingLogin
 from clientid_mta.devices.store import PENDING, TRUSTED, Device, IDeviceRegistry
 from clientid_mta.smtp.clientid import ClientIdentity, device_key, fingerprint
 
@@ -71,6 +72,7 @@ class DevicePolicy:
         travel: TravelConfig | None = None,
         approvals: Approvals | None = None,
         approval_address: Callable[[str], str] = lambda _account: "",
+        logins: LoginRecorder | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -79,6 +81,9 @@ class DevicePolicy:
         self.travel = travel or TravelConfig()
         self.approvals = approvals
         self.approval_address = approval_address
+        # Where a trusted device's login is recorded after the reply (last_seen.py);
+        # without it, every login is written before the decision returns.
+        self.logins = logins
 
     def usable(
         self, identity: ClientIdentity | None
@@ -139,7 +144,12 @@ class DevicePolicy:
         eligible = (enforced or self.settings.policy == "observe") and (
             self.settings.policy != "allowlist"
         )
-        device, new = self.store.register(account, key, identity.type, where.network, eligible)
+        device = self._trusted_device(account, key)
+        behind = device is not None  # its login is recorded after the reply
+        if device is None:
+            device, new = self.store.register(account, key, identity.type, where.network, eligible)
+        else:
+            new = False
         state = device.state
 
         def notice(kind: str, **extra: str) -> alerts.Notice:
@@ -169,12 +179,31 @@ class DevicePolicy:
         if allowed and not enforced and reason != ALLOWED_FIRST_DEVICE:
             reason = ALLOWED_OBSERVED
         if allowed:
-            self.store.login(account, key, where.network, where.region)
+            self._record_login(account, key, where, behind)
             if "alert-success" in flags:
                 notices += self.notify(notice(alerts.LOGIN_SUCCEEDED))
         elif "alert-fail" in flags:
             notices += self.notify(notice(alerts.LOGIN_FAILED))
         return Decision(allowed, reason, fp, notices, device_trusted=state == TRUSTED)
+
+    def _record_login(self, account: str, key: str, where: Where, behind: bool) -> None:
+        """Count the login: after the reply for a trusted device, else now. Blocking."""
+        if behind and self.logins is not None:
+            login = PendingLogin(account, key, where.network, where.region, time.time())
+            self.logins.record(login)
+        else:
+            self.store.login(account, key, where.network, where.region)
+
+    def _trusted_device(self, account: str, key: str) -> Device | None:
+        """A device the account trusts now, read from the store (a revocation made a
+        moment ago counts), with this process's logins not yet written; None for any
+        other device, or when logins are written at once. Blocking."""
+        if self.logins is None:
+            return None
+        device = self.store.get(account, key)
+        if device is None or device.state != TRUSTED:
+            return None
+        return self.logins.latest(device)
 
     def _pending_notice(
         self, account: str, key: str, notice: Callable[..., alerts.Notice]

@@ -5,15 +5,26 @@ A device key seen trying more than ``max_accounts`` distinct accounts within
 ``block`` on, a flagged device is refused on every account. The attempts are counted
 in the store, so the worker processes of one server add up to one count. Blocking:
 called in the auth threads.
+
+A device seen again on the same account within ``RESIGHT_AFTER`` seconds by this process
+is not written again (issue 16: a write transaction per login of every known device):
+the same pair cannot change the count of accounts, so it can never be the attempt that
+flags; its sighting's time moves forward at most that much (or half the window, if
+shorter) later, out of a window of an hour by default.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from clientid_mta.config import SharedDevicesConfig
 from clientid_mta.devices.store import ISharedDeviceStore
+
+RESIGHT_AFTER = 60.0  # seconds before this process writes the same device and account again
+MAX_RECENT = 10_000  # (device, account) pairs remembered; the oldest go first
 
 
 class SharedDevices:
@@ -26,11 +37,23 @@ class SharedDevices:
         self.settings = settings
         self.store = store
         self._clock = clock
+        self._lock = threading.Lock()
+        self._recent: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     def saw(self, device_key: str, account: str) -> int | None:
         """Note an attempt; the number of accounts when this attempt flags the device."""
         now = self._clock()
+        pair = (device_key, account)
+        resight = min(RESIGHT_AFTER, self.settings.window / 2)  # a short window stays exact
+        with self._lock:
+            if now - self._recent.get(pair, float("-inf")) < resight:
+                return None  # written a moment ago: the count is what it was
         count = self.store.saw(device_key, account, now, self.settings.window)
+        with self._lock:
+            self._recent[pair] = now
+            self._recent.move_to_end(pair)
+            while len(self._recent) > MAX_RECENT:
+                self._recent.popitem(last=False)
         # ``flag`` is true for one caller only, in whichever process: one report.
         if count > self.settings.max_accounts and self.store.flag(device_key, count, now):
             return count

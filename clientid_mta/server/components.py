@@ -37,6 +37,7 @@ from clientid_mta.devices.approval import ApprovalMessage, Approvals
 from clientid_mta.devices.audit import AuditLog
 from clientid_mta.devices.backends import open_stores
 from clientid_mta.devices.keys import load_or_create_server_key
+from clientid_mta.devices.last_seen import LoginRecorder
 from clientid_mta.devices.notices import DEVICE_APPROVED, FailureCounter, Notice, Notifier
 from clientid_mta.devices.policy import DevicePolicy
 from clientid_mta.devices.postgres_store import KeyMismatch, describe
@@ -268,6 +269,7 @@ def _wire(
         config.travel,
         approvals,
         router.approval_address,
+        LoginRecorder(store.devices),  # written by housekeeping, every second and at stop
     )
 
     def approved(device: Device) -> None:  # in a thread, from ApprovalMessage

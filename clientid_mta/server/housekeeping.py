@@ -1,7 +1,9 @@
-"""Housekeeping: the audit batch and the failure budgets reach the disk every second.
+"""Housekeeping: trusted devices' logins, the audit batch and the failure budgets reach
+the disk every second.
 
-The audit log buffers entries in memory and the throttle keeps its budgets there;
-this service writes both (in a thread: SQLite and fsync block), prunes the shared
+The device policy notes a trusted device's login after its reply (devices/last_seen.py),
+the audit log buffers entries in memory and the throttle keeps its budgets there;
+this service writes them (in a thread: SQLite and fsync block), prunes the shared
 budget rows of a multi-process server, and logs the count of throttled attempts.
 ``stopService`` writes everything one last time.
 """
@@ -62,6 +64,9 @@ class Housekeeping(service.Service):
         defences, store = self.defences, self.store
         if defences is None or store is None:
             return 0
+        logins = self.checker.policy.logins if self.checker is not None else None
+        if logins is not None:
+            logins.flush()  # first: "durable within a second" is promised for them
         dropped = defences.audit.flush() if defences.audit is not None else 0
         self._ticks += 1
         if self._ticks % COMPACT_TICKS == 0:

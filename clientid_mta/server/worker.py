@@ -1,7 +1,8 @@
 """One worker process (started by ``workerpool``; not a command for people to run).
 
-It serves the listening sockets it inherited, writes its log to stdout for the
-parent to relay, stops on SIGTERM, reloads on SIGHUP, and dies with its parent.
+It serves the listening sockets it inherited, writes its log to stdout (the parent's
+own output with ``--direct-log``, in the very format of a relayed line; else a pipe the parent
+relays), stops on SIGTERM, reloads on SIGHUP, and dies with its parent.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
+from twisted.logger import FileLogObserver, Logger, formatEvent, formatTime, globalLogBeginner
+
+log = Logger()
 
 PR_SET_PDEATHSIG = 1
+RELAYED_NAMESPACE = "clientid_mta.server.workerpool"  # where the parent logs relayed lines
 
 
 def die_with_parent() -> None:
@@ -27,10 +32,24 @@ def die_with_parent() -> None:
         pass  # not Linux: the parent's SIGTERM at stop still ends us
 
 
-def _format(event: dict[str, object]) -> str:
+def _format(event: dict[str, Any]) -> str:
+    """A line for the parent to relay: its level, then the text."""
     text = (formatEvent(event) or "").replace("\n", " | ")
     level = event.get("log_level")
     return f"{getattr(level, 'name', 'info')} {text}\n"
+
+
+def _direct_format(number: int) -> Callable[[dict[str, Any]], str]:
+    """Exactly the line the parent would write for a relayed one (same namespace, same
+    ``worker N:`` prefix), so whatever reads the log (fail2ban's filter) sees no change."""
+
+    def line(event: dict[str, Any]) -> str:
+        text = (formatEvent(event) or "").replace("\n", " | ")
+        level = getattr(event.get("log_level"), "name", "info")
+        system = f"{RELAYED_NAMESPACE}#{level}"
+        return f"{formatTime(event.get('log_time'))} [{system}] worker {number}: {text}\n"
+
+    return line
 
 
 def ignore_early_reloads() -> None:
@@ -46,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--number", type=int, required=True)
     parser.add_argument("--config")
     parser.add_argument("--listen", action="append", default=[], help="NAME=FD")
+    parser.add_argument("--direct-log", action="store_true", help="stdout is the log itself")
     args = parser.parse_args(argv)
     parent = os.getppid()
     die_with_parent()
@@ -57,9 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from clientid_mta.config import ConfigError, load_config
     from clientid_mta.server.service import SubmissionService
 
-    globalLogBeginner.beginLoggingTo(
-        [FileLogObserver(sys.stdout, _format)], redirectStandardIO=False
-    )
+    line = _direct_format(args.number) if args.direct_log else _format
+    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, line)], redirectStandardIO=False)
     inherited = {name: int(fd) for name, _, fd in (item.partition("=") for item in args.listen)}
     server = SubmissionService(load_config(args.config), inherited, reactor=reactor)
     server.share_state()
@@ -67,8 +86,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     def start() -> None:
         try:
             server.startService()
-        except ConfigError as problem:  # the parent logs it, and starts us again later
-            print(f"error {problem}", flush=True)
+        except ConfigError as problem:  # logged; the parent starts us again later
+            log.error("{problem}", problem=str(problem))
             reactor.stop()
 
     reactor.callWhenRunning(start)

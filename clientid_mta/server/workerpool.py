@@ -11,6 +11,12 @@ entries that it picks up within a second.
 A worker that dies is started again after a pause; a worker whose parent dies is
 killed by the kernel (PR_SET_PDEATHSIG), so a restarted server finds its ports free.
 SIGHUP is passed on, so every process reloads the certificate.
+
+Logs: when twistd logs to its standard output (``twistd -n`` without ``--logfile`` or
+``--syslog``: systemd's journal, a redirect), the workers share that output and write
+their lines themselves, each line one ``write``, so the parent's reactor spends nothing
+on them. Otherwise (a log file twistd rotates, syslog, an embedding program) they
+write to a pipe and the parent logs their lines, as its own.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
@@ -35,6 +42,29 @@ log = Logger()
 RESTART_DELAY = 1.0  # seconds before a dead worker is started again
 STOP_GRACE = 10.0  # seconds a worker gets to finish after SIGTERM
 FIRST_FD = 3  # the inherited sockets start here in the child
+
+
+def twistd_logs_to_stdout(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` is ``twistd --nodaemon`` logging to its standard output (no
+    ``--logfile`` but ``-``, no ``--syslog``, no ``--logger``), so that a worker may
+    write its lines to the same output."""
+    if not argv or not Path(argv[0]).name.startswith("twistd"):
+        return False
+    options = list(argv[1 : argv.index("clientid-mta")] if "clientid-mta" in argv else argv[1:])
+    nodaemon, logfile = False, "-"
+    while options:
+        option = options.pop(0)
+        if option in ("-n", "--nodaemon"):
+            nodaemon = True
+        elif option in ("--syslog", "--logger") or option.startswith("--logger="):
+            return False  # syslog, or an observer of the admin's: not our stdout
+        elif option in ("-l", "--logfile"):
+            logfile = options.pop(0) if options else ""
+        elif option.startswith("--logfile="):
+            logfile = option.partition("=")[2]
+        elif option.startswith("-l"):
+            logfile = option[2:]
+    return nodaemon and logfile == "-"
 
 
 class WorkerProcess(protocol.ProcessProtocol):
@@ -83,6 +113,9 @@ class WorkerPool(service.Service):
         self.reactor = reactor
         self.workers: dict[int, tuple[WorkerProcess, Any]] = {}
         self._fds: dict[str, int] = {}
+        # JSON logs go through the parent's observer ([log] format sets twistd's logger,
+        # which argv does not show): workers writing text there would break the format.
+        self.direct_logs = config.log.format == "text" and twistd_logs_to_stdout(sys.argv)
 
     def startService(self) -> None:
         super().startService()
@@ -103,6 +136,9 @@ class WorkerPool(service.Service):
         if self.config.source is not None:
             argv += ["--config", str(self.config.source)]
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        if self.direct_logs:  # our own output: the worker writes its log lines there
+            child_fds.update({1: 1, 2: 2})
+            argv.append("--direct-log")
         for offset, (name, fd) in enumerate(sorted(self._fds.items())):
             child_fds[FIRST_FD + offset] = fd
             argv += ["--listen", f"{name}={FIRST_FD + offset}"]

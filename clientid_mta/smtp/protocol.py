@@ -139,6 +139,17 @@ def _describe(problem: BaseException | None) -> str:
     return f"{type(problem).__name__}: {text[:200]}" if text else type(problem).__name__
 
 
+def _account_address(avatar: object) -> str | None:
+    """The logged-in account's address, through the wrappers of the avatar (the service
+    wraps the account's delivery, which holds the account): for the log lines."""
+    for _depth in range(4):
+        address = getattr(avatar, "address", None)
+        if isinstance(address, str):
+            return address
+        avatar = getattr(avatar, "account", None)
+    return None
+
+
 def _discard(message: IMessageSMTP) -> None:
     """``connectionLost``: the message is thrown away, and its file closed."""
     try:
@@ -268,6 +279,8 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self.tls = False
         self.can_start_tls = False
         self.session_id = ""
+        self._network = ""
+        self._session_logged = False
         self._reset_session()
 
     # --- session state -----------------------------------------------------------
@@ -329,12 +342,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self.tls = self.implicit_tls  # a WrappingFactory hides ISSLTransport: keep our own flag
         self.can_start_tls = self.tls_context is not None and not self.implicit_tls
         self.session_id = secrets.token_hex(6)
-        log.info(
-            "session {session} from {network} on {port}",
-            session=self.session_id,
-            network=network_prefix(self._peer_host()),
-            port=self._listener,
-        )
+        self._network = network_prefix(self._peer_host())
         self.events.session_opened(self._listener)
         self._counted_open = True
         counted_as = session_address(self._peer_host())
@@ -361,6 +369,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self._abort_messages()
         self._forget_device()
         self._release_session()
+        self._log_session()  # a session that never got as far as CLIENTID or AUTH
         if self._logout is not None:
             logout, self._logout = self._logout, None
             logout()
@@ -444,7 +453,10 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
                     break
         finally:
             self._in_process = False
-        if self._waiting and not self._paused and not self._closing:
+        if self._waiting and self._inbuf and not self._paused and not self._closing:
+            # Input came in behind a command still running: read no more until its reply
+            # (S9). A client that waits for each reply (all do: no PIPELINING next to
+            # CLIENTID) is never paused, which spares two epoll calls per command.
             self._paused = True
             self.transport.pauseProducing()
 
@@ -635,7 +647,9 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         key = device_key(self.server_key, identity)
         self._counted_device = key
         self._device_over_cap = not self.sessions.add_device(key)  # enforced at AUTH (C12)
-        if "syslog" in flags:
+        if "syslog" in flags and not self._session_logged:
+            self._log_session(identity.type, fingerprint(key))
+        elif "syslog" in flags:
             log.info(
                 "clientid type={client_type} device={fingerprint} session={session}",
                 client_type=identity.type,
@@ -643,9 +657,36 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
                 session=self.session_id,
             )
 
+    def _log_session(self, client_type: str = "", device: str = "") -> None:
+        """The session's line, once: at its first CLIENTID the type's ``syslog`` flag logs
+        (with it, so one line rather than two), else at its first AUTH, else at its end.
+        Issue 16: a line costs the reactor a format and a write."""
+        if self._session_logged or not self.session_id:
+            return
+        self._session_logged = True
+        port = self._listener
+        if client_type:
+            log.info(
+                "session {session} from {network} on {port} clientid type={client_type}"
+                " device={fingerprint}",
+                session=self.session_id,
+                network=self._network,
+                port=port,
+                client_type=client_type,
+                fingerprint=device,
+            )
+        else:
+            log.info(
+                "session {session} from {network} on {port}",
+                session=self.session_id,
+                network=self._network,
+                port=port,
+            )
+
     # --- AUTH (S3, S4, C11, C12) ---------------------------------------------------
 
     def do_AUTH(self, rest: bytes) -> Any:
+        self._log_session()  # before the verdict's line
         if not self.tls:
             self.error(*NEED_TLS)
             return None
@@ -756,7 +797,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         self._logout = logout
         self.authenticated = True
         self.sessions.logged_in(self)
-        self.account = getattr(avatar, "address", None)  # for the log lines
+        self.account = _account_address(avatar)
         self.reply(235, "2.7.0 Authentication successful")
 
     def _count_failure(self, tried: bytes) -> None:
@@ -1095,8 +1136,9 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
         else:
             log.info(
                 "accepted {id} from account={account} sender=<{sender}> recipients={recipients}"
-                " size={size}",
+                " size={size} session={session}",
                 id=message_id,
+                session=self.session_id,
                 account=self.account,
                 sender=sender.address,
                 recipients=recipients,
