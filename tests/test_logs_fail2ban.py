@@ -14,6 +14,7 @@ import re
 import shutil
 import smtplib
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -119,3 +120,24 @@ def test_jail_uses_the_shipped_filter() -> None:
     jail = JAIL.read_text()
     assert re.search(r"^filter\s*=\s*clientid-mta$", jail, re.MULTILINE)
     assert re.search(r"^filter\s*=\s*clientid-mta\[mode=noclientid\]$", jail, re.MULTILINE)
+
+
+def test_json_log_on_stdout_with_workers_is_json_throughout(tmp_path: Path) -> None:
+    """``twistd -n`` logging to stdout: workers would write their own text lines there
+    (they do with the text format); with JSON they go through the parent's observer."""
+    config = '[log]\nformat = "json"\n[server]\nworkers = 2\n'
+
+    def worker_refused(server: ServerProcess) -> bool:
+        return any("worker 1:" in line and "auth refused" in line for line in lines(server))
+
+    def lines(server: ServerProcess) -> list[str]:
+        return [line for line in server.output().splitlines() if line.strip()]
+
+    with running(tmp_path / "server", config) as server:
+        server.wait_for_output(r"2 processes serve the ports", timeout=10)
+        deadline = time.monotonic() + 30
+        while not worker_refused(server) and time.monotonic() < deadline:
+            assert auth_from(server, "127.0.0.2", ALICE, "wrong", clientid=True) in (535, 454)
+    assert worker_refused(server), "worker 1 never served a login"
+    events = [json.loads(line) for line in lines(server)]  # fails on any text line
+    assert all({"time", "level", "namespace", "text"} <= set(event) for event in events)
