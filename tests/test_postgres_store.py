@@ -89,6 +89,19 @@ def test_the_password_comes_from_its_file_and_is_never_described(tmp_path: Path)
         conninfo("postgresql://clientid@db.example/mail", tmp_path / "missing")
 
 
+def test_a_silent_database_is_given_up_by_tcp_settings_the_url_may_override() -> None:
+    """Keepalives and a TCP user timeout by default, so a database that goes silent
+    mid-query frees the login thread; a value the URL names is kept."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    default = conninfo_to_dict(conninfo("postgresql://clientid@db.example/mail", None))
+    assert default["keepalives"] == "1" and default["tcp_user_timeout"] == "30000"
+    own = conninfo_to_dict(
+        conninfo("postgresql://clientid@db.example/mail?tcp_user_timeout=5000", None)
+    )
+    assert own["tcp_user_timeout"] == "5000" and own["keepalives_idle"] == "30"
+
+
 def test_an_unreachable_database_is_unavailable_and_said_once() -> None:
     (port,) = free_ports(1)  # nothing listens there
     events: list[LogEvent] = []

@@ -70,6 +70,18 @@ IDLE_TRANSACTION = "60s"
 SESSION_OPTIONS = (
     f"-c lock_timeout={LOCK_WAIT} -c idle_in_transaction_session_timeout={IDLE_TRANSACTION}"
 )
+# A database that goes silent (a cut network, a host gone) without closing the
+# connection: libpq's TCP keepalives notice an idle one, and a query whose bytes stay
+# unacknowledged is given up after TCP_USER_TIMEOUT ms, so a login thread is not held
+# until the kernel's own retransmissions give up (about 15 minutes). The URL may set
+# its own values.
+TCP_SETTINGS = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 # A failed reconnection is given up after this long; the next call starts a new one at
 # once, so recovery never waits on a long back-off.
 RECONNECT_GIVE_UP = 2.0
@@ -212,8 +224,8 @@ def _quiet_pool_logging() -> None:
 def conninfo(url: str, password_file: Path | None) -> str:
     """The libpq connection string: ``url`` (a URI or key/value string) with the
     password read from ``password_file`` (else libpq's own PGPASSFILE applies), a
-    connect timeout unless the URL sets one, and SESSION_OPTIONS. Raises ValueError for
-    a malformed URL or an unreadable password file."""
+    connect timeout and TCP_SETTINGS unless the URL sets them, and SESSION_OPTIONS.
+    Raises ValueError for a malformed URL or an unreadable password file."""
     try:
         parts = conninfo_to_dict(url)
     except psycopg.ProgrammingError as problem:
@@ -221,6 +233,7 @@ def conninfo(url: str, password_file: Path | None) -> str:
     extra: dict[str, Any] = {}
     if "connect_timeout" not in parts:
         extra["connect_timeout"] = CONNECT_TIMEOUT
+    extra.update({key: value for key, value in TCP_SETTINGS.items() if key not in parts})
     # The URL's own options come after ours: a setting it names wins.
     extra["options"] = f"{SESSION_OPTIONS} {parts.get('options', '')}".strip()
     if password_file is not None:
