@@ -214,3 +214,34 @@ def test_a_sighup_before_the_worker_can_reload_does_not_end_it() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert (result.returncode, result.stdout.strip()) == (0, "alive"), result.stderr
+
+
+def test_a_worker_whose_parent_is_gone_before_it_starts_ends_at_once(tmp_path: Path) -> None:
+    """A worker spawned just as its parent stopped used to find itself adopted, read the
+    adopter's pid as its parent's and serve on with nobody to stop it (seen: a worker of
+    a finished test still running ten minutes later). The parent's pid is passed in."""
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clientid_mta.server.worker",
+            "--number",
+            "1",
+            "--parent",
+            gone.stdout.strip(),
+            "--config",
+            str(tmp_path / "never-read.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr

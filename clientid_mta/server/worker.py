@@ -66,8 +66,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config")
     parser.add_argument("--listen", action="append", default=[], help="NAME=FD")
     parser.add_argument("--direct-log", action="store_true", help="stdout is the log itself")
+    parser.add_argument("--parent", type=int, help="the pid of the process that started us")
     args = parser.parse_args(argv)
-    parent = os.getppid()
+    # The parent may have died while this process was still starting (stopped just as it
+    # restarted a worker): its pid is compared, not read now, which would give whichever
+    # process adopted us, and the worker would serve on with nobody to stop it.
+    parent = args.parent if args.parent is not None else os.getppid()
     die_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
         sys.exit(1)

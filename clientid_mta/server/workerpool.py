@@ -133,6 +133,7 @@ class WorkerPool(service.Service):
         if not self.running:
             return
         argv = [sys.executable, "-m", "clientid_mta.server.worker", "--number", str(number)]
+        argv += ["--parent", str(os.getpid())]  # a worker outliving us ends at once
         if self.config.source is not None:
             argv += ["--config", str(self.config.source)]
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
