@@ -228,13 +228,18 @@ def login_code(server: RunningServer, user: str, password: str, clientid: str = 
     try:
         if clientid:
             assert client.docmd("CLIENTID", clientid) == (250, b"2.0.0 OK")
-        client.user, client.password = user, password
-        try:
-            return client.auth("PLAIN", client.auth_plain)[0]
-        except smtplib.SMTPAuthenticationError as refused:
-            return refused.smtp_code
+        return auth_plain_code(client, user, password)
     finally:
         client.close()
+
+
+def auth_plain_code(client: smtplib.SMTP, user: str, password: str) -> int:
+    """AUTH PLAIN on an open session: the reply code, refused or not."""
+    client.user, client.password = user, password
+    try:
+        return client.auth("PLAIN", client.auth_plain)[0]
+    except smtplib.SMTPAuthenticationError as refused:
+        return refused.smtp_code
 
 
 def submit(client: smtplib.SMTP, sender: str, recipient: str, message: bytes) -> None:

@@ -4,6 +4,7 @@ memory (StringTransport, a clock): no Dovecot needed."""
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -277,3 +278,56 @@ def test_the_blocking_check_refuses_to_run_on_the_reactor_thread() -> None:
         blockingCallFromThread(
             reactor, lambda: defer.maybeDeferred(auth.verify, "a@example.org", "pw", CONTEXT)
         )
+
+
+class RightPasswords:
+    """A password service that accepts every password, and refuses slowly (like Dovecot)."""
+
+    failure_delay = 1.5
+
+    def verify(self, username: str, password: str, context: object) -> bool:
+        return True
+
+
+def test_c12_a_policy_refusal_through_dovecot_waits_like_its_wrong_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dovecot answers a wrong password after its failure delay; a right password that
+    our device policy refuses must take as long (C12), or the speed of the 535 would
+    confirm a stolen password. An accepted login does not wait."""
+    from twisted.cred.error import UnauthorizedLogin
+    from twisted.internet import defer
+    from twisted.internet.address import IPv4Address
+    from twisted.python.failure import Failure
+
+    from clientid_mta.auth import checker as checker_module
+    from clientid_mta.auth.checker import ClientIdChecker
+    from clientid_mta.auth.credentials import ClientIdUsernamePassword
+    from clientid_mta.auth.passwd_file import Account, PasswdFile, hash_password
+    from clientid_mta.config import ClientIdConfig
+    from clientid_mta.devices.policy import DevicePolicy
+    from clientid_mta.devices.sqlite_store import open_sqlite_stores
+    from clientid_mta.smtp.clientid import ClientIdentity
+
+    waits: list[float] = []
+    monkeypatch.setattr(checker_module.time, "sleep", waits.append)
+    stores = open_sqlite_stores(tmp_path / "devices.sqlite3")
+    config = ClientIdConfig(key_file=tmp_path / "k", device_store=tmp_path / "d")
+    policy = DevicePolicy(config, stores.devices, b"k" * 32, None)
+    passwd = PasswdFile(tmp_path / "passwd")
+    passwd.save([Account("dora@example.org", hash_password("not-what-dovecot-checks"))])
+    checker = ClientIdChecker(passwd, policy, service=RightPasswords())
+    checker.run_in_thread = lambda function, *args: defer.maybeDeferred(function, *args)
+
+    def login(device: str) -> defer.Deferred[object]:
+        identity = ClientIdentity("UUID", device)
+        peer = IPv4Address("TCP", "192.0.2.7", 40000)
+        creds = ClientIdUsernamePassword("dora@example.org", "pw", identity, peer)
+        return checker.requestAvatarId(creds)
+
+    first = login("0b6b2f7e-1c2d-4e5f-8a9b-0c1d2e3f4a5b")
+    assert first.result == b"dora@example.org" and waits == []  # trusted on first use
+    second = login("1c7c3f8f-2d3e-4f60-9bac-1d2e3f4a5b6c")
+    assert isinstance(second.result, Failure) and second.result.check(UnauthorizedLogin)
+    second.addErrback(lambda _: None)
+    assert waits == [RightPasswords.failure_delay]

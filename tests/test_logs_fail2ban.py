@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serverproc import ServerProcess, running
+from tests.serverproc import ServerProcess, auth_plain_code, running
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTER = ROOT / "etc" / "fail2ban" / "filter.d" / "clientid-mta.conf"
@@ -40,11 +40,7 @@ def auth_from(server: ServerProcess, source: str, user: str, password: str, clie
         client.ehlo()
         if clientid:
             assert client.docmd("CLIENTID", f"UUID {uuid.uuid4()}")[0] == 250
-        client.user, client.password = user, password
-        try:
-            return client.auth("PLAIN", client.auth_plain)[0]
-        except smtplib.SMTPAuthenticationError as refused:
-            return refused.smtp_code
+        return auth_plain_code(client, user, password)
     finally:
         client.close()
 
