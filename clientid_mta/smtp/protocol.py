@@ -71,6 +71,7 @@ from clientid_mta.smtp.sasl import (
     decode_username,
     parse_plain,
 )
+from clientid_mta.smtp.send_at_once import send_at_once
 from clientid_mta.smtp.staging import IStagedMessage
 
 log = Logger()
@@ -339,6 +340,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
     # --- connection --------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        send_at_once(self.transport)  # replies leave when made, not a reactor turn later
         self.tls = self.implicit_tls  # a WrappingFactory hides ISSLTransport: keep our own flag
         self.can_start_tls = self.tls_context is not None and not self.implicit_tls
         self.session_id = secrets.token_hex(6)

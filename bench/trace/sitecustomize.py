@@ -1,0 +1,175 @@
+"""Where the server's time goes under load: loaded into every server process by Python's
+``site`` when this folder is on PYTHONPATH (issue 16).
+
+    CLIENTID_TRACE=/tmp/trace PYTHONPATH=$PWD/bench/trace \\
+        python bench/compare.py --peers ours --workloads a --duration 15
+
+Each server process (twistd and its workers) then writes ``/tmp/trace.<pid>`` every two
+seconds:
+
+- ``auth``: AUTH inside the server, from the decoded credentials to the 235 (or 535)
+  being written; ``queue``: from the hand-off to the login thread until it starts;
+  ``run``: the login thread's work. The client's AUTH → 235 minus ``auth`` is the time
+  the command and the reply spent waiting for the reactor (and the client).
+- ``turns``: the reactor's loop, one turn per epoll call; ``handling``: the wall time
+  spent dispatching events against the reactor thread's own CPU time in it (the
+  difference is time the thread was runnable but not running: the GIL or the CPU).
+- ``gc``: the collector's pauses by generation.
+
+Nothing here changes what the server does; it only wraps methods to time them. A
+process without the variable is untouched.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+OUT = os.environ.get("CLIENTID_TRACE", "")
+KEEP = 50_000  # newest samples kept per figure
+
+
+class Samples:
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+        self.sums: dict[str, float] = {}
+
+    def add(self, name: str, value: float) -> None:
+        values = self.values.setdefault(name, [])
+        values.append(value)
+        if len(values) > KEEP:
+            del values[: KEEP // 2]
+
+    def total(self, name: str, value: float) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + value
+
+    def report(self) -> str:
+        lines = [f"pid {os.getpid()} {' '.join(sys.argv[:3])}"]
+        for name, values in sorted(self.values.items()):
+            ordered = sorted(values)
+            if not ordered:
+                continue
+
+            def at(share: float, ordered: list[float] = ordered) -> float:
+                return ordered[min(len(ordered) - 1, int(len(ordered) * share))] * 1000
+
+            mean = sum(ordered) / len(ordered) * 1000
+            lines.append(
+                f"{name}: n={len(ordered)} p50={at(0.5):.2f} p90={at(0.9):.2f} "
+                f"p99={at(0.99):.2f} max={ordered[-1] * 1000:.2f} mean={mean:.2f} ms"
+            )
+        for name, value in sorted(self.sums.items()):
+            lines.append(f"{name}: {value:.2f} s")
+        return "\n".join(lines) + "\n"
+
+
+SAMPLES = Samples()
+
+
+def _wrap_reactor() -> None:
+    from twisted.internet import epollreactor
+
+    original = epollreactor.EPollReactor.doPoll
+    last: list[float] = []
+
+    class TimedPoller:
+        def __init__(self, poller: Any) -> None:
+            self.poller = poller
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.poller, name)
+
+        def poll(self, *args: Any) -> Any:
+            started = time.perf_counter()
+            events = self.poller.poll(*args)
+            SAMPLES.total("epoll wait", time.perf_counter() - started)
+            SAMPLES.add("events per turn (not ms)", len(events) / 1000)
+            return events
+
+    def do_poll(self: Any, timeout: float | None) -> None:
+        if not isinstance(self._poller, TimedPoller):
+            self._poller = TimedPoller(self._poller)
+        started = time.perf_counter()
+        if last:
+            SAMPLES.add("turns", started - last[0])
+        last[:] = [started]
+        cpu = time.thread_time()
+        original(self, timeout)
+        SAMPLES.total("handling+wait wall", time.perf_counter() - started)
+        SAMPLES.total("handling+wait reactor CPU", time.thread_time() - cpu)
+
+    epollreactor.EPollReactor.doIteration = do_poll
+
+
+def _wrap_auth() -> None:
+    checker = sys.modules["clientid_mta.auth.checker"]
+    wire = sys.modules["clientid_mta.smtp.protocol"]
+    session_class = wire.SubmissionESMTP
+    checker_class = checker.ClientIdChecker
+    login, request, check = (
+        session_class._login,
+        checker_class.requestAvatarId,
+        checker_class._check,
+    )
+    handed: dict[int, float] = {}
+
+    def timed_login(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+
+        def done(result: Any) -> Any:
+            SAMPLES.add("auth", time.perf_counter() - started)
+            return result
+
+        return login(self, *args, **kwargs).addBoth(done)
+
+    def timed_request(self: Any, credentials: Any) -> Any:
+        handed[id(credentials.password)] = time.perf_counter()
+        return request(self, credentials)
+
+    def timed_check(self: Any, attempt: Any, password: str) -> Any:
+        started = time.perf_counter()
+        was = handed.pop(id(password), None)
+        if was is not None:
+            SAMPLES.add("queue", started - was)
+        try:
+            return check(self, attempt, password)
+        finally:
+            SAMPLES.add("run", time.perf_counter() - started)
+
+    session_class._login = timed_login
+    checker_class.requestAvatarId = timed_request
+    checker_class._check = timed_check
+
+
+def _watch_gc() -> None:
+    started: list[float] = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            SAMPLES.add(f"gc gen{info['generation']}", time.perf_counter() - started[0])
+
+    gc.callbacks.append(callback)
+
+
+def _background() -> None:
+    wanted = ("clientid_mta.auth.checker", "clientid_mta.smtp.protocol")
+    while not all(hasattr(sys.modules.get(name), "__file__") for name in wanted):
+        time.sleep(0.05)
+    time.sleep(0.5)  # both modules finished importing
+    _wrap_auth()
+    while True:
+        time.sleep(2)
+        with open(f"{OUT}.{os.getpid()}", "w", encoding="utf-8") as report:
+            report.write(SAMPLES.report())
+
+
+if OUT:  # a process that never loads the server (the load generator) writes nothing
+    _wrap_reactor()
+    _watch_gc()
+    threading.Thread(target=_background, name="trace", daemon=True).start()

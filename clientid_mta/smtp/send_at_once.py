@@ -1,0 +1,79 @@
+"""A reply leaves when it is made, not one reactor turn later.
+
+Twisted buffers every write on a TCP connection and sends it only when epoll next
+reports the socket writable: the reply waits for the rest of this reactor turn and
+then behind the other sessions' events of the next one. Under load that wait was most
+of our AUTH → 235 time (issue 16). asyncio sends at once when nothing is queued; this
+gives one TCP connection the same behaviour. When the socket cannot take it all, or
+something goes wrong, the rest is left to the reactor exactly as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionLost
+
+TRANSPORT_LAYERS = 4  # our session ← TLS ← PROXY header reader ← TCP, at most
+
+
+def send_at_once(transport: Any) -> None:
+    """Make the TCP connection under ``transport`` (itself, or under TLS or PROXY
+    wrappers) send its writes at once. Anything else (a test's StringTransport) is
+    left alone."""
+    connection = transport
+    for _layer in range(TRANSPORT_LAYERS):
+        if isinstance(connection, tcp.Connection):
+            if not isinstance(vars(connection).get("startWriting"), _SendAtOnce):
+                _SendAtOnce(connection)
+            return
+        connection = getattr(connection, "transport", None)
+        if connection is None:
+            return
+
+
+class _SendAtOnce:
+    """One connection's ``startWriting``: try the socket now, register what is left.
+
+    ``FileDescriptor.write`` calls ``startWriting`` after buffering, on every path (TLS
+    writes its records through it too). So do ``loseConnection`` and a producer's
+    unregistering, with nothing new to send and before they set their flags: a call
+    that finds nothing to send only registers, as Twisted always did."""
+
+    def __init__(self, connection: tcp.Connection) -> None:
+        self.connection = connection
+        self.register = connection.startWriting
+        self.send = connection.writeSomeData
+        self.sending = False  # a producer resumed by doWrite may write again
+        self.empty = False  # doWrite found nothing to send
+        connection.startWriting = self  # type: ignore[method-assign]
+        connection.writeSomeData = self.write_some  # type: ignore[method-assign]
+
+    def write_some(self, data: bytes) -> int | ConnectionLost:
+        if self.sending and not data:
+            self.empty = True
+            return 0  # no system call for nothing
+        return self.send(data)
+
+    def __call__(self) -> None:
+        connection = self.connection
+        if (
+            self.sending
+            or not connection.connected
+            or connection.disconnecting  # closing: the reactor's doWrite finishes it
+            or connection.offset < len(connection.dataBuffer)  # the socket was full
+        ):
+            self.register()
+            return
+        self.sending, self.empty = True, False
+        try:
+            outcome = connection.doWrite()  # stops writing itself when all is sent
+        finally:
+            self.sending = False
+        if outcome is not None or self.empty or connection.dataBuffer:
+            # Some left (the socket is full), an error, or a call with nothing to send
+            # (loseConnection's): the reactor's own doWrite sends the rest, meets the
+            # error again and closes, or closes as asked. (What a producer resumed by
+            # doWrite wrote came back through here and registered.)
+            self.register()
