@@ -27,16 +27,16 @@ class WriteWatch:
         self.writers: set[object] = set()
         self.readers: set[object] = set()
 
-    def addWriter(self, selectable: object) -> None:  # noqa: N802 (Twisted's name)
+    def addWriter(self, selectable: object) -> None:
         self.writers.add(selectable)
 
-    def removeWriter(self, selectable: object) -> None:  # noqa: N802
+    def removeWriter(self, selectable: object) -> None:
         self.writers.discard(selectable)
 
-    def addReader(self, selectable: object) -> None:  # noqa: N802
+    def addReader(self, selectable: object) -> None:
         self.readers.add(selectable)
 
-    def removeReader(self, selectable: object) -> None:  # noqa: N802
+    def removeReader(self, selectable: object) -> None:
         self.readers.discard(selectable)
 
 

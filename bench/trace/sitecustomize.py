@@ -62,6 +62,9 @@ class Samples:
                 f"{name}: n={len(ordered)} p50={at(0.5):.2f} p90={at(0.9):.2f} "
                 f"p99={at(0.99):.2f} max={ordered[-1] * 1000:.2f} mean={mean:.2f} ms"
             )
+        pauses = self.values.get("gc gen2", [])
+        if pauses:
+            lines.append("gc gen2 pauses in order: " + ", ".join(f"{p * 1000:.1f}" for p in pauses))
         for name, value in sorted(self.sums.items()):
             lines.append(f"{name}: {value:.2f} s")
         return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ switch. ``build_factory`` (in ``components``) remains for protocol-only use.
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -80,6 +81,11 @@ class SubmissionService(service.MultiService):
     """
 
     exit_on_start_error = False  # twistd sets it: a busy port or bad state ends the start
+    # twistd and the workers set it: the process is the server's own, so the objects of
+    # its start (modules, configuration, state) leave the collector's view (gc.freeze).
+    # A full collection then walks only what sessions made since: its pause under load
+    # went from about 70 ms to about 9 ms (issue 16). An embedder's process is its own.
+    freeze_at_start = False
 
     def __init__(
         self,
@@ -278,6 +284,9 @@ class SubmissionService(service.MultiService):
             if listen.proxy_protocol(late.name):  # the header comes first, before TLS on 465
                 factory = proxied(factory, listen.proxy_from, self.reactor)
             late.attach(factory)
+        if self.freeze_at_start:
+            gc.collect()
+            gc.freeze()
         for listener in self.listeners:  # bound already: now they accept
             listener.serve()
         self._log_start()

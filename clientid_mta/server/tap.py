@@ -55,6 +55,7 @@ def makeService(options: Options) -> Any:
     except ConfigError as problem:
         raise SystemExit(f"clientid-mta: {problem}") from None
     service.exit_on_start_error = True
+    service.freeze_at_start = True
     from clientid_mta.server.systemd import Notifier
 
     service.systemd = Notifier.from_environment(reactor)  # Type=notify: READY=1 and so on

@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     inherited = {name: int(fd) for name, _, fd in (item.partition("=") for item in args.listen)}
     server = SubmissionService(load_config(args.config), inherited, reactor=reactor)
     server.share_state()
+    server.freeze_at_start = True
 
     def start() -> None:
         try:
