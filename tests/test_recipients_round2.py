@@ -362,6 +362,32 @@ def test_l2_a_refused_plain_copy_leaves_no_staged_copy() -> None:
     assert bob.committed is None and bob.discarded == 1
 
 
+def test_l2_a_single_staged_copy_is_stored_in_one_step() -> None:
+    """Issue 16: one copy is all or nothing by itself, so it gets its one-step store
+    (``eomReceived``): a Maildir delivery makes one thread hand-off instead of two."""
+    session = Session()
+    session.delivery = session.portal.delivery = StagedDelivery()
+    session.login()
+    session.envelope(RECIPIENT)
+    [reply] = session.send(message())
+    assert reply.startswith("250 2.0.0 Ok: queued as ")
+    [bob] = session.delivery.messages
+    assert isinstance(bob, StagedMessage) and bob.stored
+    assert bob.prepared is None and bob.committed is None
+
+
+def test_l2_a_single_copy_that_fails_gets_its_error_and_is_not_kept() -> None:
+    delivery = StagedDelivery()
+    delivery.eom[RECIPIENT] = "fail"
+    session = Session()
+    session.delivery = session.portal.delivery = delivery
+    session.login()
+    session.envelope(RECIPIENT)
+    assert session.send(message()) == [LOCAL_ERROR]
+    [bob] = delivery.messages
+    assert not bob.stored
+
+
 # --- L3: duplicate recipients -------------------------------------------------------------
 
 
