@@ -1,6 +1,6 @@
 """Issue 16: a process that is the server's own (twistd's, a worker's) takes the objects
 of its start out of the collector's view once it is ready, so a full collection under
-load walks only what sessions made: its pause fell from about 70 ms to about 9 ms. A
+load walks only what sessions made: its 60-80 ms stall of the reactor went away. A
 program that embeds the service keeps its collector as it was."""
 
 from __future__ import annotations

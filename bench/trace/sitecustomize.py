@@ -62,15 +62,19 @@ class Samples:
                 f"{name}: n={len(ordered)} p50={at(0.5):.2f} p90={at(0.9):.2f} "
                 f"p99={at(0.99):.2f} max={ordered[-1] * 1000:.2f} mean={mean:.2f} ms"
             )
-        pauses = self.values.get("gc gen2", [])
-        if pauses:
-            lines.append("gc gen2 pauses in order: " + ", ".join(f"{p * 1000:.1f}" for p in pauses))
+        if FULL_COLLECTIONS:
+            lines.append(
+                "gc gen2 pauses (seconds after start: ms): "
+                + ", ".join(f"{at:.1f}: {pause * 1000:.1f}" for at, pause in FULL_COLLECTIONS)
+            )
         for name, value in sorted(self.sums.items()):
             lines.append(f"{name}: {value:.2f} s")
         return "\n".join(lines) + "\n"
 
 
 SAMPLES = Samples()
+STARTED = time.perf_counter()
+FULL_COLLECTIONS: list[tuple[float, float]] = []  # (seconds after start, pause)
 
 
 def _wrap_reactor() -> None:
@@ -155,7 +159,10 @@ def _watch_gc() -> None:
         if phase == "start":
             started[0] = time.perf_counter()
         else:
-            SAMPLES.add(f"gc gen{info['generation']}", time.perf_counter() - started[0])
+            pause = time.perf_counter() - started[0]
+            SAMPLES.add(f"gc gen{info['generation']}", pause)
+            if info["generation"] == 2:
+                FULL_COLLECTIONS.append((started[0] - STARTED, pause))
 
     gc.callbacks.append(callback)
 
