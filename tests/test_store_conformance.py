@@ -29,6 +29,7 @@ from clientid_mta.devices.store import (
     BadFingerprint,
     Budget,
     DeviceNotFound,
+    PendingLogin,
     Stores,
     StoreUnavailable,
 )
@@ -170,6 +171,30 @@ def test_login_counts_and_refreshes(stores: Stores) -> None:
     assert device is not None
     assert (device.logins, device.last_network, device.last_region) == (2, "net3", "DE")
     assert device.last_login >= device.first_seen
+
+
+def test_record_logins_writes_a_batch_in_order_with_each_logins_time(stores: Stores) -> None:
+    """Issue 16: the write-behind's batch, one transaction for a second's logins."""
+    devices = stores.devices
+    devices.register(ALICE, KEY_A, "UUID", "net1", True)
+    devices.register(BOB, KEY_B, "UUID", "net1", True)
+    first_seen = devices.get(ALICE, KEY_A).first_seen  # type: ignore[union-attr]
+    devices.record_logins(
+        [
+            PendingLogin(ALICE, KEY_A, "net2", "FR", first_seen + 10),
+            PendingLogin(BOB, KEY_B, "net5", "IT", first_seen + 11),
+            PendingLogin(ALICE, KEY_A, "net3", "DE", first_seen + 12),
+            PendingLogin(ALICE, KEY_B, "net4", "ES", first_seen + 13),  # no such device
+        ]
+    )
+    alice = devices.get(ALICE, KEY_A)
+    assert alice is not None
+    assert (alice.logins, alice.last_network, alice.last_region) == (2, "net3", "DE")
+    assert alice.last_login == alice.last_seen == first_seen + 12
+    bob = devices.get(BOB, KEY_B)
+    assert bob is not None and (bob.logins, bob.last_network) == (1, "net5")
+    assert devices.get(ALICE, KEY_B) is None
+    devices.record_logins([])
 
 
 def test_set_state_and_label_by_fingerprint_prefix(stores: Stores) -> None:

@@ -103,16 +103,16 @@ def test_the_travel_check_sees_this_process_pending_logins(stores: Stores, tmp_p
 
 
 class FlakyRegistry:
-    """A registry whose ``login`` fails while ``down``."""
+    """A registry whose ``record_logins`` fails while ``down``."""
 
     def __init__(self) -> None:
         self.down = True
-        self.written: list[str] = []
+        self.written: list[list[str]] = []  # one list a store transaction
 
-    def login(self, account: str, device_key: str, network: str, region: str) -> None:
+    def record_logins(self, logins: list[PendingLogin]) -> None:
         if self.down:
             raise StoreUnavailable("the device store is busy")
-        self.written.append(network)
+        self.written.append([login.network for login in logins])
 
 
 def test_a_failed_flush_keeps_the_logins_in_order() -> None:
@@ -125,7 +125,8 @@ def test_a_failed_flush_keeps_the_logins_in_order() -> None:
     recorder.record(PendingLogin(ALICE, "k1", "c", "", 2.0))
     registry.down = False
     assert recorder.flush() == 3
-    assert registry.written == ["a", "b", "c"]
+    assert registry.written == [["a", "b", "c"]]  # one transaction, in order
+    assert recorder.flush() == 0 and registry.written == [["a", "b", "c"]]  # none: no call
 
 
 # --- in a running server ------------------------------------------------------------

@@ -4,34 +4,26 @@ A known device's login changes nothing the decision depends on except the travel
 check's last region and time, so its record (the login count, last-seen time, network
 and region) need not be on the path to the reply, where each one cost an fsync. The
 policy notes it here (``record``, from a login thread); the server's housekeeping
-writes the batch every second (``flush``, in a thread, with the store's own ``login``
-call, one per login, in order) and once more at stop.
+writes the batch every second (``flush``, in a thread, in one store transaction, in
+order, with each login's own time) and once more at stop.
 
 What this trades: a crash (SIGKILL, power loss) loses at most the logins of the last
 batch window (about a second) from the devices' counts and last-seen times; never a
 decision, since states (trusted, pending, revoked) are still read from the store at
-each login and every first-device, pending or revoked path still writes at once. The
-store's last-seen time is the flush's, up to a second after the login. This process's
-own unwritten logins are visible to the travel check through ``latest``.
+each login and every first-device, pending or revoked path still writes at once. This
+process's own unwritten logins are visible to the travel check through ``latest``.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from clientid_mta.devices.store import Device, IDeviceRegistry
+from clientid_mta.devices.store import Device, IDeviceRegistry, PendingLogin
+
+__all__ = ["LoginRecorder", "PendingLogin"]
 
 MAX_PENDING = 100_000  # logins kept while the store cannot be written; beyond, written at once
-
-
-@dataclass(frozen=True)
-class PendingLogin:
-    account: str
-    device_key: str
-    network: str
-    region: str
-    when: float
 
 
 class LoginRecorder:
@@ -76,18 +68,16 @@ class LoginRecorder:
         error, what was not written stays for the next flush and the error is raised."""
         with self._lock:
             batch, self._pending = self._pending, []
-        written = 0
         try:
-            for login in batch:
-                self.store.login(login.account, login.device_key, login.network, login.region)
-                written += 1
+            if batch:
+                self.store.record_logins(batch)  # one transaction: one fsync a flush
         except Exception:
             with self._lock:
-                self._pending[:0] = batch[written:]
+                self._pending[:0] = batch
             raise
         with self._lock:
             done = {(login.account, login.device_key): login for login in batch}
             for key, login in done.items():
                 if self._latest.get(key) is login:
                     del self._latest[key]
-        return written
+        return len(batch)

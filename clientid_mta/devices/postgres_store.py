@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from clientid_mta.devices.store import (
     INoticeLedger,
     ISendingCounts,
     ISharedDeviceStore,
+    PendingLogin,
     Sending,
     Stores,
     StoreUnavailable,
@@ -423,6 +424,15 @@ class PostgresDeviceRegistry(_Repository):
                 "UPDATE devices SET logins = logins + 1, last_seen = %s, last_network = %s,"
                 " last_login = %s, last_region = %s WHERE account = %s AND device_key = %s",
                 (now, network, now, region, account, device_key),
+            )
+
+    def record_logins(self, logins: Sequence[PendingLogin]) -> None:
+        with self._transaction() as db, db.cursor() as cursor:
+            cursor.executemany(
+                "UPDATE devices SET logins = logins + 1, last_seen = greatest(last_seen, %s),"
+                " last_network = %s, last_login = %s, last_region = %s"
+                " WHERE account = %s AND device_key = %s",
+                [(x.when, x.network, x.when, x.region, x.account, x.device_key) for x in logins],
             )
 
     def add_trusted(self, account: str, device_key: str, type: str, label: str = "") -> Device:

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,6 +38,7 @@ from clientid_mta.devices.store import (
     INoticeLedger,
     ISendingCounts,
     ISharedDeviceStore,
+    PendingLogin,
     Sending,
     Stores,
     StoreUnavailable,
@@ -327,6 +328,14 @@ class SQLiteDeviceRegistry(_Repository):
                 "UPDATE devices SET logins=logins+1, last_seen=?, last_network=?, last_login=?,"
                 " last_region=? WHERE account=? AND device_key=?",
                 (now, network, now, region, account, device_key),
+            )
+
+    def record_logins(self, logins: Sequence[PendingLogin]) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE devices SET logins=logins+1, last_seen=max(last_seen, ?),"
+                " last_network=?, last_login=?, last_region=? WHERE account=? AND device_key=?",
+                [(x.when, x.network, x.when, x.region, x.account, x.device_key) for x in logins],
             )
 
     def add_trusted(self, account: str, device_key: str, type: str, label: str = "") -> Device:

@@ -15,7 +15,7 @@ server runs them in threads, never on the reactor, the admin command directly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from zope.interface import Interface
@@ -126,6 +126,17 @@ def change_budgets(
     return True, new
 
 
+@dataclass(frozen=True)
+class PendingLogin:
+    """A trusted device's login, recorded after its ``235`` (devices/last_seen.py)."""
+
+    account: str
+    device_key: str
+    network: str
+    region: str
+    when: float
+
+
 class IDeviceRegistry(Interface):
     """The devices of each account and their states."""
 
@@ -142,6 +153,10 @@ class IDeviceRegistry(Interface):
 
     def login(account: str, device_key: str, network: str, region: str) -> None:
         """Count a successful login and refresh last-seen, network and region."""
+
+    def record_logins(logins: Sequence[PendingLogin]) -> None:
+        """Several logins made earlier (the write-behind's batch), in order, in one
+        transaction: each counted, its time as last-seen and last-login time."""
 
     def add_trusted(account: str, device_key: str, type: str, label: str = "") -> Device:
         """An operator's pre-approved device (``device add``); trusted even if seen before."""
