@@ -418,13 +418,7 @@ class PostgresDeviceRegistry(_Repository):
         return device, existing is None
 
     def login(self, account: str, device_key: str, network: str, region: str) -> None:
-        now = time.time()
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE devices SET logins = logins + 1, last_seen = %s, last_network = %s,"
-                " last_login = %s, last_region = %s WHERE account = %s AND device_key = %s",
-                (now, network, now, region, account, device_key),
-            )
+        self.record_logins([PendingLogin(account, device_key, network, region, time.time())])
 
     def record_logins(self, logins: Sequence[PendingLogin]) -> None:
         with self._transaction() as db, db.cursor() as cursor:

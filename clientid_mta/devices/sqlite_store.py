@@ -322,13 +322,7 @@ class SQLiteDeviceRegistry(_Repository):
         return device, existing is None
 
     def login(self, account: str, device_key: str, network: str, region: str) -> None:
-        now = time.time()
-        with self._locked() as db:
-            db.execute(
-                "UPDATE devices SET logins=logins+1, last_seen=?, last_network=?, last_login=?,"
-                " last_region=? WHERE account=? AND device_key=?",
-                (now, network, now, region, account, device_key),
-            )
+        self.record_logins([PendingLogin(account, device_key, network, region, time.time())])
 
     def record_logins(self, logins: Sequence[PendingLogin]) -> None:
         with self._transaction() as db:
