@@ -70,8 +70,33 @@ def test_answers_are_matched_by_id_in_any_order() -> None:
     results: dict[str, object] = {}
     first.addCallback(lambda ok: results.setdefault("first", ok))
     second.addCallback(lambda ok: results.setdefault("second", ok))
-    protocol.dataReceived(b"FAIL\t2\tuser=b@example.org\nsomething new\nOK\t1\tuser=a\n")
+    protocol.dataReceived(
+        b"FAIL\t2\tuser=b@example.org\nsomething new\nOK\t1\tuser=A@Example.org\n"
+    )
     assert results == {"first": True, "second": False}
+
+
+@pytest.mark.parametrize(
+    "reply", [b"OK\t1\tuser=alice@example.org\n", b"OK\t1\n", b"OK\t1\tuser=\n"]
+)
+def test_an_ok_for_another_name_than_the_one_asked_is_a_refusal(reply: bytes) -> None:
+    """Dovecot may accept "alice@any-bank.example" as alice (a domain it ignores): that
+    typed name must not become an account, a local domain or a send-as address here."""
+    protocol, _transport = connected()
+    protocol.dataReceived(HANDSHAKE)
+    answer = protocol.check("alice@any-bank.example", "pw", CONTEXT)
+    results: list[bool] = []
+    answer.addCallback(results.append)
+    protocol.dataReceived(reply)
+    assert results == [False]
+
+
+def test_only_an_account_address_is_learnt(tmp_path: Path) -> None:
+    accounts = DovecotAccounts(tmp_path / "passwd", None)
+    assert accounts.learn("not an address") is None
+    assert accounts.get("not an address") is None
+    learnt = accounts.learn("Carol@Example.org")
+    assert learnt is not None and learnt.address == "carol@example.org"
 
 
 def test_a_temporary_failure_and_a_lost_connection_are_unavailable() -> None:
@@ -331,3 +356,26 @@ def test_c12_a_policy_refusal_through_dovecot_waits_like_its_wrong_password(
     assert isinstance(second.result, Failure) and second.result.check(UnauthorizedLogin)
     second.addErrback(lambda _: None)
     assert waits == [RightPasswords.failure_delay]
+
+
+def test_C12_the_configured_failure_delay_is_the_one_the_service_waits(tmp_path: Path) -> None:
+    """[auth] dovecot_failure_delay (and the socket and timeout) reach the service the
+    checker asks, so a policy refusal waits what the admin set (C12)."""
+    from twisted.internet import task
+
+    from clientid_mta.config import load_config
+    from clientid_mta.server.components import _password_backend
+
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(
+        '[server]\ndata_dir = "data"\n[auth]\nbackend = "dovecot"\n'
+        'dovecot_socket = "tcp:127.0.0.1:12345"\ndovecot_timeout = 7\n'
+        "dovecot_failure_delay = 4\n"
+    )
+    _accounts, service = _password_backend(load_config(config_file), task.Clock())
+    assert service is not None
+    assert (service.where, service.timeout, service.failure_delay) == (
+        "tcp:127.0.0.1:12345",
+        7,
+        4,
+    )

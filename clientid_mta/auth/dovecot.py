@@ -95,7 +95,8 @@ class DovecotAuthProtocol(LineOnlyReceiver):
         self.ready: defer.Deferred[DovecotAuthProtocol] = defer.Deferred()
         self.mechanisms: set[str] = set()
         self._version_ok = False
-        self._pending: dict[int, defer.Deferred[bool]] = {}
+        # Each waiting check, and the name it asked for.
+        self._pending: dict[int, tuple[defer.Deferred[bool], str]] = {}
         self._ids = itertools.count(1)
         self.closed = False
 
@@ -136,11 +137,16 @@ class DovecotAuthProtocol(LineOnlyReceiver):
             self.transport.loseConnection()
 
     def _answer(self, verb: str, request_id: int, args: list[str]) -> None:
-        waiting = self._pending.pop(request_id, None)
-        if waiting is None:
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
             return  # timed out before: its answer no longer matters
+        waiting, asked = pending
         if verb == "OK":
-            waiting.callback(True)
+            # Dovecot may accept another name for the user it logs in (a default domain,
+            # a domain it ignores): only the very name it accepted is that account here,
+            # or a typed name could become an account (and a local domain) it is not.
+            accepted = next((arg[5:] for arg in args if arg.startswith("user=")), "")
+            waiting.callback(accepted.casefold() == asked.casefold())
         elif verb == "FAIL" and ("temp" in args or "code=temp_fail" in args):
             waiting.errback(DovecotUnavailable("Dovecot reported a temporary failure"))
         else:
@@ -161,7 +167,7 @@ class DovecotAuthProtocol(LineOnlyReceiver):
             self._ids = itertools.count(1)  # ids only need to be unique among pending
             request_id = next(self._ids)
         answer: defer.Deferred[bool] = defer.Deferred(lambda _d: self._forget(request_id))
-        self._pending[request_id] = answer
+        self._pending[request_id] = (answer, username)
         self.sendLine(auth_line(request_id, username, password, context))
         return answer
 
@@ -173,7 +179,7 @@ class DovecotAuthProtocol(LineOnlyReceiver):
         if not self.ready.called:
             self.ready.errback(DovecotUnavailable("Dovecot closed the connection"))
         pending, self._pending = self._pending, {}
-        for waiting in pending.values():
+        for waiting, _asked in pending.values():
             waiting.errback(DovecotUnavailable("the connection to Dovecot was lost"))
 
 

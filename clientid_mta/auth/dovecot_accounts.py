@@ -98,12 +98,15 @@ class DovecotAccounts(PasswdFile):
             found = self.send_as.get(address)
         return found if found is not None else self._learned.get(address)
 
-    def learn(self, address: str) -> Account:
-        """Dovecot accepted a password for ``address``: from now on it is an account."""
+    def learn(self, address: str) -> Account | None:
+        """Dovecot accepted a password for ``address`` (under that very name): from now on
+        it is an account. None for a name that cannot be an account address."""
         address = normalise_address(address)
         known = self.get(address)
         if known is not None:
             return known
+        if address_problem(address, account=True) is not None:
+            return None
         account = Account(address, DOVECOT_HASH)
         with self._learn_lock:
             self._learned = {**self._learned, address: account}
