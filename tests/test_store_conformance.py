@@ -32,6 +32,7 @@ from clientid_mta.devices.store import (
     PendingLogin,
     Stores,
     StoreUnavailable,
+    login_updates,
 )
 from clientid_mta.smtp.clientid import parse_clientid
 from tests.postgres_server import Cluster
@@ -195,6 +196,39 @@ def test_record_logins_writes_a_batch_in_order_with_each_logins_time(stores: Sto
     assert bob is not None and (bob.logins, bob.last_network) == (1, "net5")
     assert devices.get(ALICE, KEY_B) is None
     devices.record_logins([])
+
+
+def test_record_logins_keeps_a_newer_login_another_node_wrote(stores: Stores) -> None:
+    """A node whose batch comes late counts its logins but does not overwrite the newer
+    region and time another node wrote (the travel check reads them)."""
+    devices = stores.devices
+    devices.register(ALICE, KEY_A, "UUID", "net1", True)
+    start = devices.get(ALICE, KEY_A).first_seen  # type: ignore[union-attr]
+    devices.record_logins([PendingLogin(ALICE, KEY_A, "net-new", "FR", start + 20)])
+    late = [
+        PendingLogin(ALICE, KEY_A, "net-old", "DE", start + 10),
+        PendingLogin(ALICE, KEY_A, "net-older", "IT", start + 5),
+    ]
+    devices.record_logins(late)
+    device = devices.get(ALICE, KEY_A)
+    assert device is not None
+    assert device.logins == 3
+    assert (device.last_network, device.last_region, device.last_login) == (
+        "net-new",
+        "FR",
+        start + 20,
+    )
+
+
+def test_login_updates_are_one_row_a_device_in_key_order() -> None:
+    rows = login_updates(
+        [
+            PendingLogin(BOB, KEY_B, "n1", "", 3.0),
+            PendingLogin(ALICE, KEY_A, "n2", "", 2.0),
+            PendingLogin(BOB, KEY_B, "n3", "", 1.0),
+        ]
+    )
+    assert [(row[0], row[3], row[-2]) for row in rows] == [(1, "n2", ALICE), (2, "n1", BOB)]
 
 
 def test_set_state_and_label_by_fingerprint_prefix(stores: Stores) -> None:

@@ -55,6 +55,7 @@ from clientid_mta.devices.store import (
     Stores,
     StoreUnavailable,
     change_budgets,
+    login_updates,
     parse_fingerprint,
 )
 
@@ -423,10 +424,11 @@ class PostgresDeviceRegistry(_Repository):
     def record_logins(self, logins: Sequence[PendingLogin]) -> None:
         with self._transaction() as db, db.cursor() as cursor:
             cursor.executemany(
-                "UPDATE devices SET logins = logins + 1, last_seen = greatest(last_seen, %s),"
-                " last_network = %s, last_login = %s, last_region = %s"
-                " WHERE account = %s AND device_key = %s",
-                [(x.when, x.network, x.when, x.region, x.account, x.device_key) for x in logins],
+                "UPDATE devices SET logins = logins + %s, last_seen = greatest(last_seen, %s),"
+                " last_network = CASE WHEN last_login <= %s THEN %s ELSE last_network END,"
+                " last_region = CASE WHEN last_login <= %s THEN %s ELSE last_region END,"
+                " last_login = greatest(last_login, %s) WHERE account = %s AND device_key = %s",
+                login_updates(logins),
             )
 
     def add_trusted(self, account: str, device_key: str, type: str, label: str = "") -> Device:

@@ -43,6 +43,7 @@ from clientid_mta.devices.store import (
     Stores,
     StoreUnavailable,
     change_budgets,
+    login_updates,
     parse_fingerprint,
 )
 
@@ -327,9 +328,11 @@ class SQLiteDeviceRegistry(_Repository):
     def record_logins(self, logins: Sequence[PendingLogin]) -> None:
         with self._transaction() as db:
             db.executemany(
-                "UPDATE devices SET logins=logins+1, last_seen=max(last_seen, ?),"
-                " last_network=?, last_login=?, last_region=? WHERE account=? AND device_key=?",
-                [(x.when, x.network, x.when, x.region, x.account, x.device_key) for x in logins],
+                "UPDATE devices SET logins=logins+?, last_seen=max(last_seen, ?),"
+                " last_network=CASE WHEN last_login<=? THEN ? ELSE last_network END,"
+                " last_region=CASE WHEN last_login<=? THEN ? ELSE last_region END,"
+                " last_login=max(last_login, ?) WHERE account=? AND device_key=?",
+                login_updates(logins),
             )
 
     def add_trusted(self, account: str, device_key: str, type: str, label: str = "") -> Device:

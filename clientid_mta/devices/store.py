@@ -137,6 +137,26 @@ class PendingLogin:
     when: float
 
 
+def login_updates(logins: Sequence[PendingLogin]) -> list[tuple[object, ...]]:
+    """A batch of logins as one row a device, in key order, as the parameters of both
+    stores' ``record_logins`` UPDATE: (count, newest time x2, its network, newest time,
+    its region, newest time, account, device key).
+
+    Key order makes every node lock the rows it updates in the same order (two nodes'
+    batches cannot deadlock); the UPDATE keeps a newer login another node already wrote
+    (``last_login``) instead of overwriting it with an older one."""
+    merged: dict[tuple[str, str], tuple[int, PendingLogin]] = {}
+    for login in logins:
+        key = (login.account, login.device_key)
+        count, newest = merged.get(key, (0, login))
+        merged[key] = (count + 1, login if login.when >= newest.when else newest)
+    rows: list[tuple[object, ...]] = []
+    for key in sorted(merged):
+        count, x = merged[key]
+        rows.append((count, x.when, x.when, x.network, x.when, x.region, x.when, *key))
+    return rows
+
+
 class IDeviceRegistry(Interface):
     """The devices of each account and their states."""
 
