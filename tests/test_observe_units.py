@@ -218,3 +218,68 @@ def test_hammering_metrics_reads_the_queue_once_per_scrape_run() -> None:
     reactor.pool.run_all()
     assert all(r.finished for r in requests)
     assert b"clientid_mta_queue" in b"".join(requests[-1].written)
+
+
+# --- the endpoint's own bounds -----------------------------------------------------------
+
+
+def observe_endpoint() -> tuple[Any, Any]:
+    from twisted.internet import task
+
+    from clientid_mta.observe.web import observe_site
+
+    clock = task.Clock()
+    observed = Observed(
+        metrics=lambda: None, not_ready=lambda: [], checks=lambda: [], queue_states=lambda: None
+    )
+    return observe_site(clock, observed), clock
+
+
+def http_connection(site: Any) -> tuple[Any, Any]:
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    if channel is None:
+        return None, None
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_the_endpoint_closes_an_idle_connection() -> None:
+    from clientid_mta.observe.web import IDLE_TIMEOUT
+
+    site, clock = observe_endpoint()
+    channel, transport = http_connection(site)
+    channel.dataReceived(b"GET /healthz/live HTTP/1.1\r\n")  # and nothing more
+    clock.advance(IDLE_TIMEOUT - 1)
+    assert not transport.disconnecting
+    clock.advance(2)
+    assert transport.disconnecting
+
+
+def test_the_endpoint_caps_its_connections() -> None:
+    from clientid_mta.observe.web import MAX_CONNECTIONS
+
+    site, _clock = observe_endpoint()
+    channels = [http_connection(site)[0] for _ in range(MAX_CONNECTIONS)]
+    assert None not in channels
+    assert http_connection(site)[0] is None  # one more is closed at once
+    channels[0].connectionLost(Failure(ConnectionDone()))
+    assert http_connection(site)[0] is not None
+
+
+def test_the_endpoint_keeps_no_request_body() -> None:
+    site, _clock = observe_endpoint()
+    channel, transport = http_connection(site)
+    channel.dataReceived(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n")
+    assert transport.disconnecting  # closed before a byte of the body is stored
+    chunked, wire = http_connection(site)
+    chunked.dataReceived(
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    )
+    assert wire.disconnecting
+    plain, answer = http_connection(site)
+    plain.dataReceived(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.value().startswith(b"HTTP/1.1 200")

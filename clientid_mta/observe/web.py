@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, threads
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from clientid_mta.observe.health import Check, run_checks
 from clientid_mta.observe.metrics import PrometheusEvents, QueueStates
@@ -26,6 +27,8 @@ from clientid_mta.observe.metrics import PrometheusEvents, QueueStates
 log = Logger()
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+MAX_CONNECTIONS = 32  # scrapers and health checks at once
+IDLE_TIMEOUT = 30  # seconds a connection may stay idle
 
 
 @dataclass
@@ -147,13 +150,54 @@ def observe_site(reactor: Any, observed: Observed) -> server.Site:
     healthz.putChild(b"live", LivePage())
     healthz.putChild(b"ready", ReadyPage(reactor, observed))
     root.putChild(b"healthz", healthz)
-    site = QuietSite(root)
+    site = QuietSite(root, timeout=IDLE_TIMEOUT, reactor=reactor)
     site.noisy = False
     return site
 
 
 class QuietSite(server.Site):
-    """Scraped every few seconds: no access log line for each."""
+    """Scraped every few seconds: no access log line for each. Bounded like the mail
+    ports: at most ``MAX_CONNECTIONS`` at once (more are closed), an idle one closed
+    after ``IDLE_TIMEOUT`` seconds, and no request body kept (every page is a GET)."""
+
+    open_connections = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.protocol = _CountedChannel  # type: ignore[method-assign,assignment]  # HTTP/1.1
+        self.requestFactory = _BodilessRequest
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.open_connections >= MAX_CONNECTIONS:
+            return None
+        self.open_connections += 1
+        return super().buildProtocol(addr)
 
     def log(self, request: Any) -> None:
         pass
+
+
+class _CountedChannel(http.HTTPChannel):
+    site: QuietSite  # set by the site that built it
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.site.open_connections -= 1
+        super().connectionLost(reason)
+
+
+class _BodilessRequest(server.Request):
+    """twisted.web keeps a request's body (in a temporary file past 100 KB) before the
+    page sees it; no page here takes one, so a request that sends one is closed."""
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(0)
+        if length:
+            self._close()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if data:  # a chunked body
+            self._close()
+
+    def _close(self) -> None:
+        transport: Any = self.channel.transport
+        transport.abortConnection()
