@@ -22,6 +22,7 @@ from clientid_mta.delivery.lmtp import (
 from clientid_mta.smtp.errors import LocalDeliveryError
 
 ALICE, BOB = "alice@example.org", "Bob@example.org"
+CAROL = "carol@example.org"
 
 
 def test_dot_stuffing_and_line_ends() -> None:
@@ -192,3 +193,22 @@ def test_a_connection_lost_after_the_data_keeps_the_replies_that_came() -> None:
     [outcome] = results
     assert outcome.delivered == [BOB]  # remembered, so a retry skips bob
     assert outcome.replies[ALICE][0] == 451
+
+
+def test_a_reply_late_after_the_data_defers_the_rest_at_once_and_drops_the_connection() -> None:
+    """Out of step with Dovecot's replies, the connection must not carry the next
+    message (its MAIL would read this message's late reply)."""
+    protocol, transport = connected()
+    reactor = MemoryReactorClock()
+    pool = LmtpPool(reactor, "unix:/nowhere", "mail.example.org", timeout=5)
+    pool._idle = [protocol]
+    results: list[Outcome] = []
+    pool._deliver(ALICE, [BOB, ALICE, CAROL], b"x\n").addCallback(results.append)
+    for reply in (b"250 OK", b"250 OK", b"250 OK", b"250 OK", b"354 OK", b"250 2.0.0 Saved"):
+        protocol.dataReceived(reply + b"\r\n")
+    reactor.advance(5)  # alice's reply does not come: one timeout, not one a recipient
+    [outcome] = results
+    assert outcome.delivered == [BOB]
+    assert outcome.replies[ALICE][0] == outcome.replies[CAROL][0] == 451
+    assert protocol.closed and transport.disconnecting
+    assert pool._idle == []

@@ -114,6 +114,12 @@ class LmtpClientProtocol(LineOnlyReceiver):
     def lineLengthExceeded(self, line: bytes) -> None:
         self._broken("a reply line too long")
 
+    def give_up(self) -> None:
+        """Out of step with the server (a reply came too late): closed, never reused."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def _broken(self, problem: str) -> None:
         log.error("lmtp: {problem}; closing the connection", problem=problem)
         if self.transport is not None:
@@ -179,7 +185,7 @@ class LmtpPool:
                 raise
             # A kept connection Dovecot had closed (restart, idle timeout): once more,
             # on a new one. Nothing was delivered: it failed before the end of data.
-            self._idle.clear()
+            self.close()  # the other kept ones are likely closed too
             outcome = yield self._deliver(sender, recipients, data)
         return outcome
 
@@ -259,15 +265,21 @@ class LmtpPool:
             raise LmtpUnavailable(f"LMTP DATA answered {code} {text}")
         replies = [connection.expect() for _ in accepted]
         connection.send_data(data)
+        lost: LmtpUnavailable | None = None
         for recipient, waiting in zip(accepted, replies, strict=True):
-            try:
-                outcome.replies[recipient] = yield self._bounded(waiting)
-            except LmtpUnavailable as problem:
-                # Lost after the data: those that answered 250 have the message (and
-                # must be remembered as delivered); the rest are deferred.
-                outcome.replies[recipient] = (451, f"4.3.0 {problem}")
-                for each in replies:
-                    each.addErrback(lambda _failure: None)
+            if lost is None:
+                try:
+                    outcome.replies[recipient] = yield self._bounded(waiting)
+                    continue
+                except LmtpUnavailable as problem:
+                    # Lost or late after the data: those that answered 250 have the
+                    # message (and must be remembered as delivered); the rest are
+                    # deferred at once, and the connection, out of step with Dovecot's
+                    # replies now, is never used again.
+                    lost = problem
+                    connection.give_up()
+            waiting.addErrback(lambda _failure: None)
+            outcome.replies[recipient] = (451, f"4.3.0 {lost}")
         return outcome
 
     def close(self) -> None:
