@@ -434,6 +434,9 @@ class PostgresDeviceRegistry(_Repository):
     def add_trusted(self, account: str, device_key: str, type: str, label: str = "") -> Device:
         now = time.time()
         with self._transaction() as db:
+            # The account's lock, as register takes it: a login's INSERT of the same
+            # device cannot then fail on the key (a 454) while the admin adds it.
+            _lock(db, _LOCK_ACCOUNT, account, _no_hook)
             db.execute(
                 "INSERT INTO devices (account, device_key, type, state, label, first_seen,"
                 " last_seen) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (account,"
