@@ -33,7 +33,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from clientid_mta.config import ThrottleConfig
 from clientid_mta.devices.store import Budget, BudgetRow, IBudgetStore, change_budgets
@@ -122,6 +122,23 @@ class Throttle:
             return True
         with self._lock:
             return self._tokens(key, self._clock()) >= 1.0
+
+    def admits_all(self, keys: Iterable[str], shared_rows: Mapping[str, BudgetRow]) -> bool:
+        """Whether every key has an attempt left, taking nothing: for a login that will
+        not spend (the quick path of a trusted device, whose success never does). Shared
+        between processes, the levels are those of ``shared_rows``, just read from the
+        store (a missing row is a full bucket); else this process's own."""
+        if not self.enabled:
+            return True
+        now = self._clock()
+        if self._shared is not None:
+            for key in keys:
+                row = shared_rows.get(key)
+                if row is not None and self._budget(key).level(row[0], now - row[1]) < 1.0:
+                    return False
+            return True
+        with self._lock:
+            return all(self._tokens(key, now) >= 1.0 for key in keys)
 
     def prune_shared(self) -> None:
         """Forget the shared rows of buckets that have refilled."""

@@ -81,8 +81,9 @@ class AuthCache:
         message = f"{address}\0{stored_hash}\0{password}".encode()
         return hmac.new(self._secret, message, hashlib.sha256).digest()
 
-    def check(self, address: str, stored_hash: str, password: str) -> bool:
-        """True when this password was verified against this stored hash within the TTL."""
+    def check(self, address: str, stored_hash: str, password: str, count_miss: bool = True) -> bool:
+        """True when this password was verified against this stored hash within the TTL.
+        ``count_miss=False``: a miss is not counted (a caller that asks again after)."""
         key = self._key(address, stored_hash, password) if self.enabled else None
         with self._lock:
             if key is not None and (expires := self._entries.get(key)) is not None:
@@ -90,7 +91,7 @@ class AuthCache:
                     self.hits += 1
                     return True
                 del self._entries[key]
-            self.misses += 1
+            self.misses += count_miss
             return False
 
     def remember(self, address: str, stored_hash: str, password: str) -> None:

@@ -34,7 +34,7 @@ from clientid_mta.devices.audit import COUNTED_REASONS, AuditLog
 from clientid_mta.devices.policy import Decision, DevicePolicy, Where
 from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.sharing import SharedDevices
-from clientid_mta.devices.store import TRUSTED, StoreUnavailable
+from clientid_mta.devices.store import TRUSTED, ILoginLook, StoreUnavailable
 from clientid_mta.observe.events import (
     NO_EVENTS,
     REFUSED_DEVICE,
@@ -204,6 +204,9 @@ class ClientIdChecker:
         self.events: IServerEvents = NO_EVENTS  # metrics, when the server counts
         self.repeats = RecentFailures()
         self._stranger_lane = defer.DeferredSemaphore(STRANGER_THREADS)
+        # The store's read that never waits (SQLite): with it, a trusted device's login
+        # with a cached password is decided on the reactor (``_quick_check``).
+        self.quick_look: ILoginLook | None = None
 
     def _attempt(self, creds: IClientIdUsernamePassword) -> Attempt:
         host = peer_host(creds.peer)
@@ -237,6 +240,10 @@ class ClientIdChecker:
             # No thread, no hash: a throttled source costs next to nothing.
             reason = THROTTLED_BY_SOURCE[attempt.source_key.partition(":")[0]]
             return self._refuse_now(reason, attempt, creds)
+        if attempt.source_key.startswith("device:"):
+            quick = self._quick_check(attempt, creds.password)
+            if quick is not None:
+                return defer.maybeDeferred(self._conclude, quick, attempt, creds)
         if attempt.source_key.startswith("net:"):
             checked = self._stranger_check(attempt, creds.password)
             if checked is None:
@@ -245,6 +252,49 @@ class ClientIdChecker:
             checked = self.run_in_thread(self._check, attempt, creds.password)
         checked.addErrback(_unavailable)
         return checked.addCallback(self._conclude, attempt, creds)
+
+    def _quick_check(self, attempt: Attempt, password: str) -> AuthOutcome | None:
+        """A trusted device's login decided on the reactor, when nothing about it needs a
+        write, a hash or a notice; None sends it to the thread (``_check``), which decides
+        every other case and every refusal.
+
+        It answers as ``_check`` would for a success, from the same current state: the
+        device's row, the budgets' rows and the shared-device flag are read from the
+        store (``ILoginLook``: a read that never waits), so a revocation, a spent budget
+        or a block made a moment ago, by any process, counts at once. What it skips is
+        what a success does not change: the budgets' take and refund (a success never
+        spends), the repeat memory (a trusted device is never answered from it), and the
+        writes the in-memory checks show would be skipped anyway (a sighting or a usual
+        network recorded lately). Only a cached password counts: no hash on the reactor.
+        """
+        look, device, defences = self.quick_look, attempt.device, self.defences
+        if look is None or self.service is not None or device is None:
+            return None
+        address, network = attempt.address, attempt.where.network
+        sharing, known, throttle = defences.sharing, defences.known, defences.throttle
+        account = self.passwords.get(address)
+        if (
+            account is None
+            or (sharing is not None and not sharing.seen_lately(device, address))
+            or (known is not None and not known.recorded_lately(address, network))
+            or not self.cache.check(
+                account.address, account.password_hash, password, count_miss=False
+            )
+        ):
+            return None
+        keys = self._budget_keys(attempt, True, True)
+        try:
+            seen = look.look(address, device, keys if throttle and throttle.shared else ())
+        except StoreUnavailable:
+            return None
+        if (
+            seen.device is None
+            or (sharing is not None and sharing.settings.block and seen.flagged)
+            or (throttle is not None and not throttle.admits_all(keys, seen.budgets))
+        ):
+            return None
+        decision = self.policy.quick_decision(address, attempt.identity, attempt.where, seen.device)
+        return AuthOutcome(address, True, decision) if decision is not None else None
 
     def _stranger_check(self, attempt: Attempt, password: str) -> defer.Deferred[Any] | None:
         """A stranger's check, in the strangers' lane of the login threads; None when

@@ -62,12 +62,17 @@ class KnownClients:
         with self._lock:
             self._added_devices.add(device)
 
+    def recorded_lately(self, account: str, network: str) -> bool:
+        """Whether ``logged_in`` would write nothing for this login (a dict look-up)."""
+        pair = (account, network)
+        return pair in self._added_usual or self._usual.get(pair, 0.0) > self._clock() - DAY
+
     def logged_in(self, account: str, network: str) -> None:
         """A successful login: remembered in the store (shared with the other processes),
         then here. Blocking: call it in a thread."""
-        pair, now = (account, network), self._clock()
-        if pair in self._added_usual or self._usual.get(pair, 0.0) > now - DAY:
+        if self.recorded_lately(account, network):
             return  # recorded lately: a day more or less does not matter over the window
+        now = self._clock()
         if self._store is not None:
             self._store.record_login_network(account, network, now, self.usual_window)
         with self._lock:

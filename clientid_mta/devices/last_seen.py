@@ -38,12 +38,17 @@ class LoginRecorder:
     def record(self, login: PendingLogin) -> None:
         """Note a login for the next flush. Blocking only when the batch is at its bound
         (the store has not been writable for a long while): then written at once."""
+        if not self.record_later(login):
+            self.store.login(login.account, login.device_key, login.network, login.region)
+
+    def record_later(self, login: PendingLogin) -> bool:
+        """Note a login for the next flush if the batch has room; never blocks."""
         with self._lock:
-            if len(self._pending) < MAX_PENDING:
-                self._pending.append(login)
-                self._latest[(login.account, login.device_key)] = login
-                return
-        self.store.login(login.account, login.device_key, login.network, login.region)
+            if len(self._pending) >= MAX_PENDING:
+                return False
+            self._pending.append(login)
+            self._latest[(login.account, login.device_key)] = login
+            return True
 
     def latest(self, device: Device) -> Device:
         """The device as it will be once this process's pending logins are written."""

@@ -114,14 +114,21 @@ class DevicePolicy:
             return (f"{notice.kind}-undeliverable",)
         return (notice.kind,) if sent else ()
 
+    def _enforced(
+        self, identity: ClientIdentity | None
+    ) -> tuple[ClientIdentity | None, frozenset[str], bool]:
+        """The identity as used, its flags, and whether the policy enforces on it."""
+        identity, flags = self.usable(identity)
+        enforced = identity is not None and "auth" in flags and self.settings.policy in ENFORCING
+        return identity, flags, enforced
+
     def decide(self, account: str, identity: ClientIdentity | None, where: Where) -> Decision:
         """The password was right; decide on device grounds. Blocking."""
         mode = self.settings.policy
         if mode == "off":
             return Decision(True, ALLOWED_POLICY_OFF)
-        identity, flags = self.usable(identity)
+        identity, flags, enforced = self._enforced(identity)
         recorded = identity is not None and ("userlog" in flags or "auth" in flags)
-        enforced = identity is not None and "auth" in flags and mode in ENFORCING
         if not enforced and mode in ENFORCING and not self.settings.allow_without_clientid:
             return Decision(False, REFUSED_WITHOUT_CLIENTID)
         if identity is None or (not recorded and not enforced):
@@ -185,6 +192,31 @@ class DevicePolicy:
         elif "alert-fail" in flags:
             notices += self.notify(notice(alerts.LOGIN_FAILED))
         return Decision(allowed, reason, fp, notices, device_trusted=state == TRUSTED)
+
+    def quick_decision(
+        self, account: str, identity: ClientIdentity | None, where: Where, device: Device
+    ) -> Decision | None:
+        """``decide`` for a device the store just showed trusted, when the answer needs no
+        store call and no notice: an enforced identity, no ``alert-success``, no journey,
+        room in the write-behind. Records the login and returns the decision; None when
+        any of that does not hold (``decide`` in a thread then). Never blocks."""
+        identity, flags, enforced = self._enforced(identity)
+        if (
+            identity is None
+            or not enforced
+            or self.logins is None
+            or "alert-success" in flags
+            or device.state != TRUSTED
+            or device.account != account
+            or device.device_key != device_key(self.server_key, identity)
+        ):
+            return None
+        if self._travelled(self.logins.latest(device), where) is not None:
+            return None
+        login = PendingLogin(account, device.device_key, where.network, where.region, time.time())
+        if not self.logins.record_later(login):
+            return None
+        return Decision(True, ALLOWED_KNOWN_DEVICE, device.fingerprint, device_trusted=True)
 
     def _record_login(self, account: str, key: str, where: Where, behind: bool) -> None:
         """Count the login: after the reply for a trusted device, else now. Blocking."""

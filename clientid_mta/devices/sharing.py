@@ -59,5 +59,12 @@ class SharedDevices:
             return count
         return None
 
+    def seen_lately(self, device_key: str, account: str) -> bool:
+        """Whether ``saw`` would write nothing for this pair now (a set look-up): it was
+        written by this process too recently to change the count of accounts."""
+        resight = min(RESIGHT_AFTER, self.settings.window / 2)
+        with self._lock:
+            return self._clock() - self._recent.get((device_key, account), float("-inf")) < resight
+
     def blocked(self, device_key: str) -> bool:
         return self.settings.block and self.store.is_flagged(device_key)

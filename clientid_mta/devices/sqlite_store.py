@@ -35,9 +35,11 @@ from clientid_mta.devices.store import (
     IAuditStore,
     IBudgetStore,
     IDeviceRegistry,
+    ILoginLook,
     INoticeLedger,
     ISendingCounts,
     ISharedDeviceStore,
+    LoginView,
     PendingLogin,
     Sending,
     Stores,
@@ -485,7 +487,8 @@ class SQLiteBudgetStore(_Repository):
     # A budget is not worth an fsync per login; WAL still keeps the table consistent.
     synchronous = "NORMAL"
 
-    def _rows(self, db: sqlite3.Connection, keys: list[str]) -> dict[str, BudgetRow | None]:
+    @staticmethod
+    def _rows(db: sqlite3.Connection, keys: list[str]) -> dict[str, BudgetRow | None]:
         marks = ",".join("?" * len(keys))
         sql = f"SELECT key, tokens, updated FROM throttle WHERE key IN ({marks})"  # noqa: S608
         return {key: (tokens, updated) for key, tokens, updated in db.execute(sql, keys)}
@@ -692,6 +695,33 @@ class SQLiteSendingCounts(_Repository):
             return True, False
 
 
+@implementer(ILoginLook)
+class SQLiteLoginLook(_Repository):
+    """The reactor's read (issue 16): a connection of its own that never waits. In WAL
+    mode a reader is never blocked by a writer, in this process or another; for the
+    rare moments it would be (the log being reset, a lock held by ``close``) the busy
+    timeout is 0, so the call fails at once and the login takes the thread path."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, busy_timeout=0.0)
+        with self._locked() as db:
+            db.execute("PRAGMA query_only=ON")
+
+    def look(self, account: str, device_key: str, budget_keys: Sequence[str]) -> LoginView:
+        with self._locked() as db:
+            db.execute("BEGIN")  # one snapshot for the three reads
+            try:
+                device = SQLiteDeviceRegistry._device(db, account, device_key)
+                budgets = SQLiteBudgetStore._rows(db, list(budget_keys)) if budget_keys else {}
+                flagged = db.execute(
+                    "SELECT 1 FROM shared_devices WHERE device_key=?", (device_key,)
+                ).fetchone()
+            finally:
+                db.execute("COMMIT")
+        rows = {key: row for key, row in budgets.items() if row is not None}
+        return LoginView(device, rows, flagged is not None)
+
+
 def open_sqlite_stores(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> Stores:
     """Every repository on the one file at ``path`` (created if missing)."""
     try:
@@ -712,6 +742,7 @@ def open_sqlite_stores(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> Stores
             opened(SQLiteSharedDevices(path, busy_timeout)),
             opened(SQLiteSendingCounts(path, busy_timeout)),
             opened(SQLiteNoticeLedger(path, busy_timeout)),
+            opened(SQLiteLoginLook(path)),
         )
         undo.pop_all()
     return stores

@@ -10,7 +10,8 @@ device key (see clientid.device_key), and approval codes are kept as SHA-256 has
 Every decision that must be atomic is one call, run by the backend in one transaction
 that other threads and processes cannot split (first-device trust, a budget take or
 refund, the shared-device count, the use of an approval code, a notice's turn). Calls block; the
-server runs them in threads, never on the reactor, the admin command directly.
+server runs them in threads, never on the reactor, the admin command directly. The one
+exception is ``ILoginLook``, a read that never waits, offered only by SQLite.
 """
 
 from __future__ import annotations
@@ -354,6 +355,31 @@ class ISendingCounts(Interface):
 
 
 @dataclass(frozen=True)
+class LoginView:
+    """What one read showed of a login's state: the device's row, the rows of the named
+    budgets (a missing one is full) and whether the device is flagged as shared."""
+
+    device: Device | None
+    budgets: Mapping[str, BudgetRow]
+    flagged: bool
+
+
+class ILoginLook(Interface):
+    """A read that the reactor itself may make (issue 16): the one exception to "calls
+    block". Only a backend that can answer without waiting offers it (SQLite in WAL mode:
+    a reader never waits for a writer); the checker's quick path for a trusted device
+    reads the current state through it, and takes the thread path when it cannot."""
+
+    def look(account: str, device_key: str, budget_keys: Sequence[str]) -> LoginView:
+        """The device's row, the budgets' rows and the shared-device flag, in one read
+        transaction. Never waits: raises ``StoreUnavailable`` at once if the file is
+        locked or unreadable."""
+
+    def close() -> None:
+        """Release the connection."""
+
+
+@dataclass(frozen=True)
 class Stores:
     """One backend's repositories, built together (see sqlite_store.open_sqlite_stores)."""
 
@@ -364,6 +390,7 @@ class Stores:
     shared_devices: ISharedDeviceStore
     sending: ISendingCounts
     notices: INoticeLedger
+    look: ILoginLook | None = None  # a backend whose reads never wait (SQLite) has one
 
     def close(self) -> None:
         for repository in (
@@ -374,5 +401,6 @@ class Stores:
             self.shared_devices,
             self.sending,
             self.notices,
+            *((self.look,) if self.look is not None else ()),
         ):
             repository.close()

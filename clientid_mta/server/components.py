@@ -318,6 +318,7 @@ def _wire(
     checker = cast(ClientIdChecker, portal.checkers[IClientIdUsernamePassword])
     assert isinstance(checker, ClientIdChecker)
     checker.run_in_thread = parts.workers.run
+    checker.quick_look = store.look  # SQLite only: a trusted device's login on the reactor
     return Components(
         config,
         passwords,
