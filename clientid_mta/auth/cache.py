@@ -81,18 +81,23 @@ class AuthCache:
         message = f"{address}\0{stored_hash}\0{password}".encode()
         return hmac.new(self._secret, message, hashlib.sha256).digest()
 
-    def check(self, address: str, stored_hash: str, password: str, count_miss: bool = True) -> bool:
+    def check(self, address: str, stored_hash: str, password: str, count: bool = True) -> bool:
         """True when this password was verified against this stored hash within the TTL.
-        ``count_miss=False``: a miss is not counted (a caller that asks again after)."""
+        ``count=False``: neither counted (a caller that may ask again, or ``hit`` after)."""
         key = self._key(address, stored_hash, password) if self.enabled else None
         with self._lock:
             if key is not None and (expires := self._entries.get(key)) is not None:
                 if self.clock() < expires:
-                    self.hits += 1
+                    self.hits += count
                     return True
                 del self._entries[key]
-            self.misses += count_miss
+            self.misses += count
             return False
+
+    def hit(self) -> None:
+        """Count a hit that ``check(count=False)`` answered."""
+        with self._lock:
+            self.hits += 1
 
     def remember(self, address: str, stored_hash: str, password: str) -> None:
         """Store a SUCCESSFUL full check (never call it for a wrong password)."""

@@ -272,14 +272,12 @@ class ClientIdChecker:
             return None
         address, network = attempt.address, attempt.where.network
         sharing, known, throttle = defences.sharing, defences.known, defences.throttle
-        account = self.passwords.get(address)
+        account = self.passwords.get(address) if self.passwords.is_current() else None
         if (
             account is None
             or (sharing is not None and not sharing.seen_lately(device, address))
             or (known is not None and not known.recorded_lately(address, network))
-            or not self.cache.check(
-                account.address, account.password_hash, password, count_miss=False
-            )
+            or not self.cache.check(account.address, account.password_hash, password, count=False)
         ):
             return None
         keys = self._budget_keys(attempt, True, True)
@@ -294,7 +292,10 @@ class ClientIdChecker:
         ):
             return None
         decision = self.policy.quick_decision(address, attempt.identity, attempt.where, seen.device)
-        return AuthOutcome(address, True, decision) if decision is not None else None
+        if decision is None:
+            return None
+        self.cache.hit()  # counted once: a login declined here asks the cache again
+        return AuthOutcome(address, True, decision)
 
     def _stranger_check(self, attempt: Attempt, password: str) -> defer.Deferred[Any] | None:
         """A stranger's check, in the strangers' lane of the login threads; None when

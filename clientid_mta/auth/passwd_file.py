@@ -272,14 +272,25 @@ class PasswdFile:
         self._refreshing = False
         self._broken: str | None = None  # the last read error, logged once
 
-    def refresh(self) -> bool:
-        """Re-read the file if it changed; True if the snapshot was replaced. Blocking."""
+    def _signature_now(self) -> tuple[int, int, int] | None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            signature = None
-        else:
-            signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def is_current(self) -> bool:
+        """Whether the snapshot is the file as it is now: one ``stat``, no read. For the
+        quick login on the reactor (issue 16), which must see a password change at once
+        as the login threads do, and sends the login to a thread when the file changed."""
+        try:
+            return self._signature_now() == self._signature and self._signature is not None
+        except OSError:
+            return False
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed; True if the snapshot was replaced. Blocking."""
+        signature = self._signature_now()
         with self._refresh_lock:
             if signature == self._signature:
                 return False
