@@ -248,3 +248,43 @@ def test_reactor_guard_session_with_the_postgresql_store(
     guard.active = False
     assert "getconn" in queries and "execute" in queries
     assert guard.violations == [], "\n".join(guard.violations)
+
+
+def test_reactor_guard_a_trusted_devices_quick_login_makes_one_stat_and_no_file_call(
+    guard: ReactorGuard, make_server: Callable[..., RunningServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quick login (issue 16) decides on the reactor: the one call the rule allows is
+    its ``stat`` of the passwd file, by name; no open, no other file call, no SQLite
+    connect. (Its SQLite read raises no audit event; ``test_quick_login.py`` shows that it
+    never waits for a lock.)"""
+    guard.active = False
+    server = make_server()
+    server.add_user("alice@example.org", "alice-password")
+    checker = server.service.components.checker
+    real = checker._quick_check
+    quick: list[bool] = []
+
+    def counted(attempt: Any, password: str) -> Any:
+        outcome = real(attempt, password)
+        quick.append(outcome is not None)
+        return outcome
+
+    monkeypatch.setattr(checker, "_quick_check", counted)
+
+    def session() -> None:
+        client = server.smtp()
+        assert client.docmd("CLIENTID", f"UUID {THUNDERBIRD_UUID}") == (250, b"2.0.0 OK")
+        client.login("alice@example.org", "alice-password")
+        client.quit()
+
+    session()  # the first login trusts the device and caches the password, in a thread
+    guard.active = True
+    session()
+    session()
+    guard.active = False
+    passwd = str(server.service.components.passwords.path)
+    allowed = [v for v in guard.violations if v.startswith(f"os.stat(PosixPath('{passwd}')")]
+    allowed = [v for v in allowed if "in is_current" in v]
+    assert quick[-2:] == [True, True], quick  # both decided on the reactor
+    assert len(allowed) == 2  # one stat a quick login
+    assert [v for v in guard.violations if v not in allowed] == [], "\n".join(guard.violations)
