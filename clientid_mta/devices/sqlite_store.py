@@ -721,6 +721,10 @@ class SQLiteLoginLook(_Repository):
         rows = {key: row for key, row in budgets.items() if row is not None}
         return LoginView(device, rows, flagged is not None)
 
+    def close(self) -> None:
+        with self._lock:  # waits for a look in progress (microseconds), unlike a look
+            self._db.close()
+
 
 def open_sqlite_stores(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> Stores:
     """Every repository on the one file at ``path`` (created if missing)."""
