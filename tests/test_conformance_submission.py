@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet import task
@@ -603,6 +604,34 @@ def test_S9_auth_in_a_thread_replies_before_the_next_command(server: RunningServ
     check(wire.reply(), 250, "2.1.0")  # MAIL waited for the AUTH to finish
     check(wire.reply(), 250)
     assert_in_sync(wire)
+
+
+def test_S9_a_quick_login_replies_before_the_next_command(server: RunningServer) -> None:
+    """A trusted device with a cached password is answered on the reactor, in the turn
+    that reads its AUTH (issue 16): the pipelined MAIL still waits for it."""
+    checker = server.service.components.checker
+    quick: list[bool] = []
+    real = checker._quick_check
+
+    def counted(attempt: Any, password: str) -> Any:
+        outcome = real(attempt, password)
+        quick.append(outcome is not None)
+        return outcome
+
+    checker._quick_check = counted  # type: ignore[method-assign]
+    try:
+        for _ in range(2):  # the first trusts the device and caches the password
+            wire = session(server)
+            expect(wire, f"CLIENTID UUID {THUNDERBIRD_UUID}", 250)
+            wire.send(f"AUTH PLAIN {GOOD_PLAIN}\r\nMAIL FROM:<{ALICE}>\r\nNOOP\r\n")
+            check(wire.reply(), 235, "2.7.0")
+            check(wire.reply(), 250, "2.1.0")
+            check(wire.reply(), 250)
+            assert_in_sync(wire)
+            wire.close()
+    finally:
+        del checker._quick_check
+    assert quick[-1:] == [True]  # the second session's AUTH was answered on the reactor
 
 
 def test_S9_end_of_data_replies_before_the_next_command(server: RunningServer) -> None:

