@@ -10,14 +10,17 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet import protocol, tcp
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from clientid_mta.smtp.send_at_once import send_at_once
+from clientid_mta.smtp.protocol import SubmissionESMTP
+from clientid_mta.smtp.send_at_once import SendAtOnce, send_at_once
 from clientid_mta.smtp.tls import generate_self_signed, server_context
+from tests.conftest import RunningServer
 
 
 class WriteWatch:
@@ -40,9 +43,11 @@ class WriteWatch:
         self.readers.discard(selectable)
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[tcp.Connection, socket.socket, WriteWatch]]:
-    ours, theirs = socket.socketpair()
+Pair = tuple[tcp.Connection, socket.socket, WriteWatch]
+
+
+def connected(ours: socket.socket, theirs: socket.socket) -> Iterator[Pair]:
+    """Twisted's TCP connection on ``ours``, with a reactor stand-in; ``theirs`` reads."""
     watch = WriteWatch()
     connection = tcp.Connection(ours, protocol.Protocol(), reactor=watch)  # type: ignore[arg-type]
     connection.connected = True
@@ -50,6 +55,24 @@ def pair() -> Iterator[tuple[tcp.Connection, socket.socket, WriteWatch]]:
     yield connection, theirs, watch
     ours.close()
     theirs.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    yield from connected(*socket.socketpair())
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[Pair]:
+    """The same over real TCP on 127.0.0.1, where Nagle's algorithm applies."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _address = listener.accept()
+    yield from connected(ours, theirs)
+
+
+def nodelay(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 def received(peer: socket.socket) -> bytes:
@@ -136,3 +159,88 @@ def test_other_transports_are_left_alone():
     transport = StringTransport()
     send_at_once(transport)
     assert "startWriting" not in vars(transport)
+
+
+# --- Nagle's algorithm off from STARTTLS to the EHLO reply -----------------------------
+
+
+def test_nagle_is_turned_off_and_on_again(tcp_pair):
+    connection, peer, _watch = tcp_pair
+    sender = send_at_once(connection)
+    assert sender is not None
+    assert nodelay(connection.socket) == 0  # the kernel's default: Nagle on
+    assert sender.nagle(False) is True
+    assert nodelay(connection.socket) == 1
+    connection.write(b"250 2.0.0 ok\r\n")
+    assert received(peer) == b"250 2.0.0 ok\r\n"
+    assert sender.nagle(True) is True
+    assert nodelay(connection.socket) == 0
+
+
+def test_nagle_does_not_apply_to_a_unix_socket_or_a_closed_one(pair, tcp_pair):
+    unix = send_at_once(pair[0])
+    assert unix is not None and unix.nagle(False) is False
+    connection = tcp_pair[0]
+    closed = send_at_once(connection)
+    assert closed is not None
+    connection.socket.close()
+    assert closed.nagle(False) is False
+
+
+def test_the_ehlo_reply_inside_tls_leaves_with_nagle_off_and_the_next_with_it_on(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real session over STARTTLS: the socket write that carries the EHLO reply (it
+    follows the TLS session tickets, and would wait for the client's delayed ACK) is
+    made with Nagle off; the write of the next reply with Nagle on again. Replies are
+    recorded as the session makes them, writes as they reach the socket."""
+    events: list[tuple[str, object]] = []
+    real_reply, real_send = SubmissionESMTP.reply, SendAtOnce.write_some
+
+    def reply(self: SubmissionESMTP, code: int, text: Any) -> None:
+        events.append(("reply", code))
+        real_reply(self, code, text)
+
+    def write_some(self: SendAtOnce, data: bytes) -> Any:
+        if data:
+            events.append(("send", nodelay(self.connection.socket)))
+        return real_send(self, data)
+
+    monkeypatch.setattr(SubmissionESMTP, "reply", reply)
+    monkeypatch.setattr(SendAtOnce, "write_some", write_some)
+    wire = server.wire().tls_session()
+    assert wire.code("NOOP") == 250
+    wire.close()
+    replies = [i for i, (kind, _) in enumerate(events) if kind == "reply"]
+    assert [events[i][1] for i in replies] == [220, 250, 220, 250, 250]  # greeting .. NOOP
+    ehlo_in_tls, noop = replies[3], replies[4]
+
+    def first_send_after(index: int) -> object:
+        return next(flag for kind, flag in events[index:] if kind == "send")
+
+    assert first_send_after(replies[0]) == 0  # plaintext: Nagle on, as the kernel has it
+    assert first_send_after(ehlo_in_tls) == 1
+    assert first_send_after(noop) == 0
+
+
+def test_an_implicit_tls_session_keeps_nagle_on(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the implicit TLS port the tickets leave with the greeting: nothing to undo."""
+    turned: list[bool] = []
+    real = SendAtOnce.nagle
+
+    def nagle(self: SendAtOnce, on: bool) -> bool:
+        turned.append(on)
+        return real(self, on)
+
+    monkeypatch.setattr(SendAtOnce, "nagle", nagle)
+    implicit = server.wire(implicit=True)
+    assert implicit.code("EHLO client.example.net") == 250
+    assert implicit.code("NOOP") == 250
+    implicit.close()
+    assert turned == []
+    starttls = server.wire().tls_session()
+    assert starttls.code("NOOP") == 250
+    starttls.close()
+    assert turned == [False, True]

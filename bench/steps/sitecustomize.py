@@ -6,11 +6,12 @@ loaded into every process by Python's ``site`` when this folder is on PYTHONPATH
     python bench/steps/report.py /tmp/steps
 
 Each generator process (the ones that import ``smtpload``) writes
-``$CLIENTID_STEPS/steps.<pid>.json`` every 500 steps: for each command (by its verb), the
-TCP connect, the TLS handshake after STARTTLS, the whole ``open`` and the TLS ``close``,
-the seconds from sending to the reply. Run it against each peer in turn; the same
-generator measures both. Warm-up sessions are included. Server processes never import
-``smtpload`` and are untouched, as is any process without the variable.
+``$CLIENTID_STEPS/steps.<pid>.json`` every 500 steps: for each command (by its verb; the
+EHLO after STARTTLS is "EHLO in TLS"), the TCP connect, the TLS handshake after STARTTLS,
+the whole ``open`` and the TLS ``close``, the seconds from sending to the reply. Run it
+against each peer in turn; the same generator measures both. Warm-up sessions are
+included. Server processes never import ``smtpload`` and are untouched, as is any
+process without the variable.
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def timed(step: Callable[..., str], call: Callable[..., Awaitable[Any]]) -> Call
     return timing
 
 
-def verb(_session: object, line: str) -> str:
-    return line.split(" ", 1)[0].split(":", 1)[0].upper()
+def verb(session: Any, line: str) -> str:
+    """The command's verb; the EHLO after STARTTLS is its own step ("EHLO in TLS")."""
+    name = line.split(" ", 1)[0].split(":", 1)[0].upper()
+    previous, session.last_verb = getattr(session, "last_verb", ""), name
+    return "EHLO in TLS" if name == "EHLO" and previous == "STARTTLS" else name
 
 
 def instrument(smtpload: ModuleType) -> None:

@@ -6,11 +6,13 @@ then behind the other sessions' events of the next one, adding to every reply un
 load (issue 16: the churn load's AUTH → 235 p50 was about 15% lower without it).
 asyncio sends at once when nothing is queued; this gives one TCP connection the same
 behaviour. When the socket cannot take it all, or
-something goes wrong, the rest is left to the reactor exactly as before.
+something goes wrong, the rest is left to the reactor exactly as before. The sender also
+turns Nagle's algorithm off and on for the session (see ``_past_the_tickets``).
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import tcp
@@ -19,22 +21,22 @@ from twisted.internet.error import ConnectionLost
 TRANSPORT_LAYERS = 4  # our session ← TLS ← PROXY header reader ← TCP, at most
 
 
-def send_at_once(transport: Any) -> None:
+def send_at_once(transport: Any) -> SendAtOnce | None:
     """Make the TCP connection under ``transport`` (itself, or under TLS or PROXY
-    wrappers) send its writes at once. Anything else (a test's StringTransport) is
-    left alone."""
+    wrappers) send its writes at once, and return its sender. Anything else (a test's
+    StringTransport) is left alone: None."""
     connection = transport
     for _layer in range(TRANSPORT_LAYERS):
         if isinstance(connection, tcp.Connection):
-            if not isinstance(vars(connection).get("startWriting"), _SendAtOnce):
-                _SendAtOnce(connection)
-            return
+            sender = vars(connection).get("startWriting")
+            return sender if isinstance(sender, SendAtOnce) else SendAtOnce(connection)
         connection = getattr(connection, "transport", None)
         if connection is None:
-            return
+            return None
+    return None
 
 
-class _SendAtOnce:
+class SendAtOnce:
     """One connection's ``startWriting``: try the socket now, register what is left.
 
     ``FileDescriptor.write`` calls ``startWriting`` after buffering, on every path (TLS
@@ -50,6 +52,15 @@ class _SendAtOnce:
         self.empty = False  # doWrite found nothing to send
         connection.startWriting = self  # type: ignore[method-assign]
         connection.writeSomeData = self.write_some  # type: ignore[method-assign]
+
+    def nagle(self, on: bool) -> bool:
+        """Turn Nagle's algorithm on or off for this connection; False if it does not
+        apply (not TCP, or already closed)."""
+        try:
+            self.connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(not on))
+        except OSError:
+            return False
+        return True
 
     def write_some(self, data: bytes) -> int | ConnectionLost:
         if self.sending and not data:
