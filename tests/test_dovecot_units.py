@@ -4,6 +4,7 @@ memory (StringTransport, a clock): no Dovecot needed."""
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 
 import pytest
@@ -319,13 +320,15 @@ def test_c12_a_policy_refusal_through_dovecot_waits_like_its_wrong_password(
 ) -> None:
     """Dovecot answers a wrong password after its failure delay; a right password that
     our device policy refuses must take as long (C12), or the speed of the 535 would
-    confirm a stolen password. An accepted login does not wait."""
+    confirm a stolen password. An accepted login does not wait. The wait is on the
+    reactor's clock, not a sleep in a login thread: four refused logins would otherwise
+    hold every login thread for the whole delay."""
     from twisted.cred.error import UnauthorizedLogin
     from twisted.internet import defer
     from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
     from twisted.python.failure import Failure
 
-    from clientid_mta.auth import checker as checker_module
     from clientid_mta.auth.checker import ClientIdChecker
     from clientid_mta.auth.credentials import ClientIdUsernamePassword
     from clientid_mta.auth.passwd_file import Account, PasswdFile, hash_password
@@ -334,8 +337,8 @@ def test_c12_a_policy_refusal_through_dovecot_waits_like_its_wrong_password(
     from clientid_mta.devices.sqlite_store import open_sqlite_stores
     from clientid_mta.smtp.clientid import ClientIdentity
 
-    waits: list[float] = []
-    monkeypatch.setattr(checker_module.time, "sleep", waits.append)
+    sleeps: list[float] = []
+    monkeypatch.setattr(time, "sleep", sleeps.append)
     stores = open_sqlite_stores(tmp_path / "devices.sqlite3")
     config = ClientIdConfig(key_file=tmp_path / "k", device_store=tmp_path / "d")
     policy = DevicePolicy(config, stores.devices, b"k" * 32, None)
@@ -343,6 +346,7 @@ def test_c12_a_policy_refusal_through_dovecot_waits_like_its_wrong_password(
     passwd.save([Account("dora@example.org", hash_password("not-what-dovecot-checks"))])
     checker = ClientIdChecker(passwd, policy, service=RightPasswords())
     checker.run_in_thread = lambda function, *args: defer.maybeDeferred(function, *args)
+    checker.clock = clock = Clock()
 
     def login(device: str) -> defer.Deferred[object]:
         identity = ClientIdentity("UUID", device)
@@ -351,11 +355,15 @@ def test_c12_a_policy_refusal_through_dovecot_waits_like_its_wrong_password(
         return checker.requestAvatarId(creds)
 
     first = login("0b6b2f7e-1c2d-4e5f-8a9b-0c1d2e3f4a5b")
-    assert first.result == b"dora@example.org" and waits == []  # trusted on first use
+    assert first.result == b"dora@example.org"  # trusted on first use, at once
     second = login("1c7c3f8f-2d3e-4f60-9bac-1d2e3f4a5b6c")
-    assert isinstance(second.result, Failure) and second.result.check(UnauthorizedLogin)
-    second.addErrback(lambda _: None)
-    assert waits == [RightPasswords.failure_delay]
+    refused: list[Failure] = []
+    second.addErrback(refused.append)
+    clock.advance(RightPasswords.failure_delay - 0.01)
+    assert refused == []  # still waiting, like Dovecot's refusal of a wrong password
+    clock.advance(0.01)
+    assert len(refused) == 1 and refused[0].check(UnauthorizedLogin)
+    assert sleeps == [] and clock.getDelayedCalls() == []  # no thread slept
 
 
 def test_C12_the_configured_failure_delay_is_the_one_the_service_waits(tmp_path: Path) -> None:

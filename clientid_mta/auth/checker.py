@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet import defer, threads
-from twisted.internet.interfaces import IAddress
+from twisted.internet import defer, task, threads
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -145,6 +144,7 @@ class AuthOutcome:
     decision: Decision
     throttled: bool = False
     flagged_accounts: int | None = None  # this attempt flagged the device as shared
+    delay: float = 0.0  # seconds the reactor waits before the verdict is told (C12)
 
 
 def _session_id() -> str:
@@ -207,6 +207,7 @@ class ClientIdChecker:
         # The store's read that never waits (SQLite): with it, a trusted device's login
         # with a cached password is decided on the reactor (``_quick_check``).
         self.quick_look: ILoginLook | None = None
+        self.clock: IReactorTime | None = None  # for ``AuthOutcome.delay``; None: the reactor
 
     def _attempt(self, creds: IClientIdUsernamePassword) -> Attempt:
         host = peer_host(creds.peer)
@@ -251,7 +252,20 @@ class ClientIdChecker:
         else:
             checked = self.run_in_thread(self._check, attempt, creds.password)
         checked.addErrback(_unavailable)
+        checked.addCallback(self._wait_out)
         return checked.addCallback(self._conclude, attempt, creds)
+
+    def _wait_out(self, outcome: AuthOutcome) -> AuthOutcome | defer.Deferred[AuthOutcome]:
+        """The outcome, after its ``delay``: waited on the reactor's clock, so a slow
+        refusal holds no login thread (four refused logins would hold all of them)."""
+        if outcome.delay <= 0:
+            return outcome
+        clock = self.clock
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
+        return task.deferLater(clock, outcome.delay, lambda: outcome)
 
     def _quick_check(self, attempt: Attempt, password: str) -> AuthOutcome | None:
         """A trusted device's login decided on the reactor, when nothing about it needs a
@@ -483,7 +497,7 @@ class ClientIdChecker:
             return self._wrong_password(attempt, account, account_key, known)
         outcome = self._decide(attempt, account_key, known)
         if not outcome.decision.allowed and service.failure_delay > 0:
-            time.sleep(service.failure_delay)  # in a login thread, never the reactor
+            return replace(outcome, delay=service.failure_delay)  # waited on the reactor
         return outcome
 
     def _decide(self, attempt: Attempt, account_key: str, known: bool) -> AuthOutcome:
