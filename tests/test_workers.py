@@ -10,6 +10,7 @@ SIGKILLed server leaves no worker behind holding its ports.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import subprocess
 import sys
@@ -245,3 +246,36 @@ def test_a_worker_whose_parent_is_gone_before_it_starts_ends_at_once(tmp_path: P
         check=False,
     )
     assert result.returncode == 1, result.stderr
+
+
+def test_json_lines_of_a_worker_pass_through_and_anything_else_is_wrapped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``[log] format = "json"`` the parent writes a worker's JSON line exactly as
+    the worker made it (its time, namespace, level and fields); a line that is no such
+    object (a traceback on the worker's stderr, a line cut at 64 KiB) still becomes one
+    JSON object of the parent's, with ``worker`` and ``line``."""
+    from types import SimpleNamespace
+
+    from twisted.logger import Logger, LogLevel
+
+    from clientid_mta.observe.logs import event_as_json
+    from clientid_mta.server import workerpool
+
+    events: list[dict[str, object]] = []
+    relaying = Logger(namespace="clientid_mta.server.workerpool", observer=events.append)
+    monkeypatch.setattr(workerpool, "log", relaying)
+    process = workerpool.WorkerProcess(SimpleNamespace(json_logs=True), 3)  # type: ignore[arg-type]
+    own = (
+        '{"time": "2026-12-04T19:00:00.000Z", "level": "warn", "namespace": '
+        '"clientid_mta.auth.checker", "text": "auth refused client=192.0.2.1", '
+        '"client": "192.0.2.1", "worker": 3}'
+    )
+    process.outReceived(own.encode() + b"\nTraceback (most recent")
+    process.errReceived(b" call last):\n")
+    assert [event["log_level"] for event in events] == [LogLevel.warn, LogLevel.info]
+    assert event_as_json(events[0]) == own + "\n"
+    wrapped = json.loads(event_as_json(events[1]))
+    assert wrapped["namespace"] == "clientid_mta.server.workerpool"
+    assert wrapped["text"] == "worker 3: Traceback (most recent call last):"
+    assert (wrapped["worker"], wrapped["line"]) == (3, "Traceback (most recent call last):")

@@ -17,6 +17,8 @@ from typing import Any
 
 from twisted.logger import FileLogObserver, Logger, formatEvent, formatTime, globalLogBeginner
 
+from clientid_mta.observe.logs import worker_json_format
+
 log = Logger()
 
 PR_SET_PDEATHSIG = 1
@@ -66,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config")
     parser.add_argument("--listen", action="append", default=[], help="NAME=FD")
     parser.add_argument("--direct-log", action="store_true", help="stdout is the log itself")
+    parser.add_argument("--json-log", action="store_true", help="write JSON lines to relay")
     parser.add_argument("--parent", type=int, help="the pid of the process that started us")
     args = parser.parse_args(argv)
     # The parent may have died while this process was still starting (stopped just as it
@@ -81,7 +84,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     from clientid_mta.config import ConfigError, load_config
     from clientid_mta.server.service import SubmissionService
 
-    line = _direct_format(args.number) if args.direct_log else _format
+    line = (
+        worker_json_format(args.number)
+        if args.json_log
+        else _direct_format(args.number)
+        if args.direct_log
+        else _format
+    )
     globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, line)], redirectStandardIO=False)
     inherited = {name: int(fd) for name, _, fd in (item.partition("=") for item in args.listen)}
     server = SubmissionService(load_config(args.config), inherited, reactor=reactor)

@@ -34,6 +34,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from clientid_mta.config import Config
+from clientid_mta.observe.logs import RELAYED_LINE, relayed_json
 from clientid_mta.observe.metrics import process_ended
 from clientid_mta.server.systemd import without_systemd_variables
 
@@ -81,9 +82,18 @@ class WorkerProcess(protocol.ProcessProtocol):
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()[-65536:]
         for raw in lines:
-            level_name, _, text = raw.decode("utf-8", "replace").partition(" ")
+            line = raw.decode("utf-8", "replace")
+            event = relayed_json(line) if self.pool.json_logs else None
+            if event is not None:  # the worker's own JSON line, passed on as it is
+                level_name, text = str(event.get("level")), event["text"]
+                relayed = {RELAYED_LINE: line}
+            else:  # "<level> <text>" from the worker's log; anything else (stderr) whole
+                level_name, _, text = line.partition(" ")
+                if level_name not in _LEVELS:
+                    text = line
+                relayed = {}
             level = LogLevel.levelWithName(level_name) if level_name in _LEVELS else LogLevel.info
-            log.emit(level, "worker {worker}: {line}", worker=self.number, line=text)
+            log.emit(level, "worker {worker}: {line}", worker=self.number, line=text, **relayed)
 
     errReceived = outReceived
 
@@ -116,6 +126,9 @@ class WorkerPool(service.Service):
         # JSON logs go through the parent's observer ([log] format sets twistd's logger,
         # which argv does not show): workers writing text there would break the format.
         self.direct_logs = config.log.format == "text" and twistd_logs_to_stdout(sys.argv)
+        # With JSON each worker writes whole JSON lines (its events' own fields, and
+        # ``worker``), which the parent passes on unchanged.
+        self.json_logs = config.log.format == "json"
 
     def startService(self) -> None:
         super().startService()
@@ -140,6 +153,8 @@ class WorkerPool(service.Service):
         if self.direct_logs:  # our own output: the worker writes its log lines there
             child_fds.update({1: 1, 2: 2})
             argv.append("--direct-log")
+        elif self.json_logs:
+            argv.append("--json-log")
         for offset, (name, fd) in enumerate(sorted(self._fds.items())):
             child_fds[FIRST_FD + offset] = fd
             argv += ["--listen", f"{name}={FIRST_FD + offset}"]
