@@ -124,8 +124,22 @@ def _config(tmp_path: Path, url: str) -> Path:
     return config
 
 
+def tables(url: str) -> list[str]:
+    """The tables of the database at ``url``."""
+    database = open_database(url, None, 1)
+    try:
+        with database.transaction() as db:
+            rows = db.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            ).fetchall()
+    finally:
+        database.close()
+    return sorted(row["tablename"] for row in rows)
+
+
 def test_store_migrate_and_status(postgres_cluster: Cluster, tmp_path: Path) -> None:
-    config = _config(tmp_path, postgres_cluster.new_database())
+    url = postgres_cluster.new_database()
+    config = _config(tmp_path, url)
 
     def command(*argv: str) -> str:
         out = io.StringIO()
@@ -134,6 +148,7 @@ def test_store_migrate_and_status(postgres_cluster: Cluster, tmp_path: Path) -> 
 
     status = command("status")
     assert "schema version: 0 (latest 1)" in status and "pending migration 1:" in status
+    assert not tables(url)  # status only reads: it created nothing
     assert "applied migrations: 1" in command("migrate")
     assert "none (up to date)" in command("migrate")
     assert "schema version: 1 (latest 1)" in command("status")

@@ -812,7 +812,16 @@ class SchemaStatus:
 
 
 def _version(db: psycopg.Connection[Any]) -> int:
+    """The schema's version, creating the versions table if it is missing (migrate)."""
     db.execute(_VERSIONS_TABLE)
+    return _read_version(db)
+
+
+def _read_version(db: psycopg.Connection[Any]) -> int:
+    """The schema's version, without writing anything: 0 when there is no versions table."""
+    table = db.execute("SELECT to_regclass('clientid_mta_schema') AS name").fetchone()
+    if table is None or table["name"] is None:
+        return 0
     row = db.execute("SELECT coalesce(max(version), 0) AS version FROM clientid_mta_schema")
     found = row.fetchone()
     return int(found["version"]) if found else 0
@@ -846,8 +855,11 @@ def migrate(database: Database) -> list[int]:
 
 
 def schema_status(database: Database) -> SchemaStatus:
+    """What ``clientid-mta store status`` shows, read in a read-only transaction: it
+    creates nothing (not even the versions table) and works for a role that may only read."""
     with database.transaction() as db:
-        version = _version(db)
+        db.execute("SET TRANSACTION READ ONLY")
+        version = _read_version(db)
         fingerprint = None
         if version >= 1:
             row = db.execute(
