@@ -72,6 +72,24 @@ def test_a_second_key_is_refused_naming_both_fingerprints(postgres_cluster: Clus
         open_postgres_stores(url, key_fingerprint="2" * 16)
 
 
+def test_the_pool_closes_with_the_last_repository_and_a_second_close_counts_once(
+    postgres_cluster: Cluster,
+) -> None:
+    stores = open_postgres_stores(postgres_cluster.new_database(), pool_size=1)
+    pool = stores.devices._database.pool  # type: ignore[attr-defined]
+    stores.audit.close()
+    stores.audit.close()  # again: still one member gone, not two
+    for repository in (stores.budgets, stores.approval_codes, stores.shared_devices):
+        repository.close()
+    stores.sending.close()
+    assert not pool.closed  # the registry and the ledger still use it
+    assert stores.devices.get("a@example.org", "0" * 64) is None
+    stores.notices.close()
+    assert not pool.closed
+    stores.devices.close()
+    assert pool.closed
+
+
 def test_the_key_fingerprint_tells_keys_apart_and_is_not_the_key() -> None:
     first, second = b"k" * 32, b"j" * 32
     assert key_fingerprint(first) == key_fingerprint(first) != key_fingerprint(second)

@@ -913,25 +913,46 @@ def open_postgres_stores(
     except BaseException:
         database.close()
         raise
-    users = [7]
-    lock = threading.Lock()
-
-    def release() -> None:
-        with lock:
-            users[0] -= 1
-            last = users[0] == 0
-        if last:
-            database.close()
-
+    users = PoolUsers(database)
     return Stores(
-        PostgresDeviceRegistry(database, release),
-        PostgresAuditStore(database, release),
-        PostgresBudgetStore(database, release),
-        PostgresApprovalCodes(database, release),
-        PostgresSharedDevices(database, release),
-        PostgresSendingCounts(database, release),
-        PostgresNoticeLedger(database, release),
+        PostgresDeviceRegistry(database, users.member()),
+        PostgresAuditStore(database, users.member()),
+        PostgresBudgetStore(database, users.member()),
+        PostgresApprovalCodes(database, users.member()),
+        PostgresSharedDevices(database, users.member()),
+        PostgresSendingCounts(database, users.member()),
+        PostgresNoticeLedger(database, users.member()),
     )
+
+
+class PoolUsers:
+    """The repositories that share one pool: it closes when the last of them has closed.
+    Each member counts once, however often it closes, and a new repository is one more
+    ``member()``, with no count to keep in step."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._open: set[int] = set()
+        self._joined = 0
+        self._lock = threading.Lock()
+
+    def member(self) -> Callable[[], None]:
+        """A new member's release: call it when that member closes."""
+        with self._lock:
+            number = self._joined
+            self._joined += 1
+            self._open.add(number)
+
+        def release() -> None:
+            with self._lock:
+                if number not in self._open:
+                    return
+                self._open.discard(number)
+                last = not self._open
+            if last:
+                self._database.close()
+
+        return release
 
 
 def probe_reachable(url: str, password_file: Path | None) -> str | None:
