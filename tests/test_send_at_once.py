@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 from twisted.internet import protocol, tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
 from clientid_mta.smtp.protocol import SubmissionESMTP
 from clientid_mta.smtp.send_at_once import SendAtOnce, send_at_once
@@ -185,6 +187,17 @@ def test_nagle_does_not_apply_to_a_unix_socket_or_a_closed_one(pair, tcp_pair):
     assert closed is not None
     connection.socket.close()
     assert closed.nagle(False) is False
+
+
+def test_nagle_after_the_connection_is_lost_is_refused_not_raised(tcp_pair):
+    """A login that finishes after the client left still replies (into nothing); its
+    reply may be the one that turns Nagle back on, when Twisted has removed the socket."""
+    connection, _peer, _watch = tcp_pair
+    sender = send_at_once(connection)
+    assert sender is not None
+    connection.connectionLost(Failure(ConnectionDone()))
+    assert not hasattr(connection, "socket")
+    assert sender.nagle(True) is False
 
 
 def test_the_ehlo_reply_inside_tls_leaves_with_nagle_off_and_the_next_with_it_on(

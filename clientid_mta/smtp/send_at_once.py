@@ -55,9 +55,13 @@ class SendAtOnce:
 
     def nagle(self, on: bool) -> bool:
         """Turn Nagle's algorithm on or off for this connection; False if it does not
-        apply (not TCP, or already closed)."""
+        apply (not TCP, or already closed: a reply may come from a Deferred that fired
+        after the connection was lost, which took its socket away)."""
+        sock = getattr(self.connection, "socket", None)
+        if sock is None:
+            return False
         try:
-            self.connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(not on))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(not on))
         except OSError:
             return False
         return True
