@@ -24,20 +24,8 @@ DELAYED_ACK = 0.040  # seconds: Linux's shortest delayed ACK
 
 async def timed_ehlo(target: Target) -> float:
     """One session: the seconds from sending the EHLO inside TLS to its whole reply."""
-    implicit = target.implicit_tls
-    reader, writer = await asyncio.open_connection(
-        target.host,
-        target.port,
-        ssl=target.context if implicit else None,
-        server_hostname=target.server_hostname if implicit else None,
-    )
-    session = SmtpSession(reader, writer, target)
+    session = await SmtpSession.open_tls(target)
     try:
-        await session.expect(None, 220)
-        if not implicit:
-            await session.expect(f"EHLO {target.helo}", 250)
-            await session.expect("STARTTLS", 220)
-            await writer.start_tls(target.context, server_hostname=target.server_hostname)
         started = time.perf_counter()
         await session.expect(f"EHLO {target.helo}", 250)
         return time.perf_counter() - started

@@ -112,6 +112,17 @@ class SmtpSession:
     @classmethod
     async def open(cls, target: Target, source: str | None = None) -> SmtpSession:
         """Connect (from ``source`` when given), do TLS, and EHLO under TLS."""
+        session = await cls.open_tls(target, source)
+        try:
+            session.extensions = (await session.expect(f"EHLO {target.helo}", 250)).lines
+        except BaseException:
+            session.abort()
+            raise
+        return session
+
+    @classmethod
+    async def open_tls(cls, target: Target, source: str | None = None) -> SmtpSession:
+        """Connect and do TLS (implicit, or EHLO and STARTTLS), up to the EHLO under TLS."""
         implicit = target.implicit_tls
         async with asyncio.timeout(target.timeout):
             reader, writer = await asyncio.open_connection(
@@ -129,7 +140,6 @@ class SmtpSession:
                 await session.expect("STARTTLS", 220)
                 async with asyncio.timeout(target.timeout):
                     await writer.start_tls(target.context, server_hostname=target.server_hostname)
-            session.extensions = (await session.expect(f"EHLO {target.helo}", 250)).lines
         except BaseException:
             session.abort()
             raise
