@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,12 +251,21 @@ def test_a_wrong_password_goes_to_the_thread_and_counts_one_miss(login: Login) -
     assert login.cache.misses == misses + 1
 
 
+@contextmanager
+def another_process(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection of its own to the store, as the admin command or another worker has."""
+    writer = sqlite3.connect(tmp_path / "devices.sqlite3", isolation_level=None, timeout=0)
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
 def test_a_writer_in_another_process_does_not_hold_up_the_look(
     tmp_path: Path, login: Login
 ) -> None:
     trusted_and_cached(login)
-    writer = sqlite3.connect(tmp_path / "devices.sqlite3", isolation_level=None, timeout=0)
-    try:
+    with another_process(tmp_path) as writer:
         writer.execute("BEGIN IMMEDIATE")  # the write lock, held while the reactor reads
         writer.execute("UPDATE devices SET state='revoked'")
         assert login.stores.look is not None
@@ -264,8 +274,6 @@ def test_a_writer_in_another_process_does_not_hold_up_the_look(
         writer.execute("COMMIT")
         seen = login.stores.look.look(ALICE, PHONE_KEY, ())
         assert seen.device is not None and seen.device.state == REVOKED  # seen at once
-    finally:
-        writer.close()
 
 
 def test_a_trusted_devices_login_is_answered_while_another_process_holds_the_write_lock(
@@ -273,14 +281,11 @@ def test_a_trusted_devices_login_is_answered_while_another_process_holds_the_wri
 ) -> None:
     """S4: a locked store refuses with 454 the logins that need it; this one does not."""
     trusted_and_cached(login)
-    writer = sqlite3.connect(tmp_path / "devices.sqlite3", isolation_level=None, timeout=0)
-    try:
+    with another_process(tmp_path) as writer:
         writer.execute("BEGIN EXCLUSIVE")  # as the fault soak's "device store locked"
         answered: list[Any] = []
         login.attempt().addBoth(answered.append)
         assert answered == [ALICE.encode()] and login.trips == []
-    finally:
-        writer.close()
 
 
 def test_a_look_that_cannot_start_at_once_sends_the_login_to_the_thread(login: Login) -> None:
