@@ -122,7 +122,9 @@ class RunningServer:
 
     def messages(self, address: str) -> list[mailbox.MaildirMessage]:
         localpart, _, domain = address.partition("@")
-        if not (self.config.delivery.maildir_root / domain / localpart).exists():
+        # The server makes a new Maildir's tmp/, new/ and cur/ one after another, cur/
+        # last: until it is there the Maildir is still being made, and holds nothing.
+        if not (self.config.delivery.maildir_root / domain / localpart / "cur").is_dir():
             return []
         return list(self.maildir(address))
 

@@ -144,7 +144,7 @@ class World:
         """The delivered messages of a local address (``new/``)."""
         localpart, _, domain = address.partition("@")
         folder = self.root / "mail" / domain / localpart
-        if not folder.exists():
+        if not (folder / "cur").is_dir():  # made last: until then the Maildir is being made
             return []
         return [m.as_bytes() for m in mailbox.Maildir(folder, create=False)]
 
