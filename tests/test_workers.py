@@ -174,12 +174,17 @@ def test_workers_mail_for_other_domains_is_relayed_once_by_the_queue_owner(
     assert "queue resumed" in output
 
 
-def children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (Linux /proc)."""
+HELPER = "clientid_mta.delivery.store_helper"
+
+
+def children(pid: int, module: str) -> list[int]:
+    """The child processes of ``pid`` running ``python -m module`` (Linux /proc)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         found += [int(c) for c in (task / "children").read_text().split()]
-    return found
+    return [
+        c for c in found if module.encode() in Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")
+    ]
 
 
 @pytest.mark.parametrize(("workers", "processes"), [(1, 1), (2, 2)])
@@ -191,7 +196,13 @@ def test_workers_count_is_the_number_of_processes(
         assert server.process is not None
         if workers > 1:  # logged once every worker is spawned; with one, there is no pool
             server.wait_for_output(rf"{workers} processes serve the ports", timeout=10)
-        assert len(children(server.process.pid)) == processes - 1
+        workers_seen = children(server.process.pid, "clientid_mta.server.worker")
+        assert len(workers_seen) == processes - 1
+        for each in [server.process.pid, *workers_seen]:  # one Maildir store process each
+            helpers = wait_until(
+                lambda each=each: children(each, HELPER) or None, 10, f"{each}'s store process"
+            )
+            assert len(helpers) == 1
 
 
 def test_workers_reject_a_negative_count(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
@@ -34,6 +34,7 @@ from clientid_mta.devices.policy import Decision, DevicePolicy, Where
 from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.sharing import SharedDevices
 from clientid_mta.devices.store import TRUSTED, ILoginLook, StoreUnavailable
+from clientid_mta.global_reactor import global_reactor
 from clientid_mta.observe.events import (
     NO_EVENTS,
     REFUSED_DEVICE,
@@ -260,11 +261,7 @@ class ClientIdChecker:
         refusal holds no login thread (four refused logins would hold all of them)."""
         if outcome.delay <= 0:
             return outcome
-        clock = self.clock
-        if clock is None:
-            from twisted.internet import reactor
-
-            clock = cast(IReactorTime, reactor)
+        clock = self.clock if self.clock is not None else global_reactor()
         return task.deferLater(clock, outcome.delay, lambda: outcome)
 
     def _quick_check(self, attempt: Attempt, password: str) -> AuthOutcome | None:

@@ -40,6 +40,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from clientid_mta.client.protocol import CHUNK_SIZE, Job, Mail, Outcome, SubmissionClientFactory
 from clientid_mta.client.results import ConnectionFailed, RecipientResult, SendFailed
+from clientid_mta.global_reactor import global_reactor
 
 TLS_MODES = ("starttls", "implicit", "opportunistic", "none")
 
@@ -184,9 +185,7 @@ def _start(
 ) -> Deferred[list[Outcome]]:
     """Check everything, then connect: one outcome per transaction (none: no connection)."""
     if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = cast(IReactorTCP, default_reactor)
+        reactor = cast(IReactorTCP, global_reactor())
     try:
         job = _job(host, port, transactions, **{"eod_421_is_result": False, **options})
     except (ValueError, TypeError, OSError) as problem:

@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -26,6 +26,9 @@ from clientid_mta.delivery.durable import DurableFile, fsync_dir
 from clientid_mta.delivery.spool import LateFile
 from clientid_mta.smtp.errors import LocalDeliveryError
 from clientid_mta.smtp.staging import IStagedMessage
+
+if TYPE_CHECKING:
+    from clientid_mta.delivery.store_process import StoreProcess
 
 _counter = itertools.count()
 
@@ -157,8 +160,16 @@ class MaildirMessage:
     ``prepare``, so that the reply is a 451, never a lost message.
     """
 
-    def __init__(self, maildirs: MaildirRoot, domain: str, localpart: str) -> None:
+    def __init__(
+        self,
+        maildirs: MaildirRoot,
+        domain: str,
+        localpart: str,
+        store_process: StoreProcess | None = None,
+    ) -> None:
         self._data = LateFile(lambda: maildirs.open_new(domain, localpart))
+        self._mailbox = (domain, localpart)
+        self._store_process = store_process
 
     def lineReceived(self, line: bytes) -> None:
         self._data.write(line + b"\n")
@@ -176,7 +187,13 @@ class MaildirMessage:
         return self._data.then(MaildirFile.commit)
 
     def eomReceived(self) -> defer.Deferred[Path]:
-        """Both steps at once, for a caller that stores one copy alone."""
+        """Both steps at once, for a caller that stores one copy alone: by the store
+        process when there is one and the message is still all in memory."""
+        helper = self._store_process
+        if helper is not None and helper.available():
+            data = self._data.take_whole()
+            if data is not None:
+                return helper.store(*self._mailbox, data)
         return self._written_then(MaildirFile.commit)
 
     def _written_then(self, step: Callable[[MaildirFile], Path]) -> defer.Deferred[Path]:

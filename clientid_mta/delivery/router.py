@@ -28,6 +28,7 @@ from clientid_mta.auth.passwd_file import Account, PasswdFile, normalise_address
 from clientid_mta.delivery.lmtp import LmtpDelivery, LmtpTransaction
 from clientid_mta.delivery.maildir import MaildirMessage, MaildirRoot
 from clientid_mta.delivery.sending import SendingLimit
+from clientid_mta.delivery.store_process import StoreProcess
 from clientid_mta.outbound.submit import Outbound, OutboundTransaction
 
 MessageFactory = Callable[[], IMessageSMTP]
@@ -57,6 +58,7 @@ class LocalRouter:
         self.approval_localpart = approval_localpart
         self.approval_message = approval_message
         self.lmtp: LmtpDelivery | None = None  # [delivery] lmtp: Dovecot stores local mail
+        self.store_process: StoreProcess | None = None  # [delivery] store_process
 
     def approval_address(self, account: str) -> str:
         """The reserved address an account holder sends approval codes to."""
@@ -85,7 +87,9 @@ class LocalRouter:
         account = self.passwords.get(address)
         if account is None:
             return None
-        return lambda: MaildirMessage(self.maildirs, account.domain, account.localpart)
+        return lambda: MaildirMessage(
+            self.maildirs, account.domain, account.localpart, self.store_process
+        )
 
 
 @implementer(IMessageDelivery)

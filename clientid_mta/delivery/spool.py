@@ -80,6 +80,13 @@ class LateFile(Generic[W]):
             return defer.fail(self.error)
         return self._in_order(self._finish_now, self._take(), complete)
 
+    def take_whole(self) -> bytes | None:
+        """All the data, taken, if it is all still in memory (no spill, no error);
+        else None and nothing changes."""
+        if self.file is not None or self._in_flight or self.error is not None or self._aborted:
+            return None
+        return self._take()
+
     def then(self, step: Callable[[W], T]) -> defer.Deferred[T]:
         """After ``finish``: ``step(file)`` in a thread, in order (the second half of a
         two-step store). On failure the file is thrown away (in that thread)."""

@@ -10,6 +10,7 @@ from twisted.internet import task, threads
 from twisted.logger import Logger
 
 from clientid_mta.delivery.maildir import MaildirRoot
+from clientid_mta.global_reactor import global_reactor
 
 log = Logger()
 
@@ -24,10 +25,8 @@ class TmpSweeper(service.Service):
     def __init__(
         self, maildirs: MaildirRoot, reactor: Any = None, interval: float = SWEEP_INTERVAL
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
         self.maildirs = maildirs
-        self.reactor = reactor
+        self.reactor = reactor if reactor is not None else global_reactor()
         self.interval = interval
         self._loop: task.LoopingCall | None = None
         self._busy = False

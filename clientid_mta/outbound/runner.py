@@ -25,6 +25,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from clientid_mta.config import Config
+from clientid_mta.global_reactor import global_reactor
 from clientid_mta.outbound.attempt import Attempts, LocalBounceTarget, Send
 from clientid_mta.outbound.queue import (
     PENDING,
@@ -117,15 +118,13 @@ class QueueRunner(service.Service):
         send: Send | None = None,
         tick_interval: float = 1.0,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
         self.config = config
         self.relay = config.relay
         self.settings = config.queue_config
         self.queue = queue
         self.router = router or Router(config.relay)
-        self.reactor = reactor
-        self.clock: IReactorTime = reactor
+        self.reactor = reactor if reactor is not None else global_reactor()
+        self.clock: IReactorTime = self.reactor
         if send is None:
             from clientid_mta.client import send_messages
 

@@ -10,6 +10,7 @@ service user and nothing has to be handed over (or chowned) afterwards.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -33,6 +34,7 @@ from clientid_mta.delivery.lmtp import LmtpDelivery, LmtpPool
 from clientid_mta.delivery.maildir import Mailboxes, MaildirRoot
 from clientid_mta.delivery.router import LocalRouter, delivery_factory
 from clientid_mta.delivery.sending import SendingLimit, tell_postmaster
+from clientid_mta.delivery.store_process import StoreProcess
 from clientid_mta.devices.approval import ApprovalMessage, Approvals
 from clientid_mta.devices.audit import AuditLog
 from clientid_mta.devices.backends import open_stores
@@ -44,11 +46,13 @@ from clientid_mta.devices.postgres_store import KeyMismatch, describe
 from clientid_mta.devices.regions import Regions
 from clientid_mta.devices.sharing import SharedDevices
 from clientid_mta.devices.store import Device, Stores, StoreUnavailable
+from clientid_mta.global_reactor import global_reactor
 from clientid_mta.observe.events import NO_EVENTS, IServerEvents
 from clientid_mta.outbound.queue import QueueDir
 from clientid_mta.outbound.runner import LocalBounceTarget, QueueRunner
 from clientid_mta.outbound.submit import Outbound
 from clientid_mta.server.delivery import InFlight, ServedDelivery
+from clientid_mta.server.systemd import without_systemd_variables
 from clientid_mta.smtp.limits import SessionLimits
 from clientid_mta.smtp.protocol import SubmissionFactory
 from clientid_mta.smtp.tls import ReloadableServerTLS, generate_self_signed, server_context
@@ -66,6 +70,7 @@ class Prepared:
     workers: AuthWorkers
     dovecot: DovecotAuth | None = None  # [auth] backend = "dovecot"
     lmtp: LmtpDelivery | None = None  # [delivery] lmtp
+    store_process: StoreProcess | None = None  # [delivery] store_process, for Maildir
 
     @property
     def mailboxes(self) -> Mailboxes:
@@ -112,13 +117,6 @@ def state_files(config: Config) -> list[Path]:
     ]
 
 
-def default_reactor() -> Any:
-    """The global reactor, imported only when a caller gave none (importing installs it)."""
-    from twisted.internet import reactor
-
-    return reactor
-
-
 def prepare(config: Config, reactor: Any) -> Prepared:
     """The parts that write nothing. Reads only what the operator named: each file must
     exist, and a ``[tls]`` certificate and key must load (a mistake is one line before
@@ -139,6 +137,10 @@ def prepare(config: Config, reactor: Any) -> Prepared:
             reactor, delivery.lmtp, config.server.hostname, size=delivery.lmtp_connections
         )
         lmtp = router.lmtp = LmtpDelivery(pool)
+    elif config.delivery.store_process:
+        router.store_process = StoreProcess(
+            reactor, config.delivery.maildir_root, env=without_systemd_variables(os.environ)
+        )
     mailboxes: Mailboxes = lmtp if lmtp is not None else maildirs
 
     def deliver_notice(address: str, data: bytes) -> bool:  # in a thread, from the runner
@@ -153,7 +155,9 @@ def prepare(config: Config, reactor: Any) -> Prepared:
         config, queue, LocalBounceTarget(router.is_local, deliver_notice), reactor=reactor
     )
     workers = AuthWorkers(reactor)
-    return Prepared(passwords, maildirs, router, queue, runner, workers, dovecot, lmtp)
+    return Prepared(
+        passwords, maildirs, router, queue, runner, workers, dovecot, lmtp, router.store_process
+    )
 
 
 def _password_backend(config: Config, reactor: Any) -> tuple[PasswdFile, DovecotAuth | None]:
@@ -345,7 +349,7 @@ def build_components(
     note that without ``build_service`` no queue runner sends mail for other domains
     and nothing writes the audit log or the failure budgets.
     """
-    parts = prepare(config, reactor if reactor is not None else default_reactor())
+    parts = prepare(config, reactor if reactor is not None else global_reactor())
     return open_components(config, parts, local_delivery)
 
 
@@ -361,7 +365,7 @@ def build_factory(
     Protocol-only: for a whole server (queue runner, housekeeping, login threads) use
     ``build_service``.
     """
-    reactor = reactor if reactor is not None else default_reactor()
+    reactor = reactor if reactor is not None else global_reactor()
     parts = components or build_components(config, reactor=reactor)
     factory = SubmissionFactory(
         config,

@@ -86,7 +86,8 @@ def readiness_checks(config: Config, runner: QueueRunner) -> Sequence[tuple[str,
 
 
 class MetricsListener(service.Service):
-    """The HTTP endpoint, bound with the other ports (before privileges drop)."""
+    """The HTTP endpoint. Its owner (``ServerService``) binds it with the SMTP ports,
+    before privileges drop, or first thing in ``startService`` when it runs embedded."""
 
     name = "metrics"
 
@@ -95,22 +96,11 @@ class MetricsListener(service.Service):
         self.endpoint = serverFromString(reactor, description)
         self.site = observe_site(reactor, observed)
         self.port: IListeningPort | None = None
-        self._tried = False
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self.listen()
-
-    def startService(self) -> None:
-        self.listen()
-        super().startService()
 
     def listen(self) -> None:
-        """Bind the port, once (started without the privileged step: embedded, tests).
-        Raises ConfigError."""
-        if self._tried:
+        """Bind the port unless it is bound. Raises ConfigError."""
+        if self.port is not None:
             return
-        self._tried = True
         failed: list[Failure] = []
         listening = self.endpoint.listen(self.site)  # a TCP endpoint answers at once
         listening.addCallbacks(self._bound, failed.append)
@@ -126,5 +116,4 @@ class MetricsListener(service.Service):
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
         port, self.port = self.port, None
-        self._tried = False
         return port.stopListening() if port is not None else None

@@ -26,6 +26,7 @@ from twisted.mail.interfaces import IMessageDelivery
 from clientid_mta.config import Config, ConfigError
 from clientid_mta.delivery.sweep import TmpSweeper
 from clientid_mta.devices.backends import shared_by_nodes
+from clientid_mta.global_reactor import global_reactor
 from clientid_mta.observe.events import NO_EVENTS, IServerEvents
 from clientid_mta.observe.health import Check
 from clientid_mta.observe.metrics import PrometheusEvents
@@ -34,7 +35,6 @@ from clientid_mta.server.components import (
     Components,
     build_components,
     build_factory,
-    default_reactor,
     open_components,
     prepare,
     state_files,
@@ -97,7 +97,7 @@ class SubmissionService(service.MultiService):
     ) -> None:
         super().__init__()
         self.config = config
-        self.reactor = reactor if reactor is not None else default_reactor()
+        self.reactor = reactor if reactor is not None else global_reactor()
         self.local_delivery = local_delivery
         self.parts = prepare(config, self.reactor)
         self.components: Components = None  # type: ignore[assignment]  # set by startService
@@ -109,6 +109,8 @@ class SubmissionService(service.MultiService):
         self.housekeeping = Housekeeping(self.reactor, config.audit.max_entries)
         self.housekeeping.setServiceParent(self)
         TmpSweeper(self.parts.maildirs, reactor=self.reactor).setServiceParent(self)
+        if self.parts.store_process is not None:
+            self.parts.store_process.setServiceParent(self)
         self._started: defer.Deferred[None] = defer.Deferred()  # fired once serving
         self.listeners: list[BoundPort | AdoptedPort] = []
         self._factories: list[tuple[LateFactory, bool]] = []
@@ -156,7 +158,9 @@ class SubmissionService(service.MultiService):
 
     def privilegedStartService(self) -> None:
         try:
-            super().privilegedStartService()
+            super().privilegedStartService()  # the SMTP ports
+            if self.metrics is not None:
+                self.metrics.listen()
         except CannotListenError as problem:
             names = {s.name: getattr(self.config.listen, str(s.name)) for s in self.listeners}
             where = ", ".join(f"{name} = {value!r}" for name, value in names.items())
@@ -248,7 +252,7 @@ class SubmissionService(service.MultiService):
         self.parts.queue_runner.attempts.events = events
 
     def startService(self) -> None:
-        if self.metrics is not None:  # a busy port stops the start before anything runs
+        if self.metrics is not None:  # embedded (no privileged step): bind it before anything runs
             try:
                 self.metrics.listen()
             except ConfigError as problem:
@@ -338,7 +342,13 @@ class SubmissionService(service.MultiService):
         await self._drain()
         # The last logins finish before the final write of the audit log and budgets.
         # Health and metrics answer until the end: a balancer sees the drain.
-        last = (self.parts.queue_runner, self.parts.workers, self.housekeeping, self.metrics)
+        last = (
+            self.parts.store_process,  # after the drain: no message waits for it now
+            self.parts.queue_runner,
+            self.parts.workers,
+            self.housekeeping,
+            self.metrics,
+        )
         for child in [each for each in last if each is not None]:
             if not child.running:
                 continue

@@ -31,7 +31,7 @@ import hmac
 import secrets
 from collections.abc import Callable
 from enum import Enum
-from typing import Any, cast
+from typing import Any
 
 from OpenSSL.SSL import Error as TLSError
 from twisted.cred import error as cred_error
@@ -51,6 +51,7 @@ from clientid_mta.auth.credentials import (
     TLSInfo,
 )
 from clientid_mta.config import Config
+from clientid_mta.global_reactor import global_reactor
 from clientid_mta.observe.events import NO_EVENTS, IServerEvents
 from clientid_mta.smtp.addresses import AddressSyntaxError, Path, parse_path
 from clientid_mta.smtp.body import BodyReader
@@ -125,13 +126,6 @@ LOCAL_ERROR = (451, "4.3.0 Local error in processing, try again later")
 def _resp_text(resp: str | bytes) -> str:
     """SMTPServerError.resp is str on the MAIL/RCPT path and bytes on DATA (Twisted 26.10)."""
     return resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp)
-
-
-def _global_reactor() -> IReactorTime:
-    """The default clock, imported only when none is injected."""
-    from twisted.internet import reactor
-
-    return cast(IReactorTime, reactor)
 
 
 def _describe(problem: BaseException | None) -> str:
@@ -248,7 +242,7 @@ class SubmissionESMTP(protocol.Protocol, TimeoutMixin):
     ) -> None:
         self.portal = portal  # None: no logins possible
         self.tls_context = tls_context  # None: no STARTTLS
-        self.clock = clock if clock is not None else _global_reactor()
+        self.clock = clock if clock is not None else global_reactor()
         self.hostname = config.server.hostname
         self.host = self.hostname.encode("ascii")  # smtp.User reads it as the default domain
         self.implicit_tls = implicit_tls
@@ -1250,7 +1244,7 @@ class SubmissionFactory(protocol.ServerFactory):
     ) -> None:
         self.config = config
         # The one clock of every session's timers; tests give a task.Clock.
-        self.reactor = reactor if reactor is not None else _global_reactor()
+        self.reactor = reactor if reactor is not None else global_reactor()
         self.portal = portal
         self.tls_context = tls_context
         self.server_key = server_key
