@@ -178,7 +178,8 @@ class StoreProcess(service.Service):
         self.reactor.spawnProcess(
             helper,
             self.executable,
-            [self.executable, "-m", HELPER_MODULE, str(self.root)],
+            # -P: not the working folder first on sys.path, where any clientid_mta could sit
+            [self.executable, "-P", "-m", HELPER_MODULE, str(self.root)],
             env=self.env,
         )
         helper.ended.addCallback(lambda _: self._forget(helper))
