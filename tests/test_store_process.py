@@ -101,12 +101,19 @@ def test_the_helper_starts_with_the_service_as_python_minus_m(started: Any) -> N
     assert store.available()
 
 
-def test_answers_fire_their_own_store_in_any_order_and_in_pieces(started: Any) -> None:
+def two_stores(started: Any, bob: str) -> tuple[_Helper, list[Any], list[Any], list[Any]]:
+    """Stores for alice ("one") and ``bob`` ("two"): the helper, each one's results, and
+    the (header, data) the helper was sent."""
     store, reactor = started
     [(helper, transport, _)] = reactor.spawned
     first = results(store.store("example.org", "alice", b"one"))
-    second = results(store.store("example.org", "bob", b"two"))
-    [(head1, data1), (head2, data2)] = requests(transport.value())
+    second = results(store.store("example.org", bob, b"two"))
+    return helper, first, second, requests(transport.value())
+
+
+def test_answers_fire_their_own_store_in_any_order_and_in_pieces(started: Any) -> None:
+    helper, first, second, sent = two_stores(started, "bob")
+    [(head1, data1), (head2, data2)] = sent
     assert (head1["domain"], head1["localpart"], data1) == ("example.org", "alice", b"one")
     assert (head2["localpart"], data2) == ("bob", b"two")
     line = json.dumps({"id": head2["id"], "path": "/srv/mail/b"}).encode() + b"\n"
@@ -116,15 +123,11 @@ def test_answers_fire_their_own_store_in_any_order_and_in_pieces(started: Any) -
     assert second == [Path("/srv/mail/b")] and first == []
     answer(helper, id=head1["id"], path="/srv/mail/a")
     assert first == [Path("/srv/mail/a")]
-    assert store.pending_bytes == 0
+    assert started[0].pending_bytes == 0
 
 
 def test_an_error_answer_is_the_same_error_as_in_a_thread(started: Any) -> None:
-    store, reactor = started
-    [(helper, transport, _)] = reactor.spawned
-    full = results(store.store("example.org", "alice", b"x"))
-    unsafe = results(store.store("example.org", "..", b"y"))
-    [(head1, _), (head2, _)] = requests(transport.value())
+    helper, full, unsafe, [(head1, _), (head2, _)] = two_stores(started, "..")
     answer(helper, id=head1["id"], error="No space left on device", errno=errno.ENOSPC)
     answer(helper, id=head2["id"], error="'..' cannot be a mailbox folder name", unsafe=True)
     assert isinstance(full[0], Failure) and full[0].value.errno == errno.ENOSPC
