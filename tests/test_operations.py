@@ -76,7 +76,6 @@ def test_building_the_service_creates_nothing_on_disk_and_starting_creates_the_s
         "queue",
         "housekeeping",
         "maildir-tmp-sweeper",
-        "maildir-store",
         "submission",
         "submissions",
     ]

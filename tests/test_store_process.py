@@ -16,6 +16,7 @@ import smtplib
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,23 @@ def send(server: RunningServer, outcome: list[Any]) -> None:
     except smtplib.SMTPDataError as refused:
         outcome.append(refused.smtp_code)
     client.quit()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., RunningServer]) -> RunningServer:
+    """A server with ``[delivery] store_process`` on, alice and bob."""
+    running = make_server("[delivery]\nstore_process = true\n")
+    running.add_user("alice@example.org", "alice-password")
+    running.add_user("bob@example.org", "bob-password")
+    return running
+
+
+def test_without_the_setting_a_server_stores_in_threads(
+    make_server: Callable[..., RunningServer],
+) -> None:
+    plain = make_server()
+    assert plain.service.parts.store_process is None
+    assert plain.service.parts.router.store_process is None
 
 
 def test_a_server_stores_through_its_helper(server: RunningServer) -> None:

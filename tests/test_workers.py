@@ -181,17 +181,27 @@ def children(pid: int, module: str) -> list[int]:
     """The child processes of ``pid`` running ``python -m module`` (Linux /proc)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return [
-        c for c in found if module.encode() in Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")
-    ]
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return [c for c in found if module.encode() in command_line(c)]
+
+
+def command_line(pid: int) -> list[bytes]:
+    """A process's arguments; none once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return []
 
 
 @pytest.mark.parametrize(("workers", "processes"), [(1, 1), (2, 2)])
 def test_workers_count_is_the_number_of_processes(
     tmp_path: Path, workers: int, processes: int
 ) -> None:
-    with running(tmp_path / "server", f"[server]\nworkers = {workers}\n") as server:
+    toml = f"[server]\nworkers = {workers}\n[delivery]\nstore_process = true\n"
+    with running(tmp_path / "server", toml) as server:
         sessions_served(server, 1)
         assert server.process is not None
         if workers > 1:  # logged once every worker is spawned; with one, there is no pool
