@@ -192,6 +192,23 @@ def test_a_helper_that_does_not_end_is_killed_after_the_stop_wait(started: Any) 
     assert transport.signals == ["KILL"]
 
 
+class NoForkReactor(FakeReactor):
+    def spawnProcess(self, helper: _Helper, executable: str, args: list[str], env: Any) -> None:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+
+def test_a_helper_that_cannot_start_leaves_the_stores_to_threads_for_a_while() -> None:
+    reactor = NoForkReactor()
+    store = StoreProcess(reactor, Path("/srv/mail"), env={})
+    store.startService()  # no exception: the server starts and stores in threads
+    assert not store.available()
+    reactor.advance(store_process.RESPAWN_WAIT)
+    assert store.available()
+    refused = results(store.store("example.org", "alice", b"x"))
+    assert isinstance(refused[0], Failure) and refused[0].value.errno == errno.EAGAIN
+    assert store.pending_bytes == 0 and not store.available()
+
+
 # --- the helper, a real process --------------------------------------------------------
 
 

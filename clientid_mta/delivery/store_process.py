@@ -152,7 +152,10 @@ class StoreProcess(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self._spawn()  # now, so that the first message does not wait for Python to start
+        try:
+            self._spawn()  # now, so that the first message does not wait for Python to start
+        except OSError as problem:  # threads store meanwhile; the next try is later
+            self._cannot_start(problem)
 
     def available(self) -> bool:
         """Running, and no helper just died: else the caller stores in a thread."""
@@ -164,7 +167,13 @@ class StoreProcess(service.Service):
         """Durable in ``new/`` when it fires (with the path); only when ``available``."""
         if self.pending_bytes + len(data) > self.max_pending:
             return defer.fail(OSError(errno.ENOBUFS, "the disk cannot keep up with the message"))
-        helper = self.helper if self.helper is not None else self._spawn()
+        helper = self.helper
+        if helper is None:
+            try:
+                helper = self._spawn()
+            except OSError as problem:
+                self._cannot_start(problem)
+                return defer.fail(problem)
         self.pending_bytes += len(data)
         stored = helper.send(next(self._numbers), domain, localpart, data)
         return stored.addBoth(self._answered, len(data))
@@ -185,6 +194,10 @@ class StoreProcess(service.Service):
         helper.ended.addCallback(lambda _: self._forget(helper))
         self.helper = helper
         return helper
+
+    def _cannot_start(self, problem: OSError) -> None:
+        log.error("cannot start the Maildir store process: {problem}", problem=str(problem))
+        self._respawn_at = self.reactor.seconds() + RESPAWN_WAIT
 
     def _forget(self, helper: _Helper) -> None:
         if self.helper is helper:
