@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serverproc import accepts, free_ports
+from tests.serverproc import accepts, child_processes, free_ports
 from tests.sink import wait_until
 
 DOVECOT = Path("/usr/sbin/dovecot")
@@ -123,19 +123,6 @@ userdb {{
   driver = static
   args = uid={mail_uid} gid={mail_gid} home={mail_root}/%d/%n
 }}"""
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (Dovecot's master forks its services)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue  # ended meanwhile
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -315,7 +302,7 @@ class DovecotServer:
         # As systemd stops it (KillMode=control-group): the master and every process
         # it forked. Dovecot's auth process otherwise keeps serving the connections it
         # has until their clients go, so a "stopped" Dovecot would still answer.
-        children = _children(process.pid)
+        children = child_processes(process.pid)  # Dovecot's master forks its services
         for pid in [process.pid, *children]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)

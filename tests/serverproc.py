@@ -260,3 +260,25 @@ def devices(listing: str) -> dict[str, tuple[str, str, str]]:
     """A ``device list`` output as {fingerprint: (type, state, whole row)}."""
     rows = listing.splitlines()[1:]
     return {row.split()[0]: (row.split()[1], row.split()[2], row) for row in rows}
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc; one that ends meanwhile is
+    left out)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def command_line(pid: int) -> list[bytes]:
+    """A process's arguments; none once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []

@@ -21,7 +21,13 @@ import pytest
 
 from clientid_mta.config import ConfigError, load_config
 from clientid_mta.server.workerpool import twistd_logs_to_stdout
-from tests.serverproc import ServerProcess, port_is_free, running
+from tests.serverproc import (
+    ServerProcess,
+    child_processes,
+    command_line,
+    port_is_free,
+    running,
+)
 from tests.sink import running_sink, wait_until
 
 WORKERS = "[server]\nworkers = 2\n"
@@ -178,22 +184,8 @@ HELPER = "clientid_mta.delivery.store_helper"
 
 
 def children(pid: int, module: str) -> list[int]:
-    """The child processes of ``pid`` running ``python -m module`` (Linux /proc)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except FileNotFoundError:  # a thread that ended meanwhile
-            continue
-    return [c for c in found if module.encode() in command_line(c)]
-
-
-def command_line(pid: int) -> list[bytes]:
-    """A process's arguments; none once it has ended."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return []
+    """The child processes of ``pid`` running ``python -m module``."""
+    return [c for c in child_processes(pid) if module.encode() in command_line(c)]
 
 
 @pytest.mark.parametrize(("workers", "processes"), [(1, 1), (2, 2)])

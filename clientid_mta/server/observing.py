@@ -86,7 +86,7 @@ def readiness_checks(config: Config, runner: QueueRunner) -> Sequence[tuple[str,
 
 
 class MetricsListener(service.Service):
-    """The HTTP endpoint. Its owner (``ServerService``) binds it with the SMTP ports,
+    """The HTTP endpoint. Its owner (``SubmissionService``) binds it with the SMTP ports,
     before privileges drop, or first thing in ``startService`` when it runs embedded."""
 
     name = "metrics"
