@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
@@ -292,3 +293,27 @@ def test_json_lines_of_a_worker_pass_through_and_anything_else_is_wrapped(
     assert wrapped["namespace"] == "clientid_mta.server.workerpool"
     assert wrapped["text"] == "worker 3: Traceback (most recent call last):"
     assert (wrapped["worker"], wrapped["line"]) == (3, "Traceback (most recent call last):")
+
+
+def test_a_worker_that_finds_a_broken_tls_key_says_so_in_one_line(tmp_path: Path) -> None:
+    """A worker reads the TLS files again when it starts, which under load can be after
+    an admin wrote a broken key: one config sentence and exit 1, not a traceback."""
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[tls]\ncertificate = "{tmp_path / "cert.pem"}"\nkey = "{tmp_path / "key.pem"}"\n'
+    )
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "clientid_mta.server.worker", "--number", "1"),
+            *("--config", str(config), "--parent", str(os.getpid())),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "config error: [tls]" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr

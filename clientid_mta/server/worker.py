@@ -93,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, line)], redirectStandardIO=False)
     inherited = {name: int(fd) for name, _, fd in (item.partition("=") for item in args.listen)}
-    server = SubmissionService(load_config(args.config), inherited, reactor=reactor)
+    try:  # the config, or a TLS key that changed since the parent read it
+        server = SubmissionService(load_config(args.config), inherited, reactor=reactor)
+    except ConfigError as problem:  # one sentence, not a traceback; the parent retries
+        log.error("{problem}", problem=str(problem))
+        sys.exit(1)
     server.share_state()
     server.freeze_at_start = True
 
