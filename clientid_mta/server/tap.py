@@ -59,6 +59,9 @@ def makeService(options: Options) -> Any:
     from clientid_mta.server.systemd import Notifier
 
     service.systemd = Notifier.from_environment(reactor)  # Type=notify: READY=1 and so on
+    from clientid_mta.server.stop_signals import StopOnce
+
+    StopOnce().install(reactor)  # twistd owns the reactor: a second SIGTERM is one line
     count = options.loaded.server.worker_count
     if count > 1:
         from clientid_mta.server.workerpool import WorkerPool

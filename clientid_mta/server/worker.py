@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from clientid_mta.config import ConfigError, load_config
     from clientid_mta.server.service import SubmissionService
+    from clientid_mta.server.stop_signals import StopOnce
 
     line = (
         worker_json_format(args.number)
@@ -109,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             reactor.stop()
 
     reactor.callWhenRunning(start)
+    StopOnce().install(reactor)  # SIGTERM from the parent and from systemd: one stop
     reactor.addSystemEventTrigger("before", "shutdown", server.stopService)
     reactor.run()
 
