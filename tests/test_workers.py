@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -150,6 +151,31 @@ def test_workers_sigkill_leaves_no_worker_holding_the_ports(tmp_path: Path) -> N
         server.start()
         sessions_served(server, 2)
         assert len(server.messages("bob@example.org")) == 2
+
+
+@pytest.mark.parametrize("logfile", [False, True])
+def test_a_stop_lets_each_worker_stop_itself_before_the_parent_ends(
+    tmp_path: Path, logfile: bool
+) -> None:
+    """SIGTERM to twistd reaches the workers, which drain and stop, and the parent ends
+    after them: it used to end at once and the kernel SIGKILLed the workers with it (a
+    worker's last log lines, relayed through the parent, could be lost)."""
+    log = tmp_path / "twistd.log" if logfile else None
+    with running(tmp_path / "server", WORKERS, logfile=log) as server:
+        wait_until(lambda: "worker 1: clientid-mta" in read(server, log) or None, 10, "worker 1")
+        sessions_served(server, 2)
+        server.stop()
+        assert server.process is not None  # twistd ends by its signal, as it should
+        assert server.process.returncode == -signal.SIGTERM
+    output = read(server, log)
+    worker_end = output.find("worker 1: Main loop terminated.")
+    assert worker_end != -1, output
+    assert worker_end < output.find("Server Shut Down."), output
+
+
+def read(server: ServerProcess, logfile: Path | None) -> str:
+    """The server's log: its log file, or its standard output."""
+    return logfile.read_text(errors="replace") if logfile and logfile.exists() else server.output()
 
 
 def test_workers_mail_for_other_domains_is_relayed_once_by_the_queue_owner(

@@ -103,6 +103,9 @@ class SubmissionService(service.MultiService):
         self.components: Components = None  # type: ignore[assignment]  # set by startService
         self.reload_hooks: list[Callable[[], object]] = []
         self.systemd = Notifier()  # twistd's plugin gives the one for $NOTIFY_SOCKET
+        # twistd's plugin adds the worker processes (``workerpool``) as a child and names
+        # them here: a stop signals them first, so they drain with this process.
+        self.worker_pool: service.IService | None = None
         self._shared = False  # share_state: failure budgets in the store, for workers
         self.parts.workers.setServiceParent(self)
         self.parts.queue_runner.setServiceParent(self)
@@ -337,9 +340,15 @@ class SubmissionService(service.MultiService):
         """
         service.Service.stopService(self)
         self.systemd.stopping()
+        # The workers drain their own sessions meanwhile; this process outlives them, so
+        # that their last log lines are relayed and none is killed with its parent.
+        pool = self.worker_pool
+        workers_ended = defer.maybeDeferred(pool.stopService) if pool and pool.running else None
         listening = [listener for listener in self.listeners if listener.running]
         await defer.gatherResults([defer.maybeDeferred(each.stopService) for each in listening])
         await self._drain()
+        if workers_ended is not None:
+            await workers_ended
         # The last logins finish before the final write of the audit log and budgets.
         # Health and metrics answer until the end: a balancer sees the drain.
         last = (
@@ -349,7 +358,9 @@ class SubmissionService(service.MultiService):
             self.housekeeping,
             self.metrics,
         )
-        for child in [each for each in last if each is not None]:
+        # Then any other child (an embedder's own), last added first, as MultiService would.
+        others = [child for child in reversed(list(self)) if child not in last]
+        for child in [each for each in last if each is not None] + others:
             if not child.running:
                 continue
             try:

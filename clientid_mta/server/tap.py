@@ -70,5 +70,6 @@ def makeService(options: Options) -> Any:
         share_metrics(options.loaded)  # before anything imports prometheus_client
         pool = WorkerPool(options.loaded, service.listening, count, reactor)
         pool.setServiceParent(service)
+        service.worker_pool = pool
         service.reload_hooks.append(pool.reload)
     return service
