@@ -132,6 +132,7 @@ class Options:
     nice: int
     workers: int
     rounds: int | None
+    rate: float | None
     timeout: float
     quiet_wait: float
     work_dir: Path | None
@@ -159,6 +160,13 @@ def parse_args(argv: Sequence[str]) -> Options:
     add("--nice", type=int, default=0, help="lower the generator processes' priority")
     add("--workers", type=int, default=0, help="our [server] workers (0: one per CPU)")
     add("--rounds", type=int, default=None, help="(a),(b): sessions per slot instead of time")
+    add(
+        "--rate",
+        type=float,
+        default=None,
+        help="(a): messages a second in all, so peers compare at one throughput "
+        "(default: as fast as each server answers)",
+    )
     add("--timeout", type=float, default=30.0, help="seconds the client waits for a reply")
     add("--quiet-wait", type=float, default=60.0, help="max seconds to wait for a quiet CPU")
     add("--work-dir", type=Path, default=None, help="where the servers live (kept)")
@@ -191,6 +199,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         nice=args.nice,
         workers=args.workers,
         rounds=args.rounds,
+        rate=args.rate,
         timeout=args.timeout,
         quiet_wait=args.quiet_wait,
         work_dir=args.work_dir,
@@ -604,9 +613,13 @@ class Bench:
         o = self.options
         return {"a": o.sessions, "b": o.churn_sessions, "c": o.idle}[workload]
 
-    def mail_specs(self, instance: Instance, slots: int, messages: int) -> list[MailSpec]:
+    def mail_specs(
+        self, instance: Instance, slots: int, messages: int, rate: float | None = None
+    ) -> list[MailSpec]:
+        """``rate``: messages a second over all the generator processes (None: unpaced)."""
         accounts = self.setup.accounts
         chosen = [accounts[i % len(accounts)] for i in range(slots)]
+        share = rate / self.options.processes if rate else None
         return [
             MailSpec(
                 instance.target(self.options.timeout),
@@ -616,6 +629,7 @@ class Bench:
                 self.options.size,
                 self.options.duration,
                 self.options.rounds,
+                rate=share,
             )
             for part in spread(chosen, self.options.processes)
         ]
@@ -662,7 +676,9 @@ class Bench:
         time.sleep(SETTLE)
         slots = self.load_of(workload)
         messages = self.options.messages if workload == "a" else 1
-        specs = self.mail_specs(instance, slots, messages)
+        specs = self.mail_specs(
+            instance, slots, messages, self.options.rate if workload == "a" else None
+        )
         wait_quiet(self.options.quiet_wait)
         window = Window()
         with MemorySampler(instance) as sampler, measured(instance, window):
@@ -944,6 +960,7 @@ def machine() -> list[str]:
 
 
 def load_line(options: Options) -> str:
+    paced = f", paced at {options.rate:g} messages/s in all" if options.rate else ""
     length = (
         f"{options.rounds} session(s) per slot"
         if options.rounds
@@ -953,8 +970,8 @@ def load_line(options: Options) -> str:
         "- Load: STARTTLS, EHLO, CLIENTID (where offered), AUTH PLAIN, messages of "
         f"{options.size} bytes to {RECIPIENT}, QUIT, every reply checked; {options.users} "
         f"accounts, one device each. (a): {options.sessions} concurrent sessions x "
-        f"{options.messages} messages, (b): {options.churn_sessions} concurrent sessions x 1 "
-        f"message, {length}; (c): {options.idle} idle sessions. Generator: "
+        f"{options.messages} messages{paced}, (b): {options.churn_sessions} concurrent sessions "
+        f"x 1 message, {length}; (c): {options.idle} idle sessions. Generator: "
         f"{options.processes} process(es), asyncio, nice {options.nice}."
     )
 

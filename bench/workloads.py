@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from smtpload import (
@@ -70,6 +71,7 @@ class MailSpec:
     rounds: int | None = None  # sessions per slot; None: until the duration is over
     slots: int | None = None  # concurrent sessions; None: one per account
     label: str = "load"
+    rate: float | None = None  # messages a second this process starts; None: at once
 
     @property
     def concurrency(self) -> int:
@@ -170,8 +172,33 @@ async def quit_checked(session: SmtpSession) -> None:
     await session.close()
 
 
+class Pacer:
+    """Spaces the starts of a process's messages 1/rate apart over all its sessions, so
+    that two servers can be compared at the same throughput rather than each at its
+    most. A server that falls behind gets no burst to catch up: it sets the pace."""
+
+    def __init__(
+        self,
+        rate: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.interval = 1 / rate if rate else 0.0
+        self.next = 0.0
+        self.clock, self.sleep = clock, sleep
+
+    async def turn(self) -> None:
+        if not self.interval:
+            return
+        now = self.clock()
+        start = max(now, self.next)
+        self.next = start + self.interval
+        if start > now:
+            await self.sleep(start - now)
+
+
 async def mail_session(
-    spec: MailSpec, account: Account, messages: Messages, result: MailResult
+    spec: MailSpec, account: Account, messages: Messages, result: MailResult, pacer: Pacer
 ) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -180,6 +207,7 @@ async def mail_session(
     result.auth_seconds.append(login.auth_seconds)
     try:
         for _ in range(spec.messages):
+            await pacer.turn()
             await session.expect(f"MAIL FROM:<{account.address}>", 250)
             await session.expect(f"RCPT TO:<{spec.recipient}>", 250)
             await session.expect("DATA", 354)
@@ -206,11 +234,12 @@ def run_mail(spec: MailSpec) -> MailResult:
     messages = Messages(spec.recipient, spec.size, spec.label)
 
     rounds = Counter[int]()
+    pacer = Pacer(spec.rate)
 
     async def slot(index: int, _tally: Tally) -> None:
         account = spec.account(index, rounds[index])
         rounds[index] += 1
-        await mail_session(spec, account, messages, result)
+        await mail_session(spec, account, messages, result, pacer)
 
     cpu = time.process_time()
     result.start = time.time()

@@ -11,6 +11,8 @@ recipient's Maildir holds exactly the messages that got 250. Speed is never asse
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import json
 import subprocess
 import sys
@@ -37,6 +39,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         *("--rounds", str(ROUNDS), "--churn-sessions", str(CHURN_SLOTS), "--idle", str(IDLE)),
         *("--processes", "1", "--work-dir", str(root / "work"), "--output-dir", str(root / "out")),
         *("--json", str(figures)),
+        *("--rate", "500"),  # (a) paced: the path that compares peers at one throughput
     ]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -95,3 +98,30 @@ def test_bench_smoke_writes_the_table_and_chart(smoke: dict[str, Any]) -> None:
     assert "None: every reply was the expected one." in table
     assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
     assert table.strip() in smoke["stdout"]
+
+
+def test_the_pacer_spaces_message_starts_and_gives_no_burst_to_a_slow_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    workloads = importlib.import_module("workloads")
+    now, slept = [100.0], []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 6))
+        now[0] += seconds
+
+    pacer = workloads.Pacer(10.0, clock=lambda: now[0], sleep=sleep)
+
+    async def turns(count: int) -> None:
+        for _ in range(count):
+            await pacer.turn()
+
+    asyncio.run(turns(3))
+    assert slept == [0.1, 0.1]  # the first at once, then 1/rate apart
+    now[0] += 5.0  # the server kept the sessions waiting: no catching up afterwards
+    asyncio.run(turns(2))
+    assert slept == [0.1, 0.1, 0.1]
+    unpaced = workloads.Pacer(None, clock=lambda: now[0], sleep=sleep)
+    asyncio.run(unpaced.turn())
+    assert len(slept) == 3
