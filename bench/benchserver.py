@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -193,8 +194,22 @@ def write_config(root: Path, extra_toml: str = "", server_toml: str = "") -> Pat
         submissions=free_port(),
         server_extra=server_toml,
     )
-    path.write_text(text + without_sending_limit(extra_toml))
+    path.write_text(merge_tables(text, without_sending_limit(extra_toml)))
     return path
+
+
+def merge_tables(base: str, extra: str) -> str:
+    """``base`` with ``extra`` added: the keys of a table ``base`` already has go into it
+    (TOML forbids a second ``[delivery]``), other tables at the end."""
+    merged, tail = "\n" + base, []
+    for chunk in re.split(r"(?m)^(?=\[)", extra):
+        header, _, body = chunk.partition("\n")
+        line = f"\n{header}\n"
+        if header.startswith("[") and line in merged:
+            merged = merged.replace(line, line + body, 1)
+        else:
+            tail.append(chunk)
+    return merged[1:] + "".join(tail)
 
 
 SENDING_LIMIT_OFF = "max_messages_per_hour = 0\nmax_recipients_per_hour = 0\n"

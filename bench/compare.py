@@ -133,6 +133,7 @@ class Options:
     workers: int
     rounds: int | None
     rate: float | None
+    ours_toml: str
     timeout: float
     quiet_wait: float
     work_dir: Path | None
@@ -159,6 +160,11 @@ def parse_args(argv: Sequence[str]) -> Options:
     add("--processes", type=int, default=1, help="load generator processes")
     add("--nice", type=int, default=0, help="lower the generator processes' priority")
     add("--workers", type=int, default=0, help="our [server] workers (0: one per CPU)")
+    add(
+        "--ours-toml",
+        default="",
+        help='more of our config, e.g. "[delivery]\\nstore_process = true" (\\n: a new line)',
+    )
     add("--rounds", type=int, default=None, help="(a),(b): sessions per slot instead of time")
     add(
         "--rate",
@@ -200,6 +206,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         workers=args.workers,
         rounds=args.rounds,
         rate=args.rate,
+        ours_toml=args.ours_toml.replace("\\n", "\n"),
         timeout=args.timeout,
         quiet_wait=args.quiet_wait,
         work_dir=args.work_dir,
@@ -224,6 +231,7 @@ class Setup:
     accounts: tuple[Account, ...]
     workers: int
     workers_toml: str  # "workers = N", or "" when the installed server does not know the key
+    ours_toml: str = ""  # --ours-toml: appended to our config
     notes: list[str] = field(default_factory=list)
 
 
@@ -266,7 +274,19 @@ def prepare(options: Options, root: Path) -> Setup:
         "aiosmtpd: no auth cache in (a) and (b) (a full argon2id check per login); in (c) a "
         "cache like ours, so that its logins do not take minutes before memory is measured",
     ]
-    return Setup(root, certificate, key, passwd, accounts, options.workers, workers_toml, notes)
+    if options.ours_toml:
+        notes.append(f"our server: more config: {options.ours_toml!r}")
+    return Setup(
+        root,
+        certificate,
+        key,
+        passwd,
+        accounts,
+        options.workers,
+        workers_toml,
+        options.ours_toml,
+        notes,
+    )
 
 
 # --- peers ---------------------------------------------------------------------------
@@ -333,6 +353,7 @@ def start_ours(setup: Setup, folder: Path, load: int) -> Iterator[Instance]:
         f'\n[auth]\npasswd_file = "{setup.passwd}"\n'
         f'\n[tls]\ncertificate = "{setup.certificate}"\nkey = "{setup.key}"\n'
         + session_caps(load, len(setup.accounts))
+        + (f"\n{setup.ours_toml}\n" if setup.ours_toml else "")
     )
     with running_server(extra, root=folder, server_toml=setup.workers_toml) as server:
         local, _, domain = RECIPIENT.partition("@")

@@ -251,6 +251,66 @@ def test_a_wrong_password_goes_to_the_thread_and_counts_one_miss(login: Login) -
     assert login.cache.misses == misses + 1
 
 
+def sighted_at(login: Login) -> float | None:
+    assert login.stores.look is not None
+    return login.stores.look.look(ALICE, PHONE_KEY, ()).sighted
+
+
+def forgetful_sharing(login: Login, clock: Any = time.time) -> SharedDevices:
+    """The shared-device watch of a process that has not written this pair lately (a
+    worker, or this one RESIGHT_AFTER later), over the same store."""
+    fresh = SharedDevices(SharedDevicesConfig(), login.stores.shared_devices, clock=clock)
+    login.checker.defences.sharing = fresh
+    return fresh
+
+
+def test_a_pair_the_count_holds_is_resighted_after_the_reply(login: Login) -> None:
+    """A trusted device's login minutes after the last (every real one): the sighting
+    only moves a time, so the 235 does not wait for it; it is written behind."""
+    trusted_and_cached(login)
+    before = sighted_at(login)
+    assert before is not None
+    forgetful_sharing(login, clock=lambda: time.time() + 120)
+    answered: list[Any] = []
+    login.attempt().addBoth(answered.append)
+    assert answered == [ALICE.encode()]  # before any thread ran
+    assert len(login.trips) == 1  # the sighting, queued behind the reply
+    login.run_trips()
+    after = sighted_at(login)
+    assert after is not None and after >= before + 119
+
+
+def test_a_pair_the_count_no_longer_holds_is_sighted_before_the_reply(login: Login) -> None:
+    """Out of the window the pair counts again: this attempt may be the one that flags."""
+    trusted_and_cached(login)
+    forgetful_sharing(login, clock=lambda: time.time() + 2 * SharedDevicesConfig().window)
+    answered: list[Any] = []
+    login.attempt().addBoth(answered.append)
+    assert answered == [] and len(login.trips) == 1
+    login.run_trips()
+    assert answered == [ALICE.encode()]
+
+
+def test_a_resighting_behind_that_flags_the_device_reports_it(tmp_path: Path, login: Login) -> None:
+    trusted_and_cached(login)
+    now = sighted_at(login)
+    assert now is not None
+    for n in range(SharedDevicesConfig().max_accounts):  # five other accounts, in the window
+        login.stores.shared_devices.saw(PHONE_KEY, f"other{n}@example.org", now, 3600)
+    # Between the read and the write the pair left the window (the read said it had not).
+    forgetful_sharing(login, clock=lambda: now + 3599.9)
+    answered: list[Any] = []
+    login.attempt().addBoth(answered.append)
+    assert answered == [ALICE.encode()]
+    with login.stores.devices._locked() as db:  # what the store's own clean-up would do
+        db.execute("DELETE FROM device_sightings WHERE account=?", (ALICE,))
+    reported: list[int] = []
+    login.checker._report_shared = lambda attempt, accounts: reported.append(accounts)  # type: ignore[method-assign]
+    login.run_trips()
+    assert reported == [SharedDevicesConfig().max_accounts + 1]
+    assert login.stores.shared_devices.is_flagged(PHONE_KEY)
+
+
 @contextmanager
 def another_process(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     """A connection of its own to the store, as the admin command or another worker has."""

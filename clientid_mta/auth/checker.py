@@ -146,6 +146,7 @@ class AuthOutcome:
     throttled: bool = False
     flagged_accounts: int | None = None  # this attempt flagged the device as shared
     delay: float = 0.0  # seconds the reactor waits before the verdict is told (C12)
+    resight: bool = False  # the quick path's sighting, to write after the reply
 
 
 def _session_id() -> str:
@@ -245,7 +246,11 @@ class ClientIdChecker:
         if attempt.source_key.startswith("device:"):
             quick = self._quick_check(attempt, creds.password)
             if quick is not None:
-                return defer.maybeDeferred(self._conclude, quick, attempt, creds)
+                concluded: defer.Deferred[bytes | tuple[()]]
+                concluded = defer.maybeDeferred(self._conclude, quick, attempt, creds)
+                if quick.resight:
+                    self._resight_behind(attempt)
+                return concluded
         if attempt.source_key.startswith("net:"):
             checked = self._stranger_check(attempt, creds.password)
             if checked is None:
@@ -276,7 +281,9 @@ class ClientIdChecker:
         what a success does not change: the budgets' take and refund (a success never
         spends), the repeat memory (a trusted device is never answered from it), and the
         writes the in-memory checks show would be skipped anyway (a sighting or a usual
-        network recorded lately). Only a cached password counts: no hash on the reactor.
+        network recorded lately). A sighting the store still counts, but this process has
+        not written lately, is written after the reply (``_resight_behind``): it moves a
+        time, never a count. Only a cached password counts: no hash on the reactor.
         """
         look, device, defences = self.quick_look, attempt.device, self.defences
         if look is None or self.service is not None or device is None:
@@ -284,9 +291,9 @@ class ClientIdChecker:
         address, network = attempt.address, attempt.where.network
         sharing, known, throttle = defences.sharing, defences.known, defences.throttle
         account = self.passwords.get(address) if self.passwords.is_current() else None
+        resight = sharing is not None and not sharing.seen_lately(device, address)
         if (
             account is None
-            or (sharing is not None and not sharing.seen_lately(device, address))
             or (known is not None and not known.recorded_lately(address, network))
             or not self.cache.check(account.address, account.password_hash, password, count=False)
         ):
@@ -299,6 +306,8 @@ class ClientIdChecker:
         if (
             seen.device is None
             or (sharing is not None and sharing.settings.block and seen.flagged)
+            # A pair the count no longer holds may be the attempt that flags: thread.
+            or (resight and sharing is not None and not sharing.counted(seen.sighted))
             or (throttle is not None and not throttle.admits_all(keys, seen.budgets))
         ):
             return None
@@ -306,7 +315,22 @@ class ClientIdChecker:
         if decision is None:
             return None
         self.cache.hit()  # counted once: a login declined here asks the cache again
-        return AuthOutcome(address, True, decision)
+        return AuthOutcome(address, True, decision, resight=resight)
+
+    def _resight_behind(self, attempt: Attempt) -> None:
+        """The quick path's sighting of a pair the count already holds, written in a
+        thread after the reply: it only moves the pair's time forward."""
+        sharing, device = self.defences.sharing, attempt.device
+        if sharing is None or device is None:
+            return
+
+        def resight() -> None:
+            flagged = sharing.saw(device, attempt.address)
+            if flagged is not None:  # the pair left the window since the read: report it
+                self._report_shared(attempt, flagged)
+
+        written = self.run_in_thread(resight)
+        written.addErrback(lambda failure: log.failure("recording a sighting failed", failure))
 
     def _stranger_check(self, attempt: Attempt, password: str) -> defer.Deferred[Any] | None:
         """A stranger's check, in the strangers' lane of the login threads; None when

@@ -10,7 +10,9 @@ A device seen again on the same account within ``RESIGHT_AFTER`` seconds by this
 is not written again (issue 16: a write transaction per login of every known device):
 the same pair cannot change the count of accounts, so it can never be the attempt that
 flags; its sighting's time moves forward at most that much (or half the window, if
-shorter) later, out of a window of an hour by default.
+shorter) later, out of a window of an hour by default. For the same reason a pair the
+store still counts (``counted``, read on the reactor with the rest of a trusted device's
+login) may be written after the reply rather than before it.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ class SharedDevices:
         resight = min(RESIGHT_AFTER, self.settings.window / 2)  # a short window stays exact
         with self._lock:
             return self._clock() - self._recent.get((device_key, account), float("-inf")) < resight
+
+    def counted(self, sighted: float | None) -> bool:
+        """Whether a pair last seen at ``sighted`` (the store's time, None: no row) is
+        still in the window, so that seeing it again cannot change any count."""
+        return sighted is not None and self._clock() - sighted < self.settings.window
 
     def blocked(self, device_key: str) -> bool:
         return self.settings.block and self.store.is_flagged(device_key)

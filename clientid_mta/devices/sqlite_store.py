@@ -709,17 +709,21 @@ class SQLiteLoginLook(_Repository):
 
     def look(self, account: str, device_key: str, budget_keys: Sequence[str]) -> LoginView:
         with self._locked() as db:
-            db.execute("BEGIN")  # one snapshot for the three reads
+            db.execute("BEGIN")  # one snapshot for the four reads
             try:
                 device = SQLiteDeviceRegistry._device(db, account, device_key)
                 budgets = SQLiteBudgetStore._rows(db, list(budget_keys)) if budget_keys else {}
                 flagged = db.execute(
                     "SELECT 1 FROM shared_devices WHERE device_key=?", (device_key,)
                 ).fetchone()
+                sighted = db.execute(
+                    "SELECT seen FROM device_sightings WHERE device_key=? AND account=?",
+                    (device_key, account),
+                ).fetchone()
             finally:
                 db.execute("COMMIT")
         rows = {key: row for key, row in budgets.items() if row is not None}
-        return LoginView(device, rows, flagged is not None)
+        return LoginView(device, rows, flagged is not None, sighted[0] if sighted else None)
 
     def close(self) -> None:
         with self._lock:  # waits for a look in progress (microseconds), unlike a look

@@ -358,11 +358,14 @@ class ISendingCounts(Interface):
 @dataclass(frozen=True)
 class LoginView:
     """What one read showed of a login's state: the device's row, the rows of the named
-    budgets (a missing one is full) and whether the device is flagged as shared."""
+    budgets (a missing one is full), whether the device is flagged as shared, and when
+    the device was last seen on this account by the shared-device count (None: not in
+    its window)."""
 
     device: Device | None
     budgets: Mapping[str, BudgetRow]
     flagged: bool
+    sighted: float | None = None
 
 
 class ILoginLook(Interface):
