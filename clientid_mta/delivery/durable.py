@@ -11,9 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import BinaryIO
-
-_WRITE_BUFFER = 64 * 1024
 
 
 def fsync_dir(path: Path) -> None:
@@ -25,27 +22,31 @@ def fsync_dir(path: Path) -> None:
 
 
 class DurableFile:
+    """Written with plain ``os.write`` calls: callers hand over whole chunks (a
+    message's spills, its rest), so a buffer would only add system calls (``fstat``,
+    ``lseek``), and each call from a thread is one more wait for the GIL (issue 16)."""
+
     def __init__(self, temp_path: Path) -> None:
         self.temp_path = temp_path
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-        fd = os.open(temp_path, flags, 0o600)
-        self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        self._fd: int | None = os.open(temp_path, flags, 0o600)
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:  # a regular file takes it all at once; a short write goes on
+            view = view[os.write(self._fd, view) :]
         self.size += len(data)
 
     def sync(self) -> Path:
-        """Flush, fsync and close the data; it is still at ``temp_path``."""
-        if self._file is not None:
-            handle, self._file = self._file, None
+        """Fsync and close the data; it is still at ``temp_path``."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
             try:
-                handle.flush()
-                os.fsync(handle.fileno())
+                os.fsync(fd)
             finally:
-                handle.close()
+                os.close(fd)
         return self.temp_path
 
     def commit_to(self, final: Path) -> Path:
@@ -57,8 +58,8 @@ class DurableFile:
 
     def abort(self) -> None:
         """Throw the partial file away (safe to call twice)."""
-        if self._file is not None:
-            handle, self._file = self._file, None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
             with contextlib.suppress(OSError):
-                handle.close()
+                os.close(fd)
         self.temp_path.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import secrets
 import socket
 import time
@@ -58,12 +59,38 @@ def _safe_component(text: str) -> str:
     return text
 
 
+class _NameParts:
+    """What a file name repeats: the host and the pid, looked up once per process (each
+    look-up is a system call in a store thread), and a generator for the R part. The R
+    part only keeps two names apart, which the time, pid and counter already do; it
+    need not be secret, and ``O_EXCL`` refuses a clash anyway."""
+
+    def __init__(self) -> None:
+        self.host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+        self.pid = os.getpid()
+        self.random = random.Random(secrets.randbits(128))
+
+
+_parts: _NameParts | None = None
+
+
+def _forget_parts() -> None:
+    global _parts
+    _parts = None  # a forked child has another pid and must not repeat the R sequence
+
+
+os.register_at_fork(after_in_child=_forget_parts)
+
+
 def _unique_name() -> str:
+    global _parts
+    parts = _parts
+    if parts is None:
+        parts = _parts = _NameParts()
     now = time.time()
-    host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
     return (
-        f"{int(now)}.M{int((now % 1) * 1e6)}P{os.getpid()}Q{next(_counter)}"
-        f"R{secrets.token_hex(8)}.{host}"
+        f"{int(now)}.M{int((now % 1) * 1e6)}P{parts.pid}Q{next(_counter)}"
+        f"R{parts.random.getrandbits(64):016x}.{parts.host}"
     )
 
 
