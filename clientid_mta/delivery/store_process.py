@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from clientid_mta.delivery.maildir import UnsafeMailboxName
+from clientid_mta.output_lines import OutputLines
 
 log = Logger()
 
@@ -54,7 +55,7 @@ class _Helper(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.waiting: dict[int, tuple[defer.Deferred[Path], int]] = {}
         self.ended: defer.Deferred[None] = defer.Deferred()
-        self._answers = bytearray()
+        self._answers = OutputLines(MAX_ANSWER)
 
     def send(self, number: int, domain: str, localpart: str, data: bytes) -> defer.Deferred[Path]:
         assert self.transport is not None
@@ -65,31 +66,31 @@ class _Helper(protocol.ProcessProtocol):
         return stored
 
     def outReceived(self, data: bytes) -> None:
-        self._answers += data
-        while (end := self._answers.find(b"\n")) >= 0:
-            line = bytes(self._answers[:end])
-            del self._answers[: end + 1]
-            self._answer(line)
-        if len(self._answers) > MAX_ANSWER:
+        for line in self._answers.feed(data):
+            if not self._answer(line):
+                return  # broken: nothing after it is believed
+        if self._answers.too_long:
             self._broken("an answer line without end")
 
     def errReceived(self, data: bytes) -> None:
         text = data[:2000].decode("utf-8", "replace").rstrip()
         log.error("the Maildir store process says: {text}", text=text)
 
-    def _answer(self, line: bytes) -> None:
+    def _answer(self, line: bytes) -> bool:
+        """Settle the store a line answers; False when the line is no answer."""
         try:
             answer = json.loads(line)
             stored, _size = self.waiting.pop(int(answer["id"]))
         except (ValueError, KeyError, TypeError):
             self._broken("an answer it was not asked for")
-            return
+            return False
         if "path" in answer:
             stored.callback(Path(answer["path"]))
         elif answer.get("unsafe"):
             stored.errback(UnsafeMailboxName(str(answer.get("error"))))
         else:
             stored.errback(OSError(int(answer.get("errno") or errno.EIO), str(answer.get("error"))))
+        return True
 
     def _broken(self, what: str) -> None:
         log.error("the Maildir store process sent {what}; stopping it", what=what)

@@ -36,12 +36,14 @@ from twisted.python.failure import Failure
 from clientid_mta.config import Config
 from clientid_mta.observe.logs import RELAYED_LINE, relayed_json
 from clientid_mta.observe.metrics import process_ended
+from clientid_mta.output_lines import OutputLines
 from clientid_mta.server.systemd import without_systemd_variables
 
 log = Logger()
 
 RESTART_DELAY = 1.0  # seconds before a dead worker is started again
 STOP_GRACE = 10.0  # seconds a worker gets to finish after SIGTERM
+MAX_LINE = 65536  # bytes of one relayed log line held until its end
 FIRST_FD = 3  # the inherited sockets start here in the child
 
 
@@ -76,11 +78,12 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.number = number
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.pid: int | None = None  # kept: the transport forgets it when the process ends
-        self._partial = b""
+        self._lines = OutputLines(MAX_LINE)
 
     def outReceived(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()[-65536:]
+        lines = self._lines.feed(data)
+        if self._lines.too_long:
+            self._lines.keep_end()  # a log line without end: its last part is logged
         for raw in lines:
             line = raw.decode("utf-8", "replace")
             event = relayed_json(line) if self.pool.json_logs else None
