@@ -5,11 +5,15 @@
 - ``pg-2``: two nodes on one PostgreSQL database, the load generator spreading its
   sessions over both (slot ``i`` goes to node ``i % 2``, as a TCP balancer would).
 
-Each in two phases: ``cold`` (a new CLIENTID per session, so every login registers a
+Each in three phases: ``cold`` (a new CLIENTID per session, so every login registers a
 new device; the auth cache off, so every login costs an argon2id check) and ``warm``
-(a known device per slot, logged in once before, and the auth cache on). Policy
-``observe``, so every login with the right password is accepted (``235``) and the
-device is recorded. A session is: implicit TLS, EHLO, CLIENTID, AUTH PLAIN (timed), QUIT.
+(a known device per slot, logged in once before, and the auth cache on), both with UUID
+identities recorded but not enforced, so every login with the right password is
+accepted (``235``) and the device is recorded; and ``trusted`` (issue 16: UUID
+identities enforced, one device per account trusted on first use before the clock, the
+cache on: a trusted device's login, which SQLite decides on the reactor and PostgreSQL
+in one thread with one read). A session is: implicit TLS, EHLO, CLIENTID, AUTH PLAIN
+(timed), QUIT.
 
 Run from the repository root with the venv's Python (PostgreSQL from Debian's package;
 a private cluster is started in a temporary folder and removed):
@@ -45,7 +49,7 @@ from tests.postgres_server import start_cluster
 
 USERS = tuple((f"user{n}@example.org", f"password-{n}") for n in range(4))
 SETUPS = ("sqlite", "pg-1", "pg-2")
-PHASES = ("cold", "warm")
+PHASES = ("cold", "warm", "trusted")
 
 
 @dataclass
@@ -78,13 +82,18 @@ async def _phase(
         for slot, token in enumerate(tokens):
             user, password = USERS[slot % len(USERS)]
             await _login(targets[slot % len(targets)], user, password, token, Result("", "", 1))
+    if phase == "trusted":  # one device per account, trusted and cached on every node
+        tokens = [tokens[slot % len(USERS)] for slot in range(concurrency)]
+        for index, (user, password) in enumerate(USERS):
+            for target in targets:
+                await _login(target, user, password, tokens[index], Result("", "", 1))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + duration
 
     async def keep_going(slot: int) -> None:
         user, password = USERS[slot % len(USERS)]
         while loop.time() < deadline:
-            token = tokens[slot] if phase == "warm" else str(uuid.uuid4())
+            token = str(uuid.uuid4()) if phase == "cold" else tokens[slot]
             try:
                 await _login(targets[slot % len(targets)], user, password, token, result)
             except SESSION_ERRORS as problem:
@@ -95,10 +104,11 @@ async def _phase(
 
 def _config(url: str, shared: Path, phase: str) -> str:
     cache = "0" if phase == "cold" else "3600"
+    flags = '"auth", "syslog", "userlog"' if phase == "trusted" else '"syslog", "userlog"'
     # The generated config ends in its [clientid] table: key_file continues it.
     text = (
         f'key_file = "{shared / "clientid.key"}"\n'
-        '[clientid.types."UUID"]\nflags = ["syslog", "userlog"]\n'
+        f'[clientid.types."UUID"]\nflags = [{flags}]\n'
         f'[auth]\npasswd_file = "{shared / "passwd"}"\ncache_ttl = {cache}\n'
     )
     return text + (f'[store]\nurl = "{url}"\n' if url else "")
@@ -160,7 +170,7 @@ def report(results: list[Result], concurrency: int, duration: float) -> str:
         "",
         f"`bench/store_logins.py --duration {duration:g} --concurrency {concurrency}`,"
         f" {code_version()}. Loopback, implicit TLS, UUID devices recorded but not"
-        f" enforced, {len(USERS)} accounts,"
+        f" enforced (cold, warm) or enforced and trusted (trusted), {len(USERS)} accounts,"
         " each node one process (`workers = 1`); the load generator runs on the same"
         " machine as the nodes and the database. The machine is shared with other work, so"
         " the figures compare the setups of one run rather than measure a capacity"

@@ -621,8 +621,8 @@ def test_S9_a_quick_login_replies_before_the_next_command(server: RunningServer)
     quick: list[bool] = []
     real = checker._quick_check
 
-    def counted(attempt: Any, password: str) -> Any:
-        outcome = real(attempt, password)
+    def counted(attempt: Any, password: str, look: Any) -> Any:
+        outcome = real(attempt, password, look)
         quick.append(outcome is not None)
         return outcome
 

@@ -85,6 +85,8 @@ def test_the_pool_closes_with_the_last_repository_and_a_second_close_counts_once
     assert not pool.closed  # the registry and the ledger still use it
     assert stores.devices.get("a@example.org", "0" * 64) is None
     stores.notices.close()
+    assert stores.thread_look is not None
+    stores.thread_look.close()
     assert not pool.closed
     stores.devices.close()
     assert pool.closed

@@ -39,6 +39,7 @@ from clientid_mta.config import (
 from clientid_mta.devices import last_seen
 from clientid_mta.devices.last_seen import LoginRecorder
 from clientid_mta.devices.policy import ALLOWED_KNOWN_DEVICE, DevicePolicy, Where
+from clientid_mta.devices.postgres_store import open_postgres_stores
 from clientid_mta.devices.sharing import SharedDevices
 from clientid_mta.devices.sqlite_store import SQLiteLoginLook, open_sqlite_stores
 from clientid_mta.devices.store import (
@@ -50,6 +51,7 @@ from clientid_mta.devices.store import (
     StoreUnavailable,
 )
 from clientid_mta.smtp.clientid import ClientIdentity, device_key
+from tests.postgres_server import Cluster
 
 ALICE = "alice@example.org"
 PASSWORD = "correct horse battery"
@@ -106,10 +108,13 @@ def build(
     clientid: dict[str, Any] | None = None,
     travel: TravelConfig | None = None,
     shared_budgets: bool = True,
+    stores: Stores | None = None,
 ) -> Login:
+    """A checker over ``stores`` (default: SQLite in ``tmp_path``)."""
     passwd = PasswdFile(tmp_path / "passwd")
     passwd.save([Account(ALICE, hash_password(PASSWORD))])
-    stores = open_sqlite_stores(tmp_path / "devices.sqlite3")
+    if stores is None:
+        stores = open_sqlite_stores(tmp_path / "devices.sqlite3")
     recorder = LoginRecorder(stores.devices)
     settings = ClientIdConfig(
         key_file=tmp_path / "k", device_store=tmp_path / "d", **(clientid or {})
@@ -126,6 +131,7 @@ def build(
     cache = AuthCache(ttl=3600, size=100)
     checker = ClientIdChecker(passwd, policy, defences, cache)
     checker.quick_look = stores.look
+    checker.thread_look = stores.thread_look
     login = Login(checker, stores, recorder, cache)
     checker.run_in_thread = login.run_in_thread
     return login
@@ -450,3 +456,54 @@ def test_a_password_changed_a_moment_ago_is_refused_at_once(login: Login) -> Non
     assert answered == [] and len(login.trips) == 1  # the thread re-reads the file
     login.run_trips()
     assert isinstance(answered[0], Failure) and answered[0].check(cred_error.UnauthorizedLogin)
+
+
+# --- PostgreSQL: the same decision in one login thread, with one read -----------------
+
+
+@pytest.fixture
+def on_postgres(tmp_path: Path, postgres_cluster: Cluster) -> Iterator[Login]:
+    built = build(tmp_path, stores=open_postgres_stores(postgres_cluster.new_database()))
+    yield built
+    built.stores.close()
+
+
+def test_on_postgresql_a_trusted_devices_login_is_one_read_in_one_thread(
+    on_postgres: Login,
+) -> None:
+    trusted_and_cached(on_postgres)
+    budgets = sorted(on_postgres.stores.budgets.load())
+    answered: list[Any] = []
+    on_postgres.attempt().addBoth(answered.append)
+    assert answered == [] and len(on_postgres.trips) == 1  # never a read on the reactor
+    function, _args, _waiting = on_postgres.trips[0]
+    assert function == on_postgres.checker._quick_check
+    on_postgres.run_trips()
+    assert answered == [ALICE.encode()]
+    assert sorted(on_postgres.stores.budgets.load()) == budgets  # no take, no refund
+    assert on_postgres.recorder.flush() == 1  # the login, written behind as on SQLite
+
+
+def test_on_postgresql_what_the_quick_check_declines_goes_on_to_the_full_check(
+    on_postgres: Login,
+) -> None:
+    trusted_and_cached(on_postgres)
+    wrong = on_postgres.login("wrong")
+    assert isinstance(wrong, Failure) and wrong.check(cred_error.UnauthorizedLogin)
+    on_postgres.stores.devices.set_state(ALICE, FINGERPRINT, REVOKED)  # by another node
+    revoked = on_postgres.login()
+    assert isinstance(revoked, Failure) and revoked.check(cred_error.UnauthorizedLogin)
+
+
+def test_on_postgresql_the_look_reads_device_budgets_flag_and_sighting(
+    on_postgres: Login,
+) -> None:
+    trusted_and_cached(on_postgres)
+    stores = on_postgres.stores
+    stores.budgets.take({"device:x": Budget(5, 60)}, 100.0)
+    stores.shared_devices.flag(PHONE_KEY, 4, 100.0)
+    assert stores.look is None and stores.thread_look is not None
+    seen = stores.thread_look.look(ALICE, PHONE_KEY, ["device:x", "known:nobody"])
+    assert seen.device is not None and seen.device.state == TRUSTED
+    assert seen.budgets == {"device:x": (4.0, 100.0)}
+    assert seen.flagged and seen.sighted is not None

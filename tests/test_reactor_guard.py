@@ -264,8 +264,8 @@ def test_reactor_guard_a_trusted_devices_quick_login_makes_one_stat_and_no_file_
     real = checker._quick_check
     quick: list[bool] = []
 
-    def counted(attempt: Any, password: str) -> Any:
-        outcome = real(attempt, password)
+    def counted(attempt: Any, password: str, look: Any) -> Any:
+        outcome = real(attempt, password, look)
         quick.append(outcome is not None)
         return outcome
 

@@ -209,6 +209,9 @@ class ClientIdChecker:
         # The store's read that never waits (SQLite): with it, a trusted device's login
         # with a cached password is decided on the reactor (``_quick_check``).
         self.quick_look: ILoginLook | None = None
+        # The same read where it may wait (PostgreSQL): the quick check runs in a login
+        # thread instead, and a login it cannot decide goes on to the full check.
+        self.thread_look: ILoginLook | None = None
         self.clock: IReactorTime | None = None  # for ``AuthOutcome.delay``; None: the reactor
 
     def _attempt(self, creds: IClientIdUsernamePassword) -> Attempt:
@@ -244,13 +247,37 @@ class ClientIdChecker:
             reason = THROTTLED_BY_SOURCE[attempt.source_key.partition(":")[0]]
             return self._refuse_now(reason, attempt, creds)
         if attempt.source_key.startswith("device:"):
-            quick = self._quick_check(attempt, creds.password)
+            if self.quick_look is None and self.thread_look is not None:
+                looked = self.run_in_thread(
+                    self._quick_check, attempt, creds.password, self.thread_look
+                )
+                looked.addErrback(_unavailable)
+                return looked.addCallback(self._quick_or_full, attempt, creds)
+            quick = self._quick_check(attempt, creds.password, self.quick_look)
             if quick is not None:
-                concluded: defer.Deferred[bytes | tuple[()]]
-                concluded = defer.maybeDeferred(self._conclude, quick, attempt, creds)
-                if quick.resight:
-                    self._resight_behind(attempt)
-                return concluded
+                return self._quick_conclude(quick, attempt, creds)
+        return self._full_check(attempt, creds)
+
+    def _quick_or_full(
+        self, quick: AuthOutcome | None, attempt: Attempt, creds: IClientIdUsernamePassword
+    ) -> defer.Deferred[bytes | tuple[()]]:
+        if quick is None:
+            return self._full_check(attempt, creds)
+        return self._quick_conclude(quick, attempt, creds)
+
+    def _quick_conclude(
+        self, quick: AuthOutcome, attempt: Attempt, creds: IClientIdUsernamePassword
+    ) -> defer.Deferred[bytes | tuple[()]]:
+        concluded: defer.Deferred[bytes | tuple[()]]
+        concluded = defer.maybeDeferred(self._conclude, quick, attempt, creds)
+        if quick.resight:
+            self._resight_behind(attempt)
+        return concluded
+
+    def _full_check(
+        self, attempt: Attempt, creds: IClientIdUsernamePassword
+    ) -> defer.Deferred[bytes | tuple[()]]:
+        """The check in a login thread: every refusal, and what the quick one declined."""
         if attempt.source_key.startswith("net:"):
             checked = self._stranger_check(attempt, creds.password)
             if checked is None:
@@ -269,10 +296,13 @@ class ClientIdChecker:
         clock = self.clock if self.clock is not None else global_reactor()
         return task.deferLater(clock, outcome.delay, lambda: outcome)
 
-    def _quick_check(self, attempt: Attempt, password: str) -> AuthOutcome | None:
-        """A trusted device's login decided on the reactor, when nothing about it needs a
-        write, a hash or a notice; None sends it to the thread (``_check``), which decides
-        every other case and every refusal.
+    def _quick_check(
+        self, attempt: Attempt, password: str, look: ILoginLook | None
+    ) -> AuthOutcome | None:
+        """A trusted device's login decided on the reactor (or, with a ``thread_look``, in
+        one login thread with one read), when nothing about it needs a write, a hash or a
+        notice; None sends it to the full check (``_check``), which decides every other
+        case and every refusal.
 
         It answers as ``_check`` would for a success, from the same current state: the
         device's row, the budgets' rows and the shared-device flag are read from the
@@ -285,7 +315,7 @@ class ClientIdChecker:
         not written lately, is written after the reply (``_resight_behind``): it moves a
         time, never a count. Only a cached password counts: no hash on the reactor.
         """
-        look, device, defences = self.quick_look, attempt.device, self.defences
+        device, defences = attempt.device, self.defences
         if look is None or self.service is not None or device is None:
             return None
         address, network = attempt.address, attempt.where.network

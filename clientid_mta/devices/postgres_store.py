@@ -47,9 +47,11 @@ from clientid_mta.devices.store import (
     IAuditStore,
     IBudgetStore,
     IDeviceRegistry,
+    ILoginLook,
     INoticeLedger,
     ISendingCounts,
     ISharedDeviceStore,
+    LoginView,
     PendingLogin,
     Sending,
     Stores,
@@ -761,6 +763,33 @@ class PostgresSharedDevices(_Repository):
         return len(keys)
 
 
+@implementer(ILoginLook)
+class PostgresLoginLook(_Repository):
+    """A trusted device's login state in one read-only transaction (issue 16), for the
+    login threads: it may wait for the network, so never on the reactor."""
+
+    def look(self, account: str, device_key: str, budget_keys: Sequence[str]) -> LoginView:
+        with self._transaction() as db:
+            device = _device(db, account, device_key)
+            found = (
+                db.execute(
+                    "SELECT key, tokens, updated FROM throttle WHERE key = ANY(%s)",
+                    (list(budget_keys),),
+                ).fetchall()
+                if budget_keys
+                else []
+            )
+            flagged = db.execute(
+                "SELECT 1 FROM shared_devices WHERE device_key = %s", (device_key,)
+            ).fetchone()
+            sighted = db.execute(
+                "SELECT seen FROM device_sightings WHERE device_key = %s AND account = %s",
+                (device_key, account),
+            ).fetchone()
+        rows = {row["key"]: (row["tokens"], row["updated"]) for row in found}
+        return LoginView(device, rows, flagged is not None, sighted["seen"] if sighted else None)
+
+
 @implementer(ISendingCounts)
 class PostgresSendingCounts(_Repository):
     """One row per account: the hour it last sent in, its counts, whether refused."""
@@ -922,6 +951,7 @@ def open_postgres_stores(
         PostgresSharedDevices(database, users.member()),
         PostgresSendingCounts(database, users.member()),
         PostgresNoticeLedger(database, users.member()),
+        thread_look=PostgresLoginLook(database, users.member()),
     )
 
 

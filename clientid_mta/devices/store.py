@@ -395,6 +395,9 @@ class Stores:
     sending: ISendingCounts
     notices: INoticeLedger
     look: ILoginLook | None = None  # a backend whose reads never wait (SQLite) has one
+    # A backend whose reads may wait (PostgreSQL, over the network) offers the same read
+    # for the login threads: a trusted device's login then costs one read, no write.
+    thread_look: ILoginLook | None = None
 
     def close(self) -> None:
         for repository in (
@@ -406,5 +409,6 @@ class Stores:
             self.sending,
             self.notices,
             *((self.look,) if self.look is not None else ()),
+            *((self.thread_look,) if self.thread_look is not None else ()),
         ):
             repository.close()

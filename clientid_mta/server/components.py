@@ -323,6 +323,7 @@ def _wire(
     assert isinstance(checker, ClientIdChecker)
     checker.run_in_thread = parts.workers.run
     checker.quick_look = store.look  # SQLite only: a trusted device's login on the reactor
+    checker.thread_look = store.thread_look  # PostgreSQL: the same, in one thread, one read
     return Components(
         config,
         passwords,
