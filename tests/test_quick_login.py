@@ -22,6 +22,7 @@ import pytest
 from twisted.cred import error as cred_error
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from clientid_mta.auth.budgets import Throttle
@@ -284,6 +285,27 @@ def test_a_pair_the_count_holds_is_resighted_after_the_reply(login: Login) -> No
     login.run_trips()
     after = sighted_at(login)
     assert after is not None and after >= before + 119
+
+
+def test_a_sighting_behind_the_reply_that_the_store_refuses_is_one_line(
+    login: Login, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trusted_and_cached(login)
+    sharing = forgetful_sharing(login, clock=lambda: time.time() + 120)
+
+    def locked(*_args: Any) -> int:
+        raise StoreUnavailable("database is locked")
+
+    monkeypatch.setattr(sharing.store, "saw", locked)
+    answered: list[Any] = []
+    login.attempt().addBoth(answered.append)
+    assert answered == [ALICE.encode()]
+    with capturedLogs() as events:
+        login.run_trips()
+    [event] = events
+    assert "log_failure" not in event
+    assert formatEvent(event) == "a device sighting was not recorded: database is locked"
+    assert not sharing.seen_lately(PHONE_KEY, ALICE)  # the next login writes it again
 
 
 def test_a_pair_the_count_no_longer_holds_is_sighted_before_the_reply(login: Login) -> None:

@@ -163,6 +163,15 @@ def _unavailable(failure: Failure) -> Failure:
     return failure
 
 
+def _sighting_lost(failure: Failure) -> None:
+    """A sighting written behind a reply that the store could not take: one line (the
+    store reports its own trouble); the next login of the pair writes it again."""
+    if failure.check(StoreUnavailable):
+        log.warn("a device sighting was not recorded: {problem}", problem=str(failure.value))
+    else:
+        log.failure("recording a device sighting failed", failure)
+
+
 def _left(result: Any, pending: PendingChecks, network: str) -> Any:
     """A check of the network's is done (whatever its result): one more may wait."""
     pending.leave(network)
@@ -360,7 +369,7 @@ class ClientIdChecker:
                 self._report_shared(attempt, flagged)
 
         written = self.run_in_thread(resight)
-        written.addErrback(lambda failure: log.failure("recording a sighting failed", failure))
+        written.addErrback(_sighting_lost)
 
     def _stranger_check(self, attempt: Attempt, password: str) -> defer.Deferred[Any] | None:
         """A stranger's check, in the strangers' lane of the login threads; None when
