@@ -11,9 +11,12 @@ seconds:
   being written; ``queue``: from the hand-off to the login thread until it starts;
   ``run``: the login thread's work. The client's AUTH → 235 minus ``auth`` is the time
   the command and the reply spent waiting for the reactor (and the client).
-- ``turns``: the reactor's loop, one turn per epoll call; ``handling``: the wall time
+- ``turns``: the reactor's loop, one turn per epoll call; ``handling+wait``: the wall time
   spent dispatching events against the reactor thread's own CPU time in it (the
   difference is time the thread was runnable but not running: the GIL or the CPU).
+- ``handling``: each turn's dispatching alone (less its epoll wait); for turns whose
+  handling took over 10 ms, ``slow handling`` is the share of it the reactor thread
+  actually ran (0.3: it waited 70% of the time for the GIL or a CPU).
 - ``gc``: the collector's pauses by generation.
 
 Nothing here changes what the server does; it only wraps methods to time them. A
@@ -31,6 +34,7 @@ from typing import Any
 
 OUT = os.environ.get("CLIENTID_TRACE", "")
 KEEP = 50_000  # newest samples kept per figure
+SLOW_HANDLING = 0.010  # seconds: a turn's handling this long is looked at more closely
 
 
 class Samples:
@@ -82,6 +86,7 @@ def _wrap_reactor() -> None:
 
     original = epollreactor.EPollReactor.doPoll
     last: list[float] = []
+    waited = [0.0]  # this turn's epoll wait
 
     class TimedPoller:
         def __init__(self, poller: Any) -> None:
@@ -93,7 +98,8 @@ def _wrap_reactor() -> None:
         def poll(self, *args: Any) -> Any:
             started = time.perf_counter()
             events = self.poller.poll(*args)
-            SAMPLES.total("epoll wait", time.perf_counter() - started)
+            waited[0] = time.perf_counter() - started
+            SAMPLES.total("epoll wait", waited[0])
             SAMPLES.add("events per turn (not ms)", len(events) / 1000)
             return events
 
@@ -105,9 +111,17 @@ def _wrap_reactor() -> None:
             SAMPLES.add("turns", started - last[0])
         last[:] = [started]
         cpu = time.thread_time()
+        waited[0] = 0.0
         original(self, timeout)
-        SAMPLES.total("handling+wait wall", time.perf_counter() - started)
-        SAMPLES.total("handling+wait reactor CPU", time.thread_time() - cpu)
+        wall, used = time.perf_counter() - started, time.thread_time() - cpu
+        SAMPLES.total("handling+wait wall", wall)
+        SAMPLES.total("handling+wait reactor CPU", used)
+        # The events' handling alone: its wall time, and the share of it the reactor
+        # thread ran. A long handling with a low share waited for the GIL or a CPU.
+        handling = wall - waited[0]
+        SAMPLES.add("handling", handling)
+        if handling > SLOW_HANDLING:
+            SAMPLES.add("slow handling: reactor CPU (not ms: share)", used / handling / 1000)
 
     epollreactor.EPollReactor.doIteration = do_poll
 
