@@ -218,9 +218,7 @@ SENDING_LIMIT_OFF = "max_messages_per_hour = 0\nmax_recipients_per_hour = 0\n"
 def without_sending_limit(extra_toml: str) -> str:
     """A benchmark sends thousands of messages an hour from a few accounts: the hourly
     sending limit goes off, in the ``[limits]`` table ``extra_toml`` may already have."""
-    if "[limits]\n" in extra_toml:
-        return extra_toml.replace("[limits]\n", "[limits]\n" + SENDING_LIMIT_OFF, 1)
-    return extra_toml + "\n[limits]\n" + SENDING_LIMIT_OFF
+    return merge_tables(extra_toml, "\n[limits]\n" + SENDING_LIMIT_OFF)
 
 
 @contextlib.contextmanager

@@ -35,14 +35,11 @@ for folder in (BENCH, ROOT):  # run as a script: smtpload and tests importable
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-import benchserver  # noqa: E402
 from benchserver import DOMAIN, BenchServer, running_server  # noqa: E402
 from smtpload import Latencies, SmtpSession, Target  # noqa: E402
 
 from tests.dovecot_server import DovecotServer, dovecot_missing  # noqa: E402
 
-TEMPLATE = benchserver.CONFIG_TEMPLATE
-DELIVERY = 'local_domains = ["{domain}"]'
 PASSWORD = "bench-password"
 USERS = [f"user{n}@{DOMAIN}" for n in range(8)]
 
@@ -153,7 +150,7 @@ def main() -> None:
     try:
         variants = [
             ("delivery", "Maildir", ""),
-            ("delivery", "LMTP", f'lmtp = "{dovecot.lmtp_socket}"'),
+            ("delivery", "LMTP", f'[delivery]\nlmtp = "{dovecot.lmtp_socket}"\n'),
             ("auth", "passwd file, cache off", "[auth]\ncache_ttl = 0\n"),
             ("auth", "passwd file, cache on", "[auth]\ncache_ttl = 3600\n"),
             ("auth", "Dovecot, auth_cache off", through_dovecot),
@@ -168,11 +165,7 @@ def main() -> None:
                 dovecot.config_path.write_text(dovecot._config())
                 dovecot.start()
             root = server_root / f"run{index}"
-            if kind == "delivery":  # the template has [delivery]: the key goes in there
-                benchserver.CONFIG_TEMPLATE = TEMPLATE.replace(DELIVERY, f"{DELIVERY}\n{toml}")
-                toml = ""
-            else:
-                benchserver.CONFIG_TEMPLATE = TEMPLATE
+            # [delivery] goes into the template's own table (benchserver.merge_tables)
             with running_server(toml, root=root) as server:
                 for user in USERS:
                     server.add_user(user, PASSWORD)

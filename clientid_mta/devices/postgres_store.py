@@ -364,6 +364,21 @@ def _refresh_recent(
     )
 
 
+def _budget_rows(db: psycopg.Connection[Any], keys: Sequence[str]) -> dict[str, BudgetRow]:
+    """The named budgets' rows (a budget without one is full)."""
+    if not keys:
+        return {}
+    found = db.execute(
+        "SELECT key, tokens, updated FROM throttle WHERE key = ANY(%s)", (list(keys),)
+    ).fetchall()
+    return {row["key"]: (row["tokens"], row["updated"]) for row in found}
+
+
+def _flagged(db: psycopg.Connection[Any], device_key: str) -> bool:
+    row = db.execute("SELECT 1 FROM shared_devices WHERE device_key = %s", (device_key,))
+    return row.fetchone() is not None
+
+
 def _device(db: psycopg.Connection[Any], account: str, device_key: str) -> Device | None:
     row = db.execute(
         "SELECT account, device_key, type, state, label, first_seen, last_seen, last_network,"
@@ -595,12 +610,7 @@ class PostgresBudgetStore(_Repository):
         with self._transaction() as db:
             for key in keys:
                 _lock(db, _LOCK_BUDGET, key, _no_hook)
-            found = db.execute(
-                "SELECT key, tokens, updated FROM throttle WHERE key = ANY(%s)", (keys,)
-            ).fetchall()
-            rows: dict[str, BudgetRow | None] = {
-                row["key"]: (row["tokens"], row["updated"]) for row in found
-            }
+            rows: dict[str, BudgetRow | None] = dict(_budget_rows(db, keys))
             applied, new = change_budgets(budgets, rows, now, change)
             if applied:
                 with db.cursor() as cursor:
@@ -741,10 +751,7 @@ class PostgresSharedDevices(_Repository):
 
     def is_flagged(self, device_key: str) -> bool:
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT 1 FROM shared_devices WHERE device_key = %s", (device_key,)
-            ).fetchone()
-        return row is not None
+            return _flagged(db, device_key)
 
     def unflag(self, fingerprint: str) -> int:
         prefix = parse_fingerprint(fingerprint)
@@ -771,23 +778,13 @@ class PostgresLoginLook(_Repository):
     def look(self, account: str, device_key: str, budget_keys: Sequence[str]) -> LoginView:
         with self._transaction() as db:
             device = _device(db, account, device_key)
-            found = (
-                db.execute(
-                    "SELECT key, tokens, updated FROM throttle WHERE key = ANY(%s)",
-                    (list(budget_keys),),
-                ).fetchall()
-                if budget_keys
-                else []
-            )
-            flagged = db.execute(
-                "SELECT 1 FROM shared_devices WHERE device_key = %s", (device_key,)
-            ).fetchone()
+            rows = _budget_rows(db, budget_keys)
+            flagged = _flagged(db, device_key)
             sighted = db.execute(
                 "SELECT seen FROM device_sightings WHERE device_key = %s AND account = %s",
                 (device_key, account),
             ).fetchone()
-        rows = {row["key"]: (row["tokens"], row["updated"]) for row in found}
-        return LoginView(device, rows, flagged is not None, sighted["seen"] if sighted else None)
+        return LoginView(device, rows, flagged, sighted["seen"] if sighted else None)
 
 
 @implementer(ISendingCounts)

@@ -637,12 +637,14 @@ class SQLiteSharedDevices(_Repository):
             )
         return cursor.rowcount == 1
 
+    @staticmethod
+    def _flagged(db: sqlite3.Connection, device_key: str) -> bool:
+        row = db.execute("SELECT 1 FROM shared_devices WHERE device_key=?", (device_key,))
+        return row.fetchone() is not None
+
     def is_flagged(self, device_key: str) -> bool:
         with self._locked() as db:
-            row = db.execute(
-                "SELECT 1 FROM shared_devices WHERE device_key=?", (device_key,)
-            ).fetchone()
-        return row is not None
+            return self._flagged(db, device_key)
 
     def unflag(self, fingerprint: str) -> int:
         prefix = parse_fingerprint(fingerprint)
@@ -713,9 +715,7 @@ class SQLiteLoginLook(_Repository):
             try:
                 device = SQLiteDeviceRegistry._device(db, account, device_key)
                 budgets = SQLiteBudgetStore._rows(db, list(budget_keys)) if budget_keys else {}
-                flagged = db.execute(
-                    "SELECT 1 FROM shared_devices WHERE device_key=?", (device_key,)
-                ).fetchone()
+                flagged = SQLiteSharedDevices._flagged(db, device_key)
                 sighted = db.execute(
                     "SELECT seen FROM device_sightings WHERE device_key=? AND account=?",
                     (device_key, account),
@@ -723,7 +723,7 @@ class SQLiteLoginLook(_Repository):
             finally:
                 db.execute("COMMIT")
         rows = {key: row for key, row in budgets.items() if row is not None}
-        return LoginView(device, rows, flagged is not None, sighted[0] if sighted else None)
+        return LoginView(device, rows, flagged, sighted[0] if sighted else None)
 
     def close(self) -> None:
         with self._lock:  # waits for a look in progress (microseconds), unlike a look
