@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.threads import blockingCallFromThread
 
 from clientid_mta.cli import admin
 from clientid_mta.config import Config, load_config
 from clientid_mta.server.service import SubmissionService
 from clientid_mta.smtp.limits import SessionLimits
+from tests.typed_reactor import blockingCallFromThread, reactor
 
 HOSTNAME = "mail.example.org"
 THUNDERBIRD_UUID = "23bf83be-aad7-46aa-9e0f-39191ccf402f"

@@ -31,14 +31,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.threads import blockingCallFromThread
 from twisted.names import dns, server
 from twisted.names.common import ResolverBase
 from twisted.names.error import AuthoritativeDomainError
 
 from tests.sink import ChildProcess, announce
+from tests.typed_reactor import blockingCallFromThread, reactor
 
 Record = tuple[Any, ...]
 Records = Sequence[Record] | str  # a list of records, or "SERVFAIL"
@@ -168,7 +169,9 @@ def listen(resolver: ZoneResolver, port: int = 0) -> tuple[int, list[Any]]:
         # A new protocol each try: a stopped UDP port lets go of its protocol only later.
         protocol = dns.DNSDatagramProtocol(factory)
         udp = reactor.listenUDP(port, protocol, interface="127.0.0.1")
-        chosen = udp.getHost().port
+        address = udp.getHost()
+        assert isinstance(address, IPv4Address)
+        chosen = address.port
         try:
             tcp = reactor.listenTCP(chosen, factory, interface="127.0.0.1")
         except CannotListenError:

@@ -45,17 +45,21 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet import defer, reactor
-from twisted.internet.protocol import Factory
+from OpenSSL.crypto import X509, PKey
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.ssl import CertificateOptions
-from twisted.internet.threads import blockingCallFromThread
 from twisted.protocols.basic import LineReceiver
+
+from tests.typed_reactor import blockingCallFromThread, reactor
 
 Reply = tuple[int, str]
 RcptReplies = Mapping[str, Reply] | Callable[[str], Reply | None]
@@ -301,6 +305,7 @@ class SinkProtocol(LineReceiver):
 
     delimiter = b"\r\n"
     factory: SinkFactory
+    transport: ITLSTransport  # TCP (with startTLS), or TLS over it: set before connectionMade
 
     def connectionMade(self) -> None:
         self.sink = self.factory.sink
@@ -317,6 +322,7 @@ class SinkProtocol(LineReceiver):
         self.in_data = False
         self.reset_transaction()
         peer = self.transport.getPeer()
+        assert isinstance(peer, IPv4Address)  # it listens on 127.0.0.1
         self.session = self.sink.new_session(f"{peer.host}:{peer.port}", self.tls)
         self.sink.connections.add(self)
         code, text = self.config.greeting
@@ -618,7 +624,7 @@ class SinkProtocol(LineReceiver):
         self.close()
 
 
-class SinkFactory(Factory):
+class SinkFactory(ServerFactory[SinkProtocol]):
     protocol = SinkProtocol
 
     def __init__(self, sink: Sink) -> None:
@@ -666,9 +672,12 @@ class Sink(MessageSource):
         self.ca_file = self.ca.ca_file
         names = config.cert_names or (config.hostname, "127.0.0.1")
         self.cert_file, self.key_file = self.ca.issue(names, directory)
+        # Typed as pyOpenSSL's PKey and X509; it takes cryptography's key and certificate too.
         self.tls_options = CertificateOptions(
-            privateKey=serialization.load_pem_private_key(self.key_file.read_bytes(), None),
-            certificate=x509.load_pem_x509_certificate(self.cert_file.read_bytes()),
+            privateKey=cast(
+                PKey, serialization.load_pem_private_key(self.key_file.read_bytes(), None)
+            ),
+            certificate=cast(X509, x509.load_pem_x509_certificate(self.cert_file.read_bytes())),
         )
         self.lock = threading.Lock()
         self.connections: set[SinkProtocol] = set()

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import reactor
-from twisted.internet.threads import blockingCallFromThread
 
 from tests.conftest import THUNDERBIRD_UUID, RunningServer
 from tests.postgres_server import Cluster
 from tests.sink import running_sink, wait_until
+from tests.typed_reactor import blockingCallFromThread, reactor
 
 # Audit events that touch the disk or a database. "open" covers open(), os.open() and
 # io.open_code(); os.replace raises "os.rename"; os.unlink raises "os.remove".

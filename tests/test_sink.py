@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import reactor
-from twisted.internet.threads import blockingCallFromThread
 from twisted.names import client, dns
 from twisted.names.error import DNSNameError, DNSServerError
 
@@ -28,6 +26,7 @@ from tests.sink import (
     sink_client,
     sink_process,
 )
+from tests.typed_reactor import blockingCallFromThread, reactor
 
 AUTH = ("relay", "relay-password")
 TOKEN = "23bf83be-aad7-46aa-9e0f-39191ccf402f"

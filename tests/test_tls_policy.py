@@ -37,13 +37,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet import reactor
-from twisted.internet.threads import blockingCallFromThread
 
 from clientid_mta.config import ConfigError, load_config
 from clientid_mta.server.service import build_components
 from tests.conftest import HOSTNAME, RunningServer, Wire, merge_toml, start_server
 from tests.serverproc import run_twistd_once, running
+from tests.typed_reactor import blockingCallFromThread, reactor
 
 PEM = serialization.Encoding.PEM
 MESSAGE = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: reload\r\n\r\nHi.\r\n"

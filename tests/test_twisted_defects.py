@@ -31,9 +31,8 @@ import pytest
 from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IAddress
-from twisted.internet.threads import blockingCallFromThread
 from twisted.mail import smtp
 from twisted.mail.imap4 import PLAINCredentials
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
@@ -42,6 +41,7 @@ from zope.interface import implementer
 
 from clientid_mta.smtp.tls import server_context
 from tests.conftest import HOSTNAME, RunningServer, ServerReads, Wire
+from tests.typed_reactor import blockingCallFromThread, reactor
 
 USER, PASSWORD = "alice@example.org", "alice-password"
 RECIPIENT = "bob@example.org"
