@@ -328,10 +328,12 @@ class DovecotServer:
         try:
             client.select("INBOX", readonly=True)
             _status, found = client.search(None, "ALL")
-            messages = []
+            messages: list[bytes] = []
             for number in found[0].split():
                 _status, parts = client.fetch(number, "(RFC822)")
-                messages.append(parts[0][1])  # type: ignore[index]
+                envelope = parts[0]
+                assert isinstance(envelope, tuple)  # (b"1 (RFC822 {size}", message)
+                messages.append(envelope[1])
             return messages
         finally:
             client.logout()

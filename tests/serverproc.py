@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from clientid_mta.config import load_config
 from clientid_mta.devices.keys import load_or_create_server_key
@@ -102,7 +103,7 @@ class ServerProcess(RunningServer):
     process: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def create(cls, root: Path, extra_toml: str = "", logfile: Path | None = None) -> ServerProcess:
+    def create(cls, root: Path, extra_toml: str = "", logfile: Path | None = None) -> Self:
         """A server on two free ports, configured by ``root/clientid-mta.toml``."""
         root.mkdir(parents=True, exist_ok=True)
         port, tls_port = free_ports(2)

@@ -166,11 +166,13 @@ def audit_rows(server: RunningServer, *argv: str) -> list[AuditRow]:
     their place among the attempts of that minute says nothing)."""
     lines = server.admin("audit", *argv).splitlines()
     assert lines[0].split() == ["TIME", "OUTCOME", "ACCOUNT", "DEVICE", "NETWORK", "REASON"]
-    attempts, counts = [], []
+    attempts: list[AuditRow] = []
+    counts: list[AuditRow] = []
     for line in lines[1:]:
         count = re.fullmatch(r"\S+ \d\d:\d\d +(\d{3} x \d+) +(\S+) +(\S+) +(\S+) +(\S+)", line)
         if count is not None:
-            counts.append(count.groups())
+            times, account, device, network, reason = count.groups()
+            counts.append((times, account, device, network, reason))
             continue
         _date, _time, outcome, account, device, network, reason = line.split()
         attempts.append((outcome, account, device, network, reason))

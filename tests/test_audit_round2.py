@@ -434,7 +434,9 @@ def test_notices_an_unknown_network_is_left_out(tmp_path: Path) -> None:
     unknown = alerts.Notice(alerts.DEVICE_APPROVED, ALICE, "aa" * 8, "", "")
     assert notifier.notify(unknown)
     [message] = maildir_of(maildirs, ALICE).values()
-    body = message.get_payload(decode=True).decode()
+    payload = message.get_payload(decode=True)
+    assert isinstance(payload, bytes)  # a single-part notice
+    body = payload.decode()
     assert "Network:" not in body
     assert f"Device:      {'aa' * 8}\n" in body  # no empty "(type )" either
 

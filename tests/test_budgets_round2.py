@@ -19,6 +19,7 @@ import pytest
 from twisted.cred import error as cred_error
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.python.failure import Failure
 
 from clientid_mta.auth.budgets import PendingChecks, Throttle
 from clientid_mta.auth.checker import ClientIdChecker, Defences
@@ -178,6 +179,7 @@ def test_h2_waiting_checks_per_network_are_bounded(tmp_path: Path) -> None:
 
     refused = checker.requestAvatarId(stranger("127.0.0.14"))
     assert len(trips) == 2  # no thread, so no hash: refused at once
+    assert isinstance(refused.result, Failure)
     assert refused.result.check(LoginThrottled)
     refused.addErrback(lambda _: None)
     # Another network is not refused for this one's sake; it waits for the lane too.
@@ -187,7 +189,9 @@ def test_h2_waiting_checks_per_network_are_bounded(tmp_path: Path) -> None:
     # A device an account trusts does not wait behind the strangers.
     token = new_token()
     assert checker.defences.known is not None
-    checker.defences.known.trusted(checker.policy.key_of(ClientIdentity("UUID", token)))
+    key = checker.policy.key_of(ClientIdentity("UUID", token))
+    assert key is not None  # an identity has a key
+    checker.defences.known.trusted(key)
     own = ClientIdUsernamePassword(
         ALICE, ALICE_PW, ClientIdentity("UUID", token), IPv4Address("TCP", "127.0.0.2", 1)
     )

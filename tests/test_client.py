@@ -17,13 +17,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TypedDict, cast
 
 import pytest
-from twisted.internet import reactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.internet.threads import blockingCallFromThread
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from zope.interface import provider
 
 from clientid_mta.cli.send import send_command
 from clientid_mta.client import (
@@ -44,8 +43,17 @@ from clientid_mta.smtp.clientid import (
 )
 from clientid_mta.smtp.tls import generate_self_signed
 from tests.conftest import HOSTNAME, THUNDERBIRD_UUID, RunningServer, _ensure_reactor
+from tests.typed_reactor import blockingCallFromThread, reactor
 
-ALICE = {"username": "alice@example.org", "password": "alice-password"}
+
+class Login(TypedDict):
+    """The keyword arguments that log a client in (``**ALICE``)."""
+
+    username: str
+    password: str
+
+
+ALICE: Login = {"username": "alice@example.org", "password": "alice-password"}
 CLIENT_ID = ("UUID", THUNDERBIRD_UUID)
 MESSAGE = b"From: alice@example.org\nTo: alice@example.org\nSubject: client\n\nHello.\n"
 QUEUED = re.compile(r"2\.0\.0 Ok: queued as [0-9A-F]{16}\Z")
@@ -90,6 +98,7 @@ def logged() -> Iterator[list[str]]:
     """Every Twisted log event (client and server side) while the test runs, as text."""
     lines: list[str] = []
 
+    @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         lines.append(f"{formatEvent(event)} {event!r}")
         failure = event.get("log_failure")
@@ -671,7 +680,9 @@ class Scripted:
         sending.addBoth(self.outcome.append)
         [(host, port, factory, connect_timeout, _bind)] = self.clock.tcpClients
         assert (host, port, connect_timeout) == ("mx.example.org", 587, 30)
-        self.client = factory.buildProtocol(None)
+        client = factory.buildProtocol(None)
+        assert client is not None
+        self.client = client
         self.client.makeConnection(self.transport)
         self.client.dataReceived(b"220 mx.example.org ESMTP\r\n")
         assert self.transport.value() == b"EHLO localhost\r\n"

@@ -30,7 +30,12 @@ def test_clientid_mta_send_runs_the_send_command_with_the_rest_of_the_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[list[str]] = []
-    monkeypatch.setattr(clientid_mta.cli.send, "send_command", lambda argv: seen.append(argv) or 7)
+
+    def send_command(argv: list[str]) -> int:
+        seen.append(argv)
+        return 7
+
+    monkeypatch.setattr(clientid_mta.cli.send, "send_command", send_command)
     argv = ["send", "--host", "mail.example.org", "--from", "a@example.org", "b@example.org"]
     assert admin.run(argv, io.StringIO(), io.StringIO()) == 7
     assert seen == [argv[1:]]

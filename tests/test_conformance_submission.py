@@ -152,11 +152,11 @@ def assert_nothing_stored(server: RunningServer, *addresses: str) -> None:
     for address in addresses or (ALICE, BOB):
         assert stored_files(server, address) == []
         tmp = mail_dir(server, address) / "tmp"
-        wait_until(
-            lambda tmp=tmp: True if not tmp.is_dir() or not any(tmp.iterdir()) else None,
-            10,
-            f"{address}'s tmp/ emptied",
-        )
+
+        def emptied(tmp: Path = tmp) -> bool | None:
+            return True if not tmp.is_dir() or not any(tmp.iterdir()) else None
+
+        wait_until(emptied, 10, f"{address}'s tmp/ emptied")
 
 
 @pytest.fixture(scope="module")
@@ -519,9 +519,7 @@ def unit_session(
     config_path = root / "clientid-mta.toml"
     config_path.write_text(merge_toml(extra_toml))
     clock = task.Clock()
-    protocol = SubmissionESMTP(load_config(config_path), None, None)
-    protocol.callLater = clock.callLater  # the idle timer (TimeoutMixin)
-    protocol._clock = clock
+    protocol = SubmissionESMTP(load_config(config_path), None, None, clock=clock)  # all timers
     transport = StringTransport()
     protocol.makeConnection(transport)
     assert transport.value().startswith(b"220 ")

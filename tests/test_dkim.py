@@ -108,7 +108,9 @@ def published(txt: str) -> tuple[str, bytes]:
         f"$TTL 3600\n{txt}\n", origin=dns.name.root, relativize=False, check_origin=False
     )
     [(name, node)] = zone.nodes.items()
-    [rdata] = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.TXT)
+    rdataset = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.TXT)
+    assert rdataset is not None
+    [rdata] = rdataset
     assert all(len(part) <= 255 for part in rdata.strings)
     return name.to_text(), b"".join(rdata.strings)
 

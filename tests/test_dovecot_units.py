@@ -43,7 +43,7 @@ def test_the_handshake_then_an_auth_line_with_the_fingerprint_never_the_token() 
     protocol, transport = connected()
     assert sent_lines(transport)[0] == ["VERSION", "1", "2"]
     assert sent_lines(transport)[1][0] == "CPID"
-    ready = []
+    ready: list[DovecotAuthProtocol] = []
     protocol.ready.addCallback(ready.append)
     protocol.dataReceived(HANDSHAKE)
     assert ready == [protocol]
@@ -51,7 +51,7 @@ def test_the_handshake_then_an_auth_line_with_the_fingerprint_never_the_token() 
     protocol.check("carol@example.org", "pw\tx", CONTEXT)
     [line] = sent_lines(transport)
     assert line[:4] == ["AUTH", "1", "PLAIN", "service=smtp"]
-    fields = dict(f.split("=", 1) if "=" in f else (f, "") for f in line[4:])
+    fields = dict(f.split("=", 1) if "=" in f else [f, ""] for f in line[4:])
     assert fields["client_id"] == "0123456789abcdef"
     assert (fields["rip"], fields["rport"], fields["lip"], fields["lport"]) == (
         "192.0.2.7",
@@ -293,10 +293,10 @@ def test_config_mistakes_are_one_sentence(toml: str, message: str, tmp_path: obj
 
 def test_the_blocking_check_refuses_to_run_on_the_reactor_thread() -> None:
     """Called on the reactor it would wait for the reactor it blocks: it says so instead."""
-    from twisted.internet import defer, reactor
-    from twisted.internet.threads import blockingCallFromThread
+    from twisted.internet import defer
 
     from tests.conftest import _ensure_reactor
+    from tests.typed_reactor import blockingCallFromThread, reactor
 
     _ensure_reactor()
     auth = DovecotAuth(reactor, "unix:/nowhere", timeout=5)
@@ -348,7 +348,7 @@ def test_c12_a_policy_refusal_through_dovecot_waits_like_its_wrong_password(
     checker.run_in_thread = lambda function, *args: defer.maybeDeferred(function, *args)
     checker.clock = clock = Clock()
 
-    def login(device: str) -> defer.Deferred[object]:
+    def login(device: str) -> defer.Deferred[bytes | tuple[()]]:
         identity = ClientIdentity("UUID", device)
         peer = IPv4Address("TCP", "192.0.2.7", 40000)
         creds = ClientIdUsernamePassword("dora@example.org", "pw", identity, peer)

@@ -60,7 +60,8 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+from zope.interface import implementer
 
 from clientid_mta.smtp.protocol import SubmissionESMTP
 from tests.conftest import (
@@ -1270,6 +1271,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
     server.stop()
 
 
+@implementer(ILogObserver)
 @dataclass
 class LogWatch:
     """Collects what would be a traceback or an error in the server's log."""
@@ -1340,7 +1342,10 @@ def replay(machine: type[SessionMachine], steps: list[tuple[str, dict[str, Any]]
 LOGIN = ("login", {"account": ALICE, "clientid": None, "mechanism": "PLAIN"})
 
 
-GREETED = [("connect", {"implicit": True}), ("greet", {"line": b"EHLO client.example.net"})]
+GREETED: list[tuple[str, dict[str, Any]]] = [
+    ("connect", {"implicit": True}),
+    ("greet", {"line": b"EHLO client.example.net"}),
+]
 
 
 def test_S4_auth_initial_response_longer_than_a_command_line_is_read(

@@ -6,6 +6,7 @@ program that embeds the service keeps its collector as it was."""
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,12 @@ def test_the_servers_own_process_freezes_once_ready_before_accepting(
     def serve(self: SubmissionService) -> None:
         self.freeze_at_start = True
         for listener in self.listeners:
-            real = listener.serve
-            listener.serve = lambda real=real: (order.append("accept"), real())  # type: ignore[method-assign]
+
+            def accept(real: Callable[[], None] = listener.serve) -> None:
+                order.append("accept")
+                real()
+
+            listener.serve = accept  # type: ignore[method-assign]  # to see when it accepts
         real_serve(self)
 
     monkeypatch.setattr(SubmissionService, "_serve", serve)

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from zope.interface import provider
 
 from tests.test_protocol_units import TOKEN, Session, message, plain
 
@@ -18,6 +19,7 @@ def lines() -> Iterator[list[str]]:
     """The protocol's log lines while the test runs."""
     seen: list[str] = []
 
+    @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         if event.get("log_namespace") == "clientid_mta.smtp.protocol":
             seen.append(formatEvent(event))

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.error import ConnectionDone
 from twisted.logger import LogLevel
+from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.test.requesthelper import DummyRequest
 
 from clientid_mta.auth.checker import MAX_LOGGED_NAME, as_typed, refusal_class
@@ -79,7 +80,8 @@ def tap_options(tmp_path: Path, log_format: str, twistd: dict[str, object]) -> O
     config = tmp_path / "c.toml"
     config.write_text(f'[server]\ndata_dir = "data"\n[log]\nformat = "{log_format}"\n')
     options = Options()
-    options.parent = twistd  # what twistd's ServerOptions gives a plugin's options
+    # What twistd's ServerOptions (an Options, so a dict) gives a plugin's options:
+    options.parent = cast(usage.Options, twistd)
     options.parseOptions(["--config", str(config)])
     return options
 
@@ -180,7 +182,7 @@ def test_hammering_readiness_queues_one_check_run_and_answers_every_request() ->
     page = ReadyPage(reactor, observed)
     requests = [DummyRequest([b""]) for _ in range(50)]
     for request in requests:
-        assert page.render_GET(request) == NOT_DONE_YET
+        assert page.render_GET(cast(Request, request)) == NOT_DONE_YET  # a Request's stand-in
     requests[7].processingFailed(Failure(ConnectionDone()))  # this client leaves early
     assert len(reactor.pool.queued) == 1
     reactor.pool.run_all()
@@ -191,7 +193,7 @@ def test_hammering_readiness_queues_one_check_run_and_answers_every_request() ->
     assert b"device store: down for the test" in b"".join(answered[0].written)
     # The next request, after the answer, runs the checks afresh.
     later = DummyRequest([b""])
-    page.render_GET(later)
+    page.render_GET(cast(Request, later))
     reactor.pool.run_all()
     assert runs == [1, 1] and later.finished
 
@@ -213,7 +215,7 @@ def test_hammering_metrics_reads_the_queue_once_per_scrape_run() -> None:
     page = MetricsPage(reactor, observed)
     requests = [DummyRequest([b""]) for _ in range(30)]
     for request in requests:
-        assert page.render_GET(request) == NOT_DONE_YET
+        assert page.render_GET(cast(Request, request)) == NOT_DONE_YET
     assert walks == [1] and len(reactor.pool.queued) == 1
     reactor.pool.run_all()
     assert all(r.finished for r in requests)

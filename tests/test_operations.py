@@ -15,10 +15,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactorClock
-from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import capturedLogs, formatEvent
 
 import clientid_mta
@@ -40,6 +39,7 @@ from clientid_mta.smtp.clientid import parse_clientid
 from tests.conftest import RunningServer, _ensure_reactor
 from tests.serverproc import run_twistd_once
 from tests.test_units import make_policy
+from tests.typed_reactor import blockingCallFromThread, reactor
 
 
 def test_busy_port_stops_twistd_with_one_line(tmp_path: Path) -> None:
@@ -139,6 +139,7 @@ def test_a_port_bound_before_the_state_is_open_closes_early_connections() -> Non
 
 class Greeter(protocol.Protocol):
     def connectionMade(self) -> None:
+        assert self.transport is not None  # made by makeConnection
         self.transport.write(b"220 ready\r\n")
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import io
 import threading
 from pathlib import Path
+from typing import cast
 
 import pytest
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from clientid_mta.cli import admin
 from clientid_mta.config import ConfigError, check_server_files, load_config
@@ -125,7 +126,8 @@ def test_a_silent_database_is_given_up_by_tcp_settings_the_url_may_override() ->
 def test_an_unreachable_database_is_unavailable_and_said_once() -> None:
     (port,) = free_ports(1)  # nothing listens there
     events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
+    observer = cast(ILogObserver, events.append)  # any callable of an event will do
+    globalLogPublisher.addObserver(observer)
     database = open_database(f"postgresql://clientid@127.0.0.1:{port}/mail", None, 1)
     try:
         for _ in range(3):
@@ -133,7 +135,7 @@ def test_an_unreachable_database_is_unavailable_and_said_once() -> None:
                 pass
     finally:
         database.close()
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
     said = [formatEvent(e) for e in events if "cannot be reached" in formatEvent(e)]
     assert len(said) == 1 and f"mail@127.0.0.1:{port}" in said[0]
 
@@ -286,13 +288,14 @@ def test_a_lock_held_by_a_stuck_node_turns_into_unavailable_not_a_wait_forever(
                 outcome.append(problem)
 
         logged: list[LogEvent] = []
-        globalLogPublisher.addObserver(logged.append)
+        observer = cast(ILogObserver, logged.append)  # any callable of an event will do
+        globalLogPublisher.addObserver(observer)
         try:
             waiting = threading.Thread(target=register, daemon=True)
             waiting.start()
             waiting.join(timeout=60)
         finally:
-            globalLogPublisher.removeObserver(logged.append)
+            globalLogPublisher.removeObserver(observer)
         assert outcome and isinstance(outcome[0], StoreUnavailable), outcome
         # The database is up: a lock that did not come is not an outage to report.
         assert not [e for e in logged if "cannot be reached" in (formatEvent(e) or "")]

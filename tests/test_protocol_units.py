@@ -21,18 +21,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.cred import error as cred_error
+from twisted.cred.portal import Portal
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer, provider
 
 import clientid_mta
 import twisted
@@ -243,7 +244,7 @@ class Session:
         self.config = config or make_config()
         factory = SubmissionFactory(
             self.config,
-            self.portal if with_portal else None,
+            cast(Portal, self.portal) if with_portal else None,  # it is asked only to login()
             tls_context,
             server_key=SERVER_KEY,
             implicit_tls=implicit,
@@ -304,6 +305,7 @@ def logged() -> Iterator[list[dict[str, Any]]]:
     """The protocol's log events while the test runs."""
     events: list[dict[str, Any]] = []
 
+    @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         if event.get("log_namespace") == "clientid_mta.smtp.protocol":
             events.append(event)

@@ -160,7 +160,7 @@ def test_garbage_is_closed_and_never_reaches_the_session(data: bytes) -> None:
     assert connection.inner.peer is None
     connection.send(b"MAIL FROM:<a@example.org>\r\n")  # after the close: dropped
     assert connection.inner.received == b""
-    connection.reader.connectionLost(None)  # type: ignore[arg-type]
+    connection.reader.connectionLost(None)
     assert not connection.inner.lost  # never connected, so never told
 
 

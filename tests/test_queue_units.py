@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -161,7 +162,7 @@ def test_queue_header_then_file_reads_in_any_chunk_size() -> None:
 def test_l4_maildir_tmp_swept(tmp_path: Path) -> None:
     """Files older than 36 hours leave every Maildir tmp/ at start and then daily (in a
     thread); younger ones, and anything outside tmp/, stay. Each sweep logs its count."""
-    from twisted.logger import formatEvent, globalLogPublisher
+    from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 
     from clientid_mta.delivery.maildir import MaildirRoot
     from clientid_mta.delivery.sweep import TmpSweeper
@@ -184,7 +185,8 @@ def test_l4_maildir_tmp_swept(tmp_path: Path) -> None:
     young = leftover(alice / "tmp" / "young", 35)
     delivered = leftover(alice / "new" / "kept", 1000)
     events: list[dict[str, object]] = []
-    globalLogPublisher.addObserver(events.append)
+    observer = cast(ILogObserver, events.append)  # any callable of an event will do
+    globalLogPublisher.addObserver(observer)
     sweeper = TmpSweeper(maildirs, reactor=reactor)
     try:
         sweeper.startService()
@@ -196,7 +198,7 @@ def test_l4_maildir_tmp_swept(tmp_path: Path) -> None:
         assert not young.exists() and delivered.exists()
     finally:
         sweeper.stopService()
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
     counts = [str(formatEvent(e)) for e in events if "leftover files" in str(formatEvent(e))]
     assert [text.split()[1] for text in counts] == ["2", "1"]
 

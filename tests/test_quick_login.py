@@ -42,7 +42,11 @@ from clientid_mta.devices.last_seen import LoginRecorder
 from clientid_mta.devices.policy import ALLOWED_KNOWN_DEVICE, DevicePolicy, Where
 from clientid_mta.devices.postgres_store import open_postgres_stores
 from clientid_mta.devices.sharing import SharedDevices
-from clientid_mta.devices.sqlite_store import SQLiteLoginLook, open_sqlite_stores
+from clientid_mta.devices.sqlite_store import (
+    SQLiteDeviceRegistry,
+    SQLiteLoginLook,
+    open_sqlite_stores,
+)
 from clientid_mta.devices.store import (
     PENDING,
     REVOKED,
@@ -330,7 +334,9 @@ def test_a_resighting_behind_that_flags_the_device_reports_it(tmp_path: Path, lo
     answered: list[Any] = []
     login.attempt().addBoth(answered.append)
     assert answered == [ALICE.encode()]
-    with login.stores.devices._locked() as db:  # what the store's own clean-up would do
+    devices = login.stores.devices
+    assert isinstance(devices, SQLiteDeviceRegistry)  # the fixture's stores are SQLite
+    with devices._locked() as db:  # what the store's own clean-up would do
         db.execute("DELETE FROM device_sightings WHERE account=?", (ALICE,))
     reported: list[int] = []
     login.checker._report_shared = lambda attempt, accounts: reported.append(accounts)  # type: ignore[method-assign]

@@ -12,7 +12,7 @@ import email.policy
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import pytest
 
@@ -203,9 +203,11 @@ def dsn_of(server: RunningServer, address: str = "alice@example.org") -> email.m
 
 def delivery_status(report: email.message.Message) -> list[email.message.Message]:
     """The per-message block, then one block per recipient."""
-    part = report.get_payload()[1]
+    part = report.get_payload(1)
+    assert isinstance(part, email.message.Message)
     assert part.get_content_type() == "message/delivery-status"
-    return part.get_payload()
+    # A list of header blocks, each a Message (the stub says Message | str for any part).
+    return cast(list[email.message.Message], part.get_payload())
 
 
 def test_relay_permanent_5xx_bounces_a_dsn_into_the_senders_maildir(
@@ -223,7 +225,8 @@ def test_relay_permanent_5xx_bounces_a_dsn_into_the_senders_maildir(
     assert failed["Final-Recipient"] == "rfc822; gone@example.net"
     assert failed["Action"] == "failed" and failed["Status"] == "5.1.1"
     assert "550 5.1.1 No such user here" in failed["Diagnostic-Code"]
-    original = report.get_payload()[2]
+    original = report.get_payload(2)
+    assert isinstance(original, email.message.Message)
     assert original.get_content_type() == "text/rfc822-headers"
     assert "Subject: outbound 1" in original.get_payload()
     assert "Hello Carol" not in report.as_string()
@@ -437,7 +440,7 @@ def test_relay_internal_error_backs_off_instead_of_spinning(
     server.add_user("alice@example.org", "alice-password")
     calls: list[int] = []
 
-    def broken_send(*args: object, **kwargs: object) -> None:
+    def broken_send(*args: object, **kwargs: object) -> NoReturn:
         calls.append(1)
         raise RuntimeError("simulated bug")
 
@@ -446,6 +449,7 @@ def test_relay_internal_error_backs_off_instead_of_spinning(
     [envelope] = wait_attempted(server)
     [recipient] = envelope.recipients
     assert recipient.state == "pending" and recipient.last_error == "internal error, see the log"
+    assert recipient.last_attempt is not None
     assert recipient.next_attempt - recipient.last_attempt == 60
     # A second entry, tried on a later tick: the first was not tried again meanwhile.
     submit(server, ["dave@example.net"], n=2)

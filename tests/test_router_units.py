@@ -16,13 +16,14 @@ from clientid_mta.config import RelayConfig
 from clientid_mta.outbound.routing import Hop, RouteFailed, Router
 
 Answer = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
+Zone = dict[str, list[tuple[Any, ...]]]  # the records of each name, see StubResolver
 
 
 class StubResolver(ResolverBase):
     """Answers from a zone: {name: [("MX", pref, host) | ("A", ip) | ("AAAA", ip)]}; a
     name missing from the zone is NXDOMAIN; ``errors`` maps a name to an exception."""
 
-    def __init__(self, zone: dict[str, list[tuple[Any, ...]]], **errors: Exception) -> None:
+    def __init__(self, zone: Zone, **errors: Exception) -> None:
         super().__init__()
         self.zone = zone
         self.errors = errors
@@ -82,7 +83,7 @@ def test_router_smarthost_is_one_hop_and_one_destination() -> None:
 
 
 def test_router_mx_in_preference_order_ipv4_before_ipv6() -> None:
-    zone = {
+    zone: Zone = {
         "example.net": [("MX", 20, "mx2.example.net"), ("MX", 10, "mx1.example.net")],
         "mx1.example.net": [("A", "192.0.2.1"), ("AAAA", "2001:db8::1")],
         "mx2.example.net": [("A", "192.0.2.2")],
@@ -101,7 +102,7 @@ def test_router_mx_in_preference_order_ipv4_before_ipv6() -> None:
 
 
 def test_router_mx_host_without_address_is_skipped() -> None:
-    zone = {
+    zone: Zone = {
         "example.net": [("MX", 10, "gone.example.net"), ("MX", 20, "mx2.example.net")],
         "mx2.example.net": [("A", "192.0.2.2")],
     }
@@ -111,7 +112,7 @@ def test_router_mx_host_without_address_is_skipped() -> None:
 
 
 def test_router_no_mx_falls_back_to_the_domains_own_address() -> None:
-    zone = {"implicit.example": [("A", "192.0.2.9")]}
+    zone: Zone = {"implicit.example": [("A", "192.0.2.9")]}
     assert hops_of(direct(StubResolver(zone)), "implicit.example") == [
         Hop("implicit.example", "192.0.2.9", 25)
     ]
@@ -128,7 +129,7 @@ def test_router_no_mx_falls_back_to_the_domains_own_address() -> None:
     ],
 )
 def test_router_failures_are_permanent_only_for_a_domain_that_cannot_receive_mail(
-    zone: dict[str, list[tuple[Any, ...]]],
+    zone: Zone,
     errors: dict[str, Exception],
     status: str,
     permanent: bool,
@@ -146,7 +147,7 @@ def test_router_runner_delivers_to_the_mx_address_through_the_stub(tmp_path: Pat
     from tests.test_runner_units import FakeReactor, FakeSend, commit, make_config
 
     config = make_config(tmp_path, '[relay]\nsmarthost = ""\nmx_port = 2525\n')
-    zone = {
+    zone: Zone = {
         "example.net": [("MX", 10, "mx1.example.net")],
         "mx1.example.net": [("A", "192.0.2.1")],
     }

@@ -84,14 +84,14 @@ def received(peer: socket.socket) -> bytes:
         return b""
 
 
-def test_without_it_a_write_waits_for_the_reactor(pair):
+def test_without_it_a_write_waits_for_the_reactor(pair: Pair) -> None:
     connection, peer, watch = pair
     connection.write(b"235 2.7.0 ok\r\n")
     assert received(peer) == b""  # Twisted's own behaviour, the wait being removed
     assert connection in watch.writers
 
 
-def test_a_write_reaches_the_socket_at_once(pair):
+def test_a_write_reaches_the_socket_at_once(pair: Pair) -> None:
     connection, peer, watch = pair
     send_at_once(connection)
     connection.write(b"235 2.7.0 ok\r\n")
@@ -101,7 +101,7 @@ def test_a_write_reaches_the_socket_at_once(pair):
     assert received(peer) == b"250 2.0.0 next\r\n"
 
 
-def test_what_the_socket_cannot_take_is_left_to_the_reactor(pair):
+def test_what_the_socket_cannot_take_is_left_to_the_reactor(pair: Pair) -> None:
     connection, peer, watch = pair
     send_at_once(connection)
     big = b"x" * (16 << 20)  # far more than a socket buffer
@@ -121,7 +121,7 @@ def test_what_the_socket_cannot_take_is_left_to_the_reactor(pair):
     assert bytes(got) == big + b"tail"
 
 
-def test_a_closing_connection_is_left_to_the_reactor(pair):
+def test_a_closing_connection_is_left_to_the_reactor(pair: Pair) -> None:
     connection, peer, watch = pair
     send_at_once(connection)
     connection.write(b"221 2.0.0 bye\r\n")
@@ -136,7 +136,7 @@ def test_a_closing_connection_is_left_to_the_reactor(pair):
     assert connection in watch.writers
 
 
-def test_an_error_is_left_to_the_reactor(pair):
+def test_an_error_is_left_to_the_reactor(pair: Pair) -> None:
     connection, peer, watch = pair
     send_at_once(connection)
     peer.close()
@@ -144,7 +144,9 @@ def test_an_error_is_left_to_the_reactor(pair):
     assert connection in watch.writers  # its doWrite meets the error and closes
 
 
-def test_it_finds_the_connection_under_tls_and_is_installed_once(pair, tmp_path: Path):
+def test_it_finds_the_connection_under_tls_and_is_installed_once(
+    pair: Pair, tmp_path: Path
+) -> None:
     connection, _peer, _watch = pair
     certificate, key = generate_self_signed(tmp_path, "mail.example.org")
     tls = TLSMemoryBIOFactory(
@@ -157,7 +159,7 @@ def test_it_finds_the_connection_under_tls_and_is_installed_once(pair, tmp_path:
     assert vars(connection)["startWriting"] is installed
 
 
-def test_other_transports_are_left_alone():
+def test_other_transports_are_left_alone() -> None:
     transport = StringTransport()
     send_at_once(transport)
     assert "startWriting" not in vars(transport)
@@ -166,7 +168,7 @@ def test_other_transports_are_left_alone():
 # --- Nagle's algorithm off from STARTTLS to the EHLO reply -----------------------------
 
 
-def test_nagle_is_turned_off_and_on_again(tcp_pair):
+def test_nagle_is_turned_off_and_on_again(tcp_pair: Pair) -> None:
     connection, peer, _watch = tcp_pair
     sender = send_at_once(connection)
     assert sender is not None
@@ -179,7 +181,7 @@ def test_nagle_is_turned_off_and_on_again(tcp_pair):
     assert nodelay(connection.socket) == 0
 
 
-def test_nagle_does_not_apply_to_a_unix_socket_or_a_closed_one(pair, tcp_pair):
+def test_nagle_does_not_apply_to_a_unix_socket_or_a_closed_one(pair: Pair, tcp_pair: Pair) -> None:
     unix = send_at_once(pair[0])
     assert unix is not None and unix.nagle(False) is False
     connection = tcp_pair[0]
@@ -189,7 +191,7 @@ def test_nagle_does_not_apply_to_a_unix_socket_or_a_closed_one(pair, tcp_pair):
     assert closed.nagle(False) is False
 
 
-def test_nagle_after_the_connection_is_lost_is_refused_not_raised(tcp_pair):
+def test_nagle_after_the_connection_is_lost_is_refused_not_raised(tcp_pair: Pair) -> None:
     """A login that finishes after the client left still replies (into nothing); its
     reply may be the one that turns Nagle back on, when Twisted has removed the socket."""
     connection, _peer, _watch = tcp_pair

@@ -163,12 +163,11 @@ def test_the_database_stopped_mid_run_is_454_and_logins_come_back(farm: Farm) ->
         farm.cluster.start()
     back = time.monotonic()
     for node in (farm.a, farm.b):
-        wait_until(
-            lambda node=node: code(node, ALICE, ALICE_PW, trusted) == ACCEPTED or None,
-            RECOVERY,
-            "logins to work again",
-            interval=0.2,
-        )
+
+        def logs_in(node: ServerProcess = node) -> bool | None:
+            return code(node, ALICE, ALICE_PW, trusted) == ACCEPTED or None
+
+        wait_until(logs_in, RECOVERY, "logins to work again", interval=0.2)
     assert time.monotonic() - back < 2 * RECOVERY + 5  # both nodes, one after the other
     assert any(b"while the database is down" in m.as_bytes() for m in farm.a.messages(BOB))
     for node in (farm.a, farm.b):

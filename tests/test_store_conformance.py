@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 from clientid_mta.cli import admin
 from clientid_mta.config import load_config
 from clientid_mta.devices import store as interfaces
-from clientid_mta.devices.policy import DevicePolicy, Where
+from clientid_mta.devices.policy import Decision, DevicePolicy, Where
 from clientid_mta.devices.postgres_store import open_postgres_stores
 from clientid_mta.devices.sqlite_store import open_sqlite_stores
 from clientid_mta.devices.store import (
@@ -314,7 +315,7 @@ def test_first_device_trust_under_a_forced_interleaving(backend: Backend, stores
         backend,
         devices,
         {
-            name: lambda key=key: devices.register("fresh@example.org", key, "UUID", "net", True)
+            name: partial(devices.register, "fresh@example.org", key, "UUID", "net", True)
             for name, key in (("A", KEY_A), ("B", KEY_B))
         },
     )
@@ -334,15 +335,14 @@ def test_policy_first_device_trust_under_a_forced_interleaving(
     policy = DevicePolicy(
         load_config(tmp_path / "c.toml").clientid, stores.devices, b"k" * 32, None
     )
+
+    def decide(token: bytes) -> Decision:
+        return policy.decide("fresh@example.org", parse_clientid(token), Where("net"))
+
     results = _race(
         backend,
         stores.devices,
-        {
-            name: lambda token=token: policy.decide(
-                "fresh@example.org", parse_clientid(token), Where("net")
-            )
-            for name, token in (("A", b"UUID 1"), ("B", b"UUID 2"))
-        },
+        {name: partial(decide, token) for name, token in (("A", b"UUID 1"), ("B", b"UUID 2"))},
     )
     reasons = sorted(getattr(decision, "reason", decision) for decision in results.values())
     assert reasons == ["first_device_trusted", "new_device_pending"]

@@ -131,7 +131,8 @@ def test_an_error_answer_is_the_same_error_as_in_a_thread(started: Any) -> None:
     helper, full, unsafe, [(head1, _), (head2, _)] = two_stores(started, "..")
     answer(helper, id=head1["id"], error="No space left on device", errno=errno.ENOSPC)
     answer(helper, id=head2["id"], error="'..' cannot be a mailbox folder name", unsafe=True)
-    assert isinstance(full[0], Failure) and full[0].value.errno == errno.ENOSPC
+    assert isinstance(full[0], Failure) and isinstance(full[0].value, OSError)
+    assert full[0].value.errno == errno.ENOSPC
     assert isinstance(unsafe[0], Failure) and unsafe[0].check(UnsafeMailboxName)
 
 
@@ -140,7 +141,8 @@ def test_more_than_max_pending_bytes_is_refused_at_once(started: Any) -> None:
     waiting = results(store.store("example.org", "alice", b"a" * 60))
     refused = results(store.store("example.org", "alice", b"b" * 60))
     assert waiting == []
-    assert isinstance(refused[0], Failure) and refused[0].value.errno == errno.ENOBUFS
+    assert isinstance(refused[0], Failure) and isinstance(refused[0].value, OSError)
+    assert refused[0].value.errno == errno.ENOBUFS
     assert len(requests(reactor.spawned[0][1].value())) == 1  # the refused one never left
 
 
@@ -164,7 +166,8 @@ def test_when_the_helper_ends_its_stores_fail_and_threads_take_over_for_a_while(
     lost = results(store.store("example.org", "alice", b"x"))
     helper.outConnectionLost()
     helper.processEnded(Failure(error.ProcessTerminated(signal=9)))  # after: no second errback
-    assert isinstance(lost[0], Failure) and lost[0].value.errno == errno.EIO
+    assert isinstance(lost[0], Failure) and isinstance(lost[0].value, OSError)
+    assert lost[0].value.errno == errno.EIO
     assert store.pending_bytes == 0
     assert not store.available()  # the message store goes to a thread meanwhile
     reactor.advance(store_process.RESPAWN_WAIT)
@@ -205,7 +208,8 @@ def test_a_helper_that_cannot_start_leaves_the_stores_to_threads_for_a_while() -
     reactor.advance(store_process.RESPAWN_WAIT)
     assert store.available()
     refused = results(store.store("example.org", "alice", b"x"))
-    assert isinstance(refused[0], Failure) and refused[0].value.errno == errno.EAGAIN
+    assert isinstance(refused[0], Failure) and isinstance(refused[0].value, OSError)
+    assert refused[0].value.errno == errno.EAGAIN
     assert store.pending_bytes == 0 and not store.available()
 
 

@@ -143,6 +143,7 @@ def pending_notice(server: ServerProcess, clientid: str) -> str:
         for message in server.messages(ALICE):
             body = message.get_payload(decode=True)
             if message["Subject"] == PENDING_SUBJECT and mark.encode() in body:
+                assert isinstance(body, bytes)  # a single-part notice
                 return str(body.decode())
         return None
 

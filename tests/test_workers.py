@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -228,9 +229,11 @@ def test_workers_count_is_the_number_of_processes(
         workers_seen = children(server.process.pid, "clientid_mta.server.worker")
         assert len(workers_seen) == processes - 1
         for each in [server.process.pid, *workers_seen]:  # one Maildir store process each
-            helpers = wait_until(
-                lambda each=each: children(each, HELPER) or None, 10, f"{each}'s store process"
-            )
+
+            def store_process(each: int = each) -> list[int] | None:
+                return children(each, HELPER) or None
+
+            helpers = wait_until(store_process, 10, f"{each}'s store process")
             assert len(helpers) == 1
 
 
@@ -297,13 +300,16 @@ def test_json_lines_of_a_worker_pass_through_and_anything_else_is_wrapped(
     JSON object of the parent's, with ``worker`` and ``line``."""
     from types import SimpleNamespace
 
-    from twisted.logger import Logger, LogLevel
+    from twisted.logger import ILogObserver, Logger, LogLevel
 
     from clientid_mta.observe.logs import event_as_json
     from clientid_mta.server import workerpool
 
     events: list[dict[str, object]] = []
-    relaying = Logger(namespace="clientid_mta.server.workerpool", observer=events.append)
+    relaying = Logger(
+        namespace="clientid_mta.server.workerpool",
+        observer=cast(ILogObserver, events.append),  # any callable of an event will do
+    )
     monkeypatch.setattr(workerpool, "log", relaying)
     process = workerpool.WorkerProcess(SimpleNamespace(json_logs=True), 3)  # type: ignore[arg-type]
     own = (

@@ -11,12 +11,11 @@ window.
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import reactor
-from twisted.internet.threads import blockingCallFromThread
 
 from clientid_mta.config import ClientIdConfig, SharedDevicesConfig, TravelConfig
 from clientid_mta.devices.last_seen import LoginRecorder, PendingLogin
@@ -34,6 +33,7 @@ from clientid_mta.smtp.clientid import ClientIdentity, device_key
 from tests.conftest import RunningServer
 from tests.serverproc import devices
 from tests.sink import wait_until
+from tests.typed_reactor import blockingCallFromThread, reactor
 
 ALICE = "alice@example.org"
 KEY = b"k" * 32
@@ -42,7 +42,7 @@ HOME = Where("192.0.2.0/24", "192.0")
 
 
 @pytest.fixture
-def stores(tmp_path: Path) -> Stores:
+def stores(tmp_path: Path) -> Iterator[Stores]:
     opened = open_sqlite_stores(tmp_path / "devices.sqlite3")
     yield opened
     opened.close()

@@ -376,7 +376,7 @@ class Thunderbird:
     def _result(self, send_id: str) -> SendResult:
         def verdict() -> dict[str, Any] | None:
             # None also when a dialog opened while this ran (Marionette then ends it).
-            return self.session().run(RESULT_SCRIPT, [send_id])  # type: ignore[no-any-return]
+            return self.session().run(RESULT_SCRIPT, [send_id])
 
         try:
             result = wait_until(verdict, SEND_TIMEOUT, "the send's result", interval=0.1)
