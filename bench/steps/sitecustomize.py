@@ -12,6 +12,10 @@ the whole ``open`` and the TLS ``close``, the seconds from sending to the reply.
 against each peer in turn; the same generator measures both. Warm-up sessions are
 included. Server processes never import ``smtpload`` and are untouched, as is any
 process without the variable.
+
+Each AUTH is also kept with its moments on the system's monotonic clock (the local
+port, AUTH sent, the end of the epoll call of the turn that read the reply, the socket
+read, the reply parsed) in ``auth.<pid>.json``, for ``bench/trace/auth_wire.py``.
 """
 
 from __future__ import annotations
@@ -33,12 +37,53 @@ OUT = os.environ.get("CLIENTID_STEPS", "")
 WRITE_EVERY = 500  # steps between two writes of the file (pool workers exit without atexit)
 
 steps: defaultdict[str, list[float]] = defaultdict(list)
+auth_moments: list[list[float]] = []  # [port, sent, epoll returned, read, parsed]
+POLLED = [0.0]  # time.monotonic() when this loop's last epoll call returned
 
 
 def note(step: str, seconds: float) -> None:
     steps[step].append(seconds)
     if sum(len(values) for values in steps.values()) % WRITE_EVERY == 0:
         Path(OUT, f"steps.{os.getpid()}.json").write_text(json.dumps(steps))
+        Path(OUT, f"auth.{os.getpid()}.json").write_text(json.dumps(auth_moments))
+
+
+def timed_auth(call: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """AUTH's moments: sent, and the turn and read that brought the reply."""
+
+    async def timing(session: Any, *args: Any, **kwargs: Any) -> Any:
+        port = float(session.writer.get_extra_info("sockname")[1])
+        sent = time.monotonic()
+        result = await call(session, *args, **kwargs)
+        parsed = time.monotonic()
+        tls = getattr(session.writer.transport, "_ssl_protocol", None)
+        polled, read = getattr(tls, "trace_read", (0.0, 0.0))
+        auth_moments.append([port, sent, polled, read, parsed])
+        return result
+
+    return timing
+
+
+def stamp_reads() -> None:
+    """Each TLS connection keeps the moment of its last socket read, and its turn's."""
+    import asyncio.sslproto
+    import selectors
+
+    select = selectors.EpollSelector.select
+
+    def timed_select(self: Any, timeout: float | None = None) -> Any:
+        ready = select(self, timeout)
+        POLLED[0] = time.monotonic()
+        return ready
+
+    selectors.EpollSelector.select = timed_select  # type: ignore[method-assign]
+    updated = asyncio.sslproto.SSLProtocol.buffer_updated
+
+    def buffer_updated(self: Any, nbytes: int) -> None:
+        self.trace_read = (POLLED[0], time.monotonic())
+        updated(self, nbytes)
+
+    asyncio.sslproto.SSLProtocol.buffer_updated = buffer_updated  # type: ignore[method-assign]
 
 
 def timed(step: Callable[..., str], call: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
@@ -61,7 +106,9 @@ def verb(session: Any, line: str) -> str:
 
 
 def instrument(smtpload: ModuleType) -> None:
+    stamp_reads()
     session = smtpload.SmtpSession
+    session.auth_plain = timed_auth(session.auth_plain)
     session.command = timed(verb, session.command)
     session.close = timed(lambda *_: "close", session.close)
     session.open = classmethod(timed(lambda *_, **__: "open (total)", session.open.__func__))

@@ -19,6 +19,12 @@ seconds:
   actually ran (0.3: it waited 70% of the time for the GIL or a CPU).
 - ``gc``: the collector's pauses by generation.
 
+Each AUTH is also written to ``/tmp/trace.auth.<pid>.json`` with its moments on the
+system's monotonic clock (the client's port, the end of the epoll call of its turn, the
+socket read, the start of the login, the 235 written, and whether it was decided at
+once, with no thread), for ``bench/trace/auth_wire.py``
+to join with what ``bench/steps/`` saw in the load generator.
+
 Nothing here changes what the server does; it only wraps methods to time them. A
 process without the variable is untouched.
 """
@@ -26,6 +32,7 @@ process without the variable is untouched.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import sys
 import threading
@@ -77,6 +84,10 @@ class Samples:
 
 
 SAMPLES = Samples()
+# [client port, epoll returned, read, login, 235 written, 1 if decided without a thread]
+AUTH_MOMENTS: list[list[float]] = []
+POLLED = [0.0]  # time.monotonic() when this turn's epoll call returned
+WIRE_LAYERS = 4  # our session <- TLS <- PROXY header reader <- TCP, at most
 STARTED = time.perf_counter()
 FULL_COLLECTIONS: list[tuple[float, float]] = []  # (seconds after start, pause)
 
@@ -98,6 +109,7 @@ def _wrap_reactor() -> None:
         def poll(self, *args: Any) -> Any:
             started = time.perf_counter()
             events = self.poller.poll(*args)
+            POLLED[0] = time.monotonic()
             waited[0] = time.perf_counter() - started
             SAMPLES.total("epoll wait", waited[0])
             SAMPLES.add("events per turn (not ms)", len(events) / 1000)
@@ -126,6 +138,29 @@ def _wrap_reactor() -> None:
     epollreactor.EPollReactor.doIteration = do_poll
 
 
+def _wrap_reads() -> None:
+    """Each TCP connection keeps the moment of its last socket read, and its turn's."""
+    from twisted.internet import tcp
+
+    original = tcp.Connection.doRead
+
+    def do_read(self: Any) -> Any:
+        self.trace_read = (POLLED[0], time.monotonic())
+        return original(self)
+
+    tcp.Connection.doRead = do_read  # type: ignore[method-assign]
+
+
+def _connection(transport: Any) -> Any:
+    from twisted.internet import tcp
+
+    for _layer in range(WIRE_LAYERS):
+        if isinstance(transport, tcp.Connection):
+            return transport
+        transport = getattr(transport, "transport", None)
+    return None
+
+
 def _wrap_auth() -> None:
     checker = sys.modules["clientid_mta.auth.checker"]
     wire = sys.modules["clientid_mta.smtp.protocol"]
@@ -140,12 +175,23 @@ def _wrap_auth() -> None:
 
     def timed_login(self: Any, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
+        login_at = time.monotonic()
+        connection = _connection(self.transport)
+        polled, read = getattr(connection, "trace_read", (0.0, 0.0))
+        port = float(getattr(self.transport.getPeer(), "port", 0))
 
         def done(result: Any) -> Any:
             SAMPLES.add("auth", time.perf_counter() - started)
+            quick = float(not returned)  # decided on the reactor, within the call
+            AUTH_MOMENTS.append([port, polled, read, login_at, time.monotonic(), quick])
+            if len(AUTH_MOMENTS) > KEEP:
+                del AUTH_MOMENTS[: KEEP // 2]
             return result
 
-        return login(self, *args, **kwargs).addBoth(done)
+        returned: list[bool] = []
+        answered = login(self, *args, **kwargs).addBoth(done)
+        returned.append(True)
+        return answered
 
     def timed_request(self: Any, credentials: Any) -> Any:
         handed[id(credentials.password)] = time.perf_counter()
@@ -191,9 +237,12 @@ def _background() -> None:
         time.sleep(2)
         with open(f"{OUT}.{os.getpid()}", "w", encoding="utf-8") as report:
             report.write(SAMPLES.report())
+        with open(f"{OUT}.auth.{os.getpid()}.json", "w", encoding="utf-8") as moments:
+            json.dump(AUTH_MOMENTS, moments)
 
 
 if OUT:  # a process that never loads the server (the load generator) writes nothing
     _wrap_reactor()
+    _wrap_reads()
     _watch_gc()
     threading.Thread(target=_background, name="trace", daemon=True).start()
