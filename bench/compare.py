@@ -26,7 +26,12 @@ Concurrent session i logs in as account i modulo ``--users``.
 Workloads (see workloads.py for the session itself; every reply is checked):
 
 - (a) sustained: ``--sessions`` (50) concurrent sessions, each sending ``--messages`` (20)
-  messages of ``--size`` (4096) bytes, again and again for ``--duration`` seconds;
+  messages of ``--size`` (4096) bytes, again and again for ``--duration`` seconds. The
+  first session of each slot is shorter, from ``--messages`` down to 1 over the slots,
+  so that the sessions' logins are spread in time rather than all at once at every
+  ``--messages``-th message (``--no-stagger``: all start alike; ``workloads.MailSpec.
+  first_session`` says why); those first sessions count in every figure but the
+  session time;
 - (b) churn: ``--churn-sessions`` (20) concurrent sessions of one message each;
 - (c) idle: ``--idle`` (5000) sessions logged in and left idle; memory per session is
   the server's memory with them open minus before, divided by their number.
@@ -142,6 +147,7 @@ class Options:
     json_path: Path | None
     install: bool
     smoke: bool
+    stagger: bool = True
     argv: tuple[str, ...] = ()
 
 
@@ -166,6 +172,12 @@ def parse_args(argv: Sequence[str]) -> Options:
         help='more of our config, e.g. "[delivery]\\nstore_process = true" (\\n: a new line)',
     )
     add("--rounds", type=int, default=None, help="(a),(b): sessions per slot instead of time")
+    add(
+        "--no-stagger",
+        dest="stagger",
+        action="store_false",
+        help="(a): every slot's first session as long as the rest (logins come in bursts)",
+    )
     add(
         "--rate",
         type=float,
@@ -215,6 +227,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         json_path=args.json_path,
         install=not args.no_install,
         smoke=args.smoke,
+        stagger=args.stagger,
         argv=tuple(argv),
     )
 
@@ -651,6 +664,7 @@ class Bench:
                 self.options.duration,
                 self.options.rounds,
                 rate=share,
+                stagger=self.options.stagger,
             )
             for part in spread(chosen, self.options.processes)
         ]
@@ -982,6 +996,11 @@ def machine() -> list[str]:
 
 def load_line(options: Options) -> str:
     paced = f", paced at {options.rate:g} messages/s in all" if options.rate else ""
+    paced += (
+        " (each slot's first session shorter, so logins are spread)"
+        if options.stagger
+        else " (all slots in step: logins in bursts)"
+    )
     length = (
         f"{options.rounds} session(s) per slot"
         if options.rounds

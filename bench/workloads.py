@@ -72,10 +72,24 @@ class MailSpec:
     slots: int | None = None  # concurrent sessions; None: one per account
     label: str = "load"
     rate: float | None = None  # messages a second this process starts; None: at once
+    stagger: bool = False  # the slots' first sessions shorter, one step apart (compare.py)
 
     @property
     def concurrency(self) -> int:
         return self.slots or len(self.accounts)
+
+    def first_session(self, slot: int) -> int:
+        """The messages of a slot's first session: ``messages`` down to 1, evenly over the
+        slots, so that the sessions' ends, and so their next logins, are spread in time.
+
+        Without it every slot starts at once and, served fairly, the slots stay in step:
+        all of them log out and in again together, every ``messages`` messages. The load
+        then has a burst of ``concurrency`` TLS handshakes and logins at each turn, which
+        no real population of clients makes, and AUTH's latency measures that burst.
+        """
+        if not self.stagger:
+            return self.messages
+        return self.messages - slot * self.messages // self.concurrency
 
     def account(self, slot: int, round_: int) -> Account:
         """The account of a slot's round: slot i takes accounts i, i + slots, ... in turn.
@@ -198,15 +212,23 @@ class Pacer:
 
 
 async def mail_session(
-    spec: MailSpec, account: Account, messages: Messages, result: MailResult, pacer: Pacer
+    spec: MailSpec,
+    account: Account,
+    messages: Messages,
+    result: MailResult,
+    pacer: Pacer,
+    count: int | None = None,
 ) -> None:
+    """One session of ``count`` messages (None: ``spec.messages``); only a session of
+    ``spec.messages`` counts in ``session_seconds``."""
+    count = spec.messages if count is None else count
     loop = asyncio.get_running_loop()
     started = loop.time()
     login = await open_and_login(spec.target, account)
     session = login.session
     result.auth_seconds.append(login.auth_seconds)
     try:
-        for _ in range(spec.messages):
+        for _ in range(count):
             await pacer.turn()
             await session.expect(f"MAIL FROM:<{account.address}>", 250)
             await session.expect(f"RCPT TO:<{spec.recipient}>", 250)
@@ -222,7 +244,8 @@ async def mail_session(
     except BaseException:
         session.abort()
         raise
-    result.session_seconds.append(loop.time() - started)
+    if count == spec.messages:
+        result.session_seconds.append(loop.time() - started)
     result.sessions += 1
     result.clientid += login.clientid
     await session.close()
@@ -238,8 +261,9 @@ def run_mail(spec: MailSpec) -> MailResult:
 
     async def slot(index: int, _tally: Tally) -> None:
         account = spec.account(index, rounds[index])
+        count = spec.first_session(index) if rounds[index] == 0 else spec.messages
         rounds[index] += 1
-        await mail_session(spec, account, messages, result, pacer)
+        await mail_session(spec, account, messages, result, pacer, count)
 
     cpu = time.process_time()
     result.start = time.time()

@@ -24,7 +24,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 USERS, SLOTS, ROUNDS, MESSAGES, CHURN_SLOTS, IDLE = 3, 3, 2, 2, 3, 6
 SESSIONS = {"a": SLOTS * ROUNDS, "b": CHURN_SLOTS * ROUNDS, "c": IDLE}
-MEASURED_MESSAGES = {"a": SLOTS * ROUNDS * MESSAGES, "b": CHURN_SLOTS * ROUNDS, "c": 0}
+# (a): each slot's first session is shorter (``MailSpec.first_session``): 2, 2 and 1.
+STAGGERED = sum(slot * MESSAGES // SLOTS for slot in range(SLOTS))
+MEASURED_MESSAGES = {
+    "a": SLOTS * ROUNDS * MESSAGES - STAGGERED,
+    "b": CHURN_SLOTS * ROUNDS,
+    "c": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +104,20 @@ def test_bench_smoke_writes_the_table_and_chart(smoke: dict[str, Any]) -> None:
     assert "None: every reply was the expected one." in table
     assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
     assert table.strip() in smoke["stdout"]
+
+
+def test_the_first_sessions_of_the_slots_are_spread_so_logins_do_not_come_in_bursts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    workloads = importlib.import_module("workloads")
+    spec = workloads.MailSpec(None, (None,) * 50, "bob@example.org", 20, 4096, 1.0, stagger=True)
+    firsts = [spec.first_session(slot) for slot in range(50)]
+    assert firsts[0] == 20 and firsts[-1] == 1
+    assert firsts == sorted(firsts, reverse=True)
+    assert set(range(1, 21)) == set(firsts)  # every length from 20 down to 1
+    in_step = workloads.MailSpec(None, (None,) * 50, "bob@example.org", 20, 4096, 1.0)
+    assert {in_step.first_session(slot) for slot in range(50)} == {20}
 
 
 def test_the_pacer_spaces_message_starts_and_gives_no_burst_to_a_slow_server(
