@@ -87,7 +87,7 @@ async def send_for(
             started = time.perf_counter()
             reply = await session.reply()
             if reply.code != 250:
-                latencies.unwanted[reply.code] += 1
+                latencies.unwanted[str(reply.code)] += 1
                 continue
             latencies.add(time.perf_counter() - started)
             sent += 1
@@ -109,7 +109,7 @@ async def logins_for(target: Target, tokens: dict[str, str], count: int) -> Late
         if reply.code == 235:
             latencies.add(time.perf_counter() - started)
         else:
-            latencies.unwanted[reply.code] += 1
+            latencies.unwanted[str(reply.code)] += 1
         await session.quit()
     return latencies
 
