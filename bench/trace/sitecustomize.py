@@ -22,8 +22,8 @@ seconds:
 Each AUTH is also written to ``/tmp/trace.auth.<pid>.json`` with its moments on the
 system's monotonic clock (the client's port, the end of the epoll call of its turn, the
 socket read, the start of the login, the 235 written, and whether it was decided at
-once, with no thread), for ``bench/trace/auth_wire.py``
-to join with what ``bench/steps/`` saw in the load generator.
+once, with no thread), for ``bench/trace/auth_wire.py`` to join with what
+``bench/steps/`` saw in the load generator.
 
 Nothing here changes what the server does; it only wraps methods to time them. A
 process without the variable is untouched.
@@ -87,7 +87,6 @@ SAMPLES = Samples()
 # [client port, epoll returned, read, login, 235 written, 1 if decided without a thread]
 AUTH_MOMENTS: list[list[float]] = []
 POLLED = [0.0]  # time.monotonic() when this turn's epoll call returned
-WIRE_LAYERS = 4  # our session <- TLS <- PROXY header reader <- TCP, at most
 STARTED = time.perf_counter()
 FULL_COLLECTIONS: list[tuple[float, float]] = []  # (seconds after start, pause)
 
@@ -151,17 +150,9 @@ def _wrap_reads() -> None:
     tcp.Connection.doRead = do_read  # type: ignore[method-assign]
 
 
-def _connection(transport: Any) -> Any:
-    from twisted.internet import tcp
-
-    for _layer in range(WIRE_LAYERS):
-        if isinstance(transport, tcp.Connection):
-            return transport
-        transport = getattr(transport, "transport", None)
-    return None
-
-
 def _wrap_auth() -> None:
+    from clientid_mta.smtp.send_at_once import tcp_connection
+
     checker = sys.modules["clientid_mta.auth.checker"]
     wire = sys.modules["clientid_mta.smtp.protocol"]
     session_class = wire.SubmissionESMTP
@@ -176,7 +167,7 @@ def _wrap_auth() -> None:
     def timed_login(self: Any, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         login_at = time.monotonic()
-        connection = _connection(self.transport)
+        connection = tcp_connection(self.transport)
         polled, read = getattr(connection, "trace_read", (0.0, 0.0))
         port = float(getattr(self.transport.getPeer(), "port", 0))
 

@@ -21,19 +21,27 @@ from twisted.internet.error import ConnectionLost
 TRANSPORT_LAYERS = 4  # our session ← TLS ← PROXY header reader ← TCP, at most
 
 
-def send_at_once(transport: Any) -> SendAtOnce | None:
-    """Make the TCP connection under ``transport`` (itself, or under TLS or PROXY
-    wrappers) send its writes at once, and return its sender. Anything else (a test's
-    StringTransport) is left alone: None."""
+def tcp_connection(transport: Any) -> tcp.Connection | None:
+    """The TCP connection under ``transport`` (itself, or under TLS or PROXY wrappers);
+    None for anything else (a test's StringTransport)."""
     connection = transport
     for _layer in range(TRANSPORT_LAYERS):
         if isinstance(connection, tcp.Connection):
-            sender = vars(connection).get("startWriting")
-            return sender if isinstance(sender, SendAtOnce) else SendAtOnce(connection)
+            return connection
         connection = getattr(connection, "transport", None)
         if connection is None:
             return None
     return None
+
+
+def send_at_once(transport: Any) -> SendAtOnce | None:
+    """Make the TCP connection under ``transport`` send its writes at once, and return
+    its sender. Anything else is left alone: None."""
+    connection = tcp_connection(transport)
+    if connection is None:
+        return None
+    sender = vars(connection).get("startWriting")
+    return sender if isinstance(sender, SendAtOnce) else SendAtOnce(connection)
 
 
 class SendAtOnce:
