@@ -53,12 +53,14 @@ def join(server: list[list[float]], client: list[list[float]]) -> list[list[floa
     by_port: defaultdict[float, list[list[float]]] = defaultdict(list)
     for moments in server:
         by_port[moments[0]].append(moments)
-    for same_port in by_port.values():
+    reads: dict[float, list[float]] = {}  # each port's server reads, in order
+    for port, same_port in by_port.items():
         same_port.sort(key=lambda m: m[2])
+        reads[port] = [m[2] for m in same_port]
     joined = []
     for port, sent, client_polled, client_read, parsed in client:
         candidates = by_port.get(port, [])
-        at = bisect.bisect_left([m[2] for m in candidates], sent)
+        at = bisect.bisect_left(reads.get(port, []), sent)
         if at == len(candidates) or not sent <= candidates[at][2] <= client_read:
             continue
         _port, polled, read, login, written, quick = candidates[at]
